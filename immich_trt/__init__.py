@@ -1,0 +1,3 @@
+"""immich-trt: a drop-in replacement for Immich's machine-learning service on Triton."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""Command line: ``immich-trt serve | build-engines | models``.
+
+``python -m immich_trt`` is the same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import NO_OP_VARIABLES, Settings
+
+#: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
+LOG_LEVELS = {
+    "verbose": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "log": logging.INFO,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=LOG_LEVELS.get(level.lower(), logging.INFO),
+        format="[%(asctime)s] %(levelname)s [%(name)s] %(message)s",
+        datefmt="%m/%d/%y %H:%M:%S",
+    )
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from aiohttp import web
+
+    from .server.app import create_app
+
+    log = logging.getLogger("immich_trt")
+    for name, why in NO_OP_VARIABLES.items():
+        import os
+
+        if any(k.upper() == name for k in os.environ):
+            log.info("%s is accepted but has no effect here: %s", name, why)
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.bind_host,
+        port=settings.port,
+        keepalive_timeout=settings.http_keepalive_timeout_s,
+        access_log=None,
+        print=lambda *_: log.info(
+            "Listening on %s:%s (runtime: %s)", settings.host, settings.port, settings.runtime
+        ),
+    )
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
+    from .runtime.repository import build_repository
+
+    if args.target != "cpu":
+        print(f"target {args.target!r} is not available in this build; use --target cpu", file=sys.stderr)
+        return 2
+    out = Path(args.output) if args.output else settings.engines_dir
+    written = build_repository(settings, out, only=args.model)
+    for name in written:
+        print(name)
+    print(f"{len(written)} model(s) written to {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from .models.fetch import ensure_model_files, list_cache
+
+    if args.models_command == "list":
+        for row in list_cache(settings.cache_folder):
+            print("\t".join(row))
+        return 0
+    if args.models_command == "fetch":
+        for path in ensure_model_files(settings, args.name, args.task, args.type):
+            print(path)
+        return 0
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="immich-trt", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the /predict server (the default command)")
+    build = sub.add_parser("build-engines", help="write the Triton model repository for the cached models")
+    build.add_argument("--target", choices=["cpu", "tensorrt"], default="cpu")
+    build.add_argument("--output", help="model repository folder (default: IMMICH_TRT_ENGINES_DIR)")
+    build.add_argument("--model", action="append", help="only this Triton model name (repeatable)")
+    models = sub.add_parser("models", help="inspect or fetch the model cache")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="list the ONNX files in the cache")
+    fetch = msub.add_parser("fetch", help="download (or take offline) a model's files")
+    fetch.add_argument("name")
+    fetch.add_argument("--task", required=True, choices=["clip", "facial-recognition", "ocr"])
+    fetch.add_argument("--type", required=True, choices=["visual", "textual", "detection", "recognition"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    command = args.command or "serve"
+    if command == "serve":
+        return cmd_serve(args, settings)
+    if command == "build-engines":
+        return cmd_build_engines(args, settings)
+    if command == "models":
+        return cmd_models(args, settings)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

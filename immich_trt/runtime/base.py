@@ -1,0 +1,71 @@
+"""The runtime interface: load a model by name, ``await infer(name, inputs)``.
+
+Two implementations: :mod:`.triton` (the default; a Triton Inference Server, launched
+locally or given by ``TRITON_URL``) and :mod:`.onnxruntime` (in-process reference).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+class RuntimeUnavailableError(Exception):
+    """The inference backend cannot be reached or is not ready."""
+
+
+class InferenceError(Exception):
+    """The backend rejected or failed an inference request."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ONNX file served under one runtime model name.
+
+    ``name`` is the Triton model name, e.g. ``ocr__PP-OCRv5_mobile__detection``.
+    ``max_batch_size`` is the largest batch the runtime accepts per request; callers
+    with more items split them (see :meth:`Runtime.infer`).
+    """
+
+    name: str
+    onnx_path: Path
+    max_batch_size: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+class Runtime(ABC):
+    """Loads models by name and runs them. All methods are coroutines."""
+
+    async def start(self) -> None:
+        """Prepare the backend (e.g. launch or connect to Triton)."""
+
+    async def stop(self) -> None:
+        """Release the backend."""
+
+    @abstractmethod
+    async def load(self, spec: ModelSpec) -> None:
+        """Make ``spec.name`` ready for :meth:`infer`. Raises on failure."""
+
+    @abstractmethod
+    async def unload(self, name: str) -> None:
+        """Free the model's memory; a later :meth:`load` brings it back."""
+
+    @abstractmethod
+    async def infer(
+        self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run model ``name`` on ``inputs`` (batch axis first).
+
+        Returns the requested outputs (all when ``outputs`` is None) by name.
+        Raises :class:`InferenceError` or :class:`RuntimeUnavailableError`.
+        """
+
+    async def ready(self) -> bool:
+        """Whether the backend can serve now (used by health checks)."""
+        return True

@@ -1,0 +1,1 @@
+"""HTTP server: Immich's /predict contract, errors and metrics."""
