@@ -61,9 +61,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
     from .runtime.repository import build_repository
 
-    if args.target != "cpu":
-        print(f"target {args.target!r} is not available in this build; use --target cpu", file=sys.stderr)
-        return 2
     out = Path(args.output) if args.output else settings.engines_dir
     written = build_repository(settings, out, only=args.model)
     for name in written:
@@ -91,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the /predict server (the default command)")
     build = sub.add_parser("build-engines", help="write the Triton model repository for the cached models")
-    build.add_argument("--target", choices=["cpu", "tensorrt"], default="cpu")
+    build.add_argument("--target", choices=["cpu"], default="cpu", help="cpu: python-backend models running onnxruntime")
     build.add_argument("--output", help="model repository folder (default: IMMICH_TRT_ENGINES_DIR)")
     build.add_argument("--model", action="append", help="only this Triton model name (repeatable)")
     models = sub.add_parser("models", help="inspect or fetch the model cache")

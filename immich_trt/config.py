@@ -43,6 +43,12 @@ _PRELOAD_KEYS = (
 )
 
 
+def default_engines_dir() -> Path:
+    """``engines/`` of a source checkout, else ``~/.cache/immich_trt/engines``."""
+    checkout = Path(__file__).resolve().parents[1] / "engines"
+    return checkout if checkout.is_dir() else Path("~/.cache/immich_trt/engines").expanduser()
+
+
 def _env_upper(environ: Mapping[str, str]) -> dict[str, str]:
     """Environment with upper-cased keys (pydantic-settings matches case-insensitively)."""
     return {k.upper(): v for k, v in environ.items()}
@@ -90,7 +96,7 @@ class Settings:
     runtime: str = "triton"  # "triton" or "onnxruntime"
     triton_url: str | None = None  # external Triton; None = launch the bundled one
     triton_protocol: str = "grpc"  # "http" or "grpc"
-    engines_dir: Path = Path("engines")
+    engines_dir: Path = field(default_factory=lambda: default_engines_dir())
     ocr_shape_buckets: bool = False
     max_request_mb: int = 256
     hf_endpoint: str = "https://huggingface.co"

@@ -521,7 +521,7 @@ class TextDetector(_PaddleModel):
         return [(files["det"], self.model_file)]
 
     def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.model_file, max_batch_size=1)
+        return ModelSpec(self.triton_name, self.model_file, max_batch_size=4)
 
     def _preprocess(self, image: Image.Image) -> np.ndarray | None:
         if image.width < 32 or image.height < 32:

@@ -1,0 +1,246 @@
+"""Launches the Triton Inference Server bundled in the ``nvidia-pytriton`` wheel.
+
+Used when no ``TRITON_URL`` is given. The server runs on free loopback ports in
+explicit model-control mode over the repository under ``engines/``, with the python
+backend (the wheel's ``libtriton_python.so`` and the stub for this Python version).
+:meth:`TritonLauncher.start` waits for ``/v2/health/ready``; a watchdog restarts the
+server if it dies and calls ``on_restart`` so the runtime can load its models again;
+:meth:`TritonLauncher.stop` sends SIGTERM and, after the exit timeout, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+
+log = logging.getLogger("immich_trt.triton")
+
+
+class TritonLaunchError(RuntimeError):
+    """The bundled Triton server is missing, failed to start, or never became ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Files of the Triton server shipped in the ``nvidia-pytriton`` wheel."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def find(cls) -> "TritonInstallation":
+        """Locate the wheel's files. Raises :class:`TritonLaunchError` if absent."""
+        try:
+            import pytriton  # noqa: PLC0415
+        except ImportError as exc:
+            raise TritonLaunchError("nvidia-pytriton is not installed; set TRITON_URL or IMMICH_TRT_RUNTIME=onnxruntime") from exc
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        site = Path(pytriton.__file__).parents[1]
+        found = cls(
+            binary=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python" / "libtriton_python.so",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libs=site / "nvidia_pytriton.libs",
+        )
+        for path in (found.binary, found.python_backend, found.stub):
+            if not path.exists():
+                raise TritonLaunchError(f"Triton file missing from the nvidia-pytriton wheel: {path}")
+        return found
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TritonLauncher:
+    """Runs one local ``tritonserver`` process and keeps it alive."""
+
+    def __init__(
+        self,
+        repository: Path,
+        work_dir: Path,
+        start_timeout_s: float = 120.0,
+        exit_timeout_s: int = 5,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.work_dir = Path(work_dir)
+        self.start_timeout_s = start_timeout_s
+        self.exit_timeout_s = exit_timeout_s
+        self.on_restart = on_restart
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._watchdog: asyncio.Task | None = None
+        self._log_task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def _backend_dir(self, install: TritonInstallation) -> Path:
+        """``<work>/backends/python/``: links to the wheel's python backend files
+        (library, ``triton_python_backend_utils.py``...) plus the stub for this Python."""
+        backend = self.work_dir / "backends" / "python"
+        backend.mkdir(parents=True, exist_ok=True)
+        for src in install.python_backend.parent.iterdir():
+            dest = backend / src.name
+            if not dest.exists() and not src.name.startswith("__"):
+                dest.symlink_to(src)
+        stub = backend / install.stub.name
+        if not stub.exists():
+            shutil.copy2(install.stub, stub)
+        return backend.parent
+
+    def _environment(self, install: TritonInstallation) -> dict[str, str]:
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        # Without the interpreter's LIBDIR the stub loads the system libpython.
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(install.libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env["IMMICH_TRT_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
+        return env
+
+    async def start(self) -> None:
+        """Start the server and wait until it is ready. Raises :class:`TritonLaunchError`."""
+        self._stopping = False
+        await self._spawn()
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch())
+
+    async def _spawn(self) -> None:
+        install = TritonInstallation.find()
+        self.repository.mkdir(parents=True, exist_ok=True)
+        backends = self._backend_dir(install)
+        if not self.http_port:
+            self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        args = [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=true",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--log-verbose=0",
+        ]
+        log.info("Starting Triton: %s", " ".join(args))
+        started = time.monotonic()
+        self.process = await asyncio.create_subprocess_exec(
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._environment(install),
+            start_new_session=True,
+        )
+        self._log_task = asyncio.create_task(self._relay_logs(self.process))
+        await self._wait_ready(started)
+        log.info("Triton ready on http %s, grpc %s after %.1f s", self.http_url, self.grpc_url, time.monotonic() - started)
+
+    async def _relay_logs(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            # Triton prefixes lines with E/W/I; CUDA/NVML warnings on CPU hosts are harmless.
+            level = logging.ERROR if line.startswith("E") else logging.DEBUG
+            log.log(level, "%s", line)
+
+    async def _wait_ready(self, started: float) -> None:
+        url = f"http://{self.http_url}/v2/health/ready"
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() - started < self.start_timeout_s:
+                if self.process is None or self.process.returncode is not None:
+                    raise TritonLaunchError(f"Triton exited with code {self.process.returncode if self.process else '?'} during start")
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                        if response.status == 200:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                await asyncio.sleep(0.1)
+        await self._terminate()
+        raise TritonLaunchError(f"Triton was not ready after {self.start_timeout_s:.0f} s")
+
+    async def _watch(self) -> None:
+        """Restart the server when it exits unexpectedly."""
+        while not self._stopping:
+            process = self.process
+            if process is None:
+                return
+            code = await process.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
+            delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
+            while not self._stopping:
+                try:
+                    await self._spawn()
+                    break
+                except TritonLaunchError as exc:
+                    log.error("Triton restart failed: %s; retrying in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+            if self.on_restart is not None and not self._stopping:
+                try:
+                    await self.on_restart()
+                except Exception:
+                    log.exception("Reloading models after a Triton restart failed")
+
+    async def _terminate(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(process.wait(), self.exit_timeout_s + 5)
+        except asyncio.TimeoutError:
+            log.warning("Triton did not exit after SIGTERM; killing it")
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await process.wait()
+
+    async def stop(self) -> None:
+        """Stop the server (and its backend stubs) and the watchdog."""
+        self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        await self._terminate()
+        if self._log_task is not None:
+            self._log_task.cancel()
+            self._log_task = None
