@@ -128,11 +128,12 @@ def hf_snapshot(repo_id: str, local_dir: Path, endpoint: str | None = None) -> P
     try:
         snapshot_download(
             repo_id,
+            cache_dir=local_dir,
             local_dir=local_dir,
             ignore_patterns=["*.armnn", "*.rknn"],
             endpoint=endpoint,
         )
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, KeyError, AssertionError) as exc:
         raise DownloadError(f"download of Hugging Face repository {repo_id} failed: {exc}") from exc
     return local_dir
 

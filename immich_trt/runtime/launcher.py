@@ -89,6 +89,16 @@ def triton_log_level(line: str) -> int:
     return {"E": logging.ERROR, "W": logging.WARNING}.get(match.group(1), logging.DEBUG)
 
 
+async def _accepts(port: int) -> bool:
+    """Whether a TCP connection to the loopback port succeeds."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -118,6 +128,7 @@ class TritonLauncher:
         self._watchdog: asyncio.Task | None = None
         self._log_task: asyncio.Task | None = None
         self._stopping = False
+        self.shm_prefix = f"immich_trt_{os.getpid()}_{id(self) & 0xFFFF:x}_"
 
     @property
     def http_url(self) -> str:
@@ -176,6 +187,8 @@ class TritonLauncher:
             "--allow-metrics=true",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            # our own shared-memory prefix, so stale regions are ours to remove
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
         ]
         log.info("Starting Triton: %s", " ".join(args))
@@ -207,7 +220,7 @@ class TritonLauncher:
                     raise TritonLaunchError(f"Triton exited with code {self.process.returncode if self.process else '?'} during start")
                 try:
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
-                        if response.status == 200:
+                        if response.status == 200 and await _accepts(self.grpc_port):
                             return
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
@@ -226,6 +239,7 @@ class TritonLauncher:
                 return
             self.restarts += 1
             log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
+            self._remove_shared_memory()
             delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
             while not self._stopping:
                 try:
@@ -268,3 +282,12 @@ class TritonLauncher:
         if self._log_task is not None:
             self._log_task.cancel()
             self._log_task = None
+        self._remove_shared_memory()
+
+    def _remove_shared_memory(self) -> None:
+        """Delete shared-memory regions a crashed stub may have left behind."""
+        for path in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            try:
+                path.unlink()
+            except OSError:
+                pass

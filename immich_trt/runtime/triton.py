@@ -103,22 +103,39 @@ class TritonRuntime(Runtime):
             self._work_dir = None
 
     async def ready(self) -> bool:
+        """Whether the server answers (a model that failed to load makes Triton report
+        not-ready as a whole, so liveness is the useful signal)."""
+        return await self._live()
+
+    async def _live(self) -> bool:
         if self._client is None:
             return False
         try:
-            return bool(await self._client.is_server_ready())
+            return bool(await self._client.is_server_live())
         except Exception:
             return False
 
     async def _reload_all(self) -> None:
-        """After a restart of the local server: load every model that was loaded."""
+        """After a restart of the local server: load every model that was loaded.
+
+        gRPC keeps a connection backoff for a while after the outage, so loads are
+        retried for up to ``triton_start_timeout_s``."""
         if self._client is not None:
             await self._client.close()
         self._client = self._make_client()
         names = list(self._ready_models)
         self._ready_models.clear()
+        deadline = asyncio.get_running_loop().time() + self.settings.triton_start_timeout_s
         for name in names:
-            await self.load(self._specs[name])
+            while True:
+                try:
+                    await self.load(self._specs[name])
+                    break
+                except (InferenceError, RuntimeUnavailableError) as exc:
+                    if asyncio.get_running_loop().time() > deadline:
+                        log.error("Could not reload '%s' after a Triton restart: %s", name, exc)
+                        break
+                    await asyncio.sleep(0.5)
         log.info("Reloaded %d model(s) after a Triton restart", len(names))
 
     # -------------------------------------------------------------------- models
@@ -162,6 +179,8 @@ class TritonRuntime(Runtime):
     ) -> dict[str, np.ndarray]:
         spec = self._specs.get(name)
         limit = spec.max_batch_size if spec is not None else 0
+        if spec is not None and name not in self._ready_models:
+            await self.load(spec)  # e.g. lost in a restart of the local server
         first = next(iter(inputs.values()))
         if limit > 0 and first.shape[0] > limit:
             parts = [
@@ -195,10 +214,16 @@ class TritonRuntime(Runtime):
                 for o in outputs
             ]
         try:
-            result = await self._client.infer(name, infer_inputs, outputs=requested)
+            if self.protocol == "http":
+                # tritonclient asks for gzip by default and mutates the headers it is given
+                result = await self._client.infer(
+                    name, infer_inputs, outputs=requested, headers={"Accept-Encoding": "identity"}
+                )
+            else:
+                result = await self._client.infer(name, infer_inputs, outputs=requested)
         except InferenceServerException as exc:
-            if not await self.ready():
-                raise RuntimeUnavailableError(f"Triton is not ready: {exc.message()}") from exc
+            if not await self._live():
+                raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
             raise InferenceError(f"Triton failed on '{name}': {exc.message()}") from exc
         except (OSError, asyncio.TimeoutError) as exc:
             raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc

@@ -1,0 +1,154 @@
+"""The Triton runtime against the real Triton server of the nvidia-pytriton wheel."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from immich_trt.models.base import ModelContext
+from immich_trt.models.ocr import TextDetector, TextRecognizer
+from immich_trt.runtime.base import InferenceError, ModelSpec
+from immich_trt.runtime.launcher import triton_log_level
+from immich_trt.runtime.onnxruntime import OnnxRuntime
+from immich_trt.runtime.repository import build_repository
+from immich_trt.runtime.triton import TritonRuntime
+from immich_trt.testing import offline_settings
+
+
+@pytest.fixture(scope="module")
+def settings(ocr_cache: Path, tmp_path_factory):
+    return offline_settings(ocr_cache, engines_dir=tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture(scope="module")
+def specs(settings) -> dict[str, ModelSpec]:
+    ctx = ModelContext(settings=settings, runtime=None)  # type: ignore[arg-type]
+    det, rec = TextDetector("PP-OCRv5_mobile", ctx), TextRecognizer("PP-OCRv5_mobile", ctx)
+    return {"det": det.specs()[0], "rec": rec.specs()[0]}
+
+
+@pytest.fixture(scope="module")
+async def triton(settings, specs):
+    runtime = TritonRuntime(settings)
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+@pytest.fixture(scope="module")
+async def reference(settings, specs):
+    runtime = OnnxRuntime(*settings.ort_threads)
+    for spec in specs.values():
+        await runtime.load(spec)
+    yield runtime
+    await runtime.stop()
+
+
+def test_cpu_repository_config_golden(settings, specs, tmp_path: Path) -> None:
+    written = build_repository(settings, tmp_path)
+    assert written == ["ocr__PP-OCRv5_mobile__detection", "ocr__PP-OCRv5_mobile__recognition"]
+    det = (tmp_path / "ocr__PP-OCRv5_mobile__detection" / "config.pbtxt").read_text()
+    onnx_path = Path(specs["det"].onnx_path).resolve()
+    assert det == (
+        'name: "ocr__PP-OCRv5_mobile__detection"\n'
+        'backend: "python"\n'
+        "max_batch_size: 4\n"
+        "input [\n"
+        '  { name: "x" data_type: TYPE_FP32 dims: [ 3, -1, -1 ] }\n'
+        "]\n"
+        "output [\n"
+        '  { name: "fetch_name_0" data_type: TYPE_FP32 dims: [ 1, -1, -1 ] }\n'
+        "]\n"
+        "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+        "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        f'parameters: {{ key: "onnx_path" value: {{ string_value: "{onnx_path}" }} }}\n'
+        'parameters: { key: "inter_op_num_threads" value: { string_value: "1" } }\n'
+        'parameters: { key: "intra_op_num_threads" value: { string_value: "2" } }\n'
+        'parameters: { key: "arena" value: { string_value: "true" } }\n'
+    )
+    rec = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8\n" in rec
+    assert '{ name: "x" data_type: TYPE_FP32 dims: [ 3, 48, -1 ] }' in rec
+    assert '{ name: "fetch_name_0" data_type: TYPE_FP32 dims: [ -1, 18385 ] }' in rec
+    model_py = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "1" / "model.py").read_text()
+    assert "@SITE_PACKAGES@" not in model_py and "make_session" in model_py
+
+
+async def test_triton_matches_in_process_onnxruntime(triton, reference, specs) -> None:
+    rng = np.random.default_rng(1)
+    det_input = rng.uniform(0, 2, (1, 3, 96, 160)).astype(np.float32)
+    rec_input = rng.uniform(-1, 1, (11, 3, 48, 320)).astype(np.float32)  # > max_batch_size 8: split
+    for spec in specs.values():
+        await triton.load(spec)
+    for name, x in ((specs["det"].name, det_input), (specs["rec"].name, rec_input)):
+        got = await triton.infer(name, {"x": x})
+        want = await reference.infer(name, {"x": x})
+        assert list(got) == list(want) == ["fetch_name_0"]
+        assert got["fetch_name_0"].shape == want["fetch_name_0"].shape
+        np.testing.assert_array_equal(got["fetch_name_0"], want["fetch_name_0"])
+
+
+async def test_corrupt_model_fails_to_load_and_the_server_survives(triton, settings, tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(Exception):
+        await triton.load(ModelSpec("ocr__broken__detection", bad))
+    assert await triton.ready()
+    with pytest.raises(InferenceError, match="unknown model|not found|Request for unknown model"):
+        await triton.infer("ocr__never_loaded__detection", {"x": np.zeros((1, 3, 32, 32), np.float32)})
+
+
+async def test_external_triton_url_over_http(triton, specs, settings) -> None:
+    """A server given by TRITON_URL is used as is (here: the launched one, over HTTP)."""
+    external = TritonRuntime(
+        dataclasses.replace(settings, triton_url=f"http://{triton.launcher.http_url}", triton_protocol="http")
+    )
+    await external.start()
+    try:
+        assert external.launcher is None
+        await external.load(specs["det"])
+        out = await external.infer(specs["det"].name, {"x": np.zeros((1, 3, 64, 64), np.float32)})
+        assert out["fetch_name_0"].shape == (1, 1, 64, 64)
+    finally:
+        await external.stop()
+
+
+async def test_killed_triton_is_restarted_and_models_reloaded(settings, specs) -> None:
+    runtime = TritonRuntime(settings)
+    await runtime.start()
+    try:
+        await runtime.load(specs["det"])
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        before = await runtime.infer(specs["det"].name, {"x": x})
+        os.killpg(runtime.launcher.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                after = await runtime.infer(specs["det"].name, {"x": x})
+                break
+            except Exception:
+                import asyncio
+
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail("Triton did not come back")
+        assert runtime.launcher.restarts == 1
+        np.testing.assert_array_equal(before["fetch_name_0"], after["fetch_name_0"])
+    finally:
+        await runtime.stop()
+    assert runtime.launcher is None
+
+
+def test_triton_log_levels() -> None:
+    import logging
+
+    assert triton_log_level('E1121 06:16:08.446369 11308 model_lifecycle.cc:642] "failed to load"') == logging.ERROR
+    assert triton_log_level('W1121 06:16:08.4 1 metrics.cc:1] "x"') == logging.WARNING
+    assert triton_log_level('E1121 06:16:08.446369 11308 server.cc:241] "CudaDriverHelper has not been initialized."') == logging.DEBUG
+    assert triton_log_level("Error: Failed to initialize NVML") == logging.DEBUG
