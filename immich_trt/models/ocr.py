@@ -399,17 +399,23 @@ class CTCLabelDecode:
         return results
 
 
+def load_onnx(model_file: Path):
+    """Parse an ONNX file (weights included). Raises :class:`ModelLoadError` with
+    ``corrupt=True`` when it is not a valid ONNX protobuf."""
+    import onnx
+
+    try:
+        return onnx.load(str(model_file), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ModelLoadError(f"cannot read {model_file}: {exc}", corrupt=True) from exc
+
+
 def read_characters(model_file: Path) -> list[str]:
     """The recognizer's character list: ONNX metadata key ``character`` (Immich's and
     RapidOCR's files), else :data:`DICT_FILENAME` next to the model (one per line).
 
-    Raises :class:`ModelLoadError` if neither exists."""
-    import onnx
-
-    try:
-        model = onnx.load(str(model_file), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends
-        raise ModelLoadError(f"cannot read {model_file}: {exc}", corrupt=True) from exc
+    Raises :class:`ModelLoadError` if neither exists or the file is corrupt."""
+    model = load_onnx(model_file)
     for prop in model.metadata_props:
         if prop.key == "character":
             return prop.value.splitlines()
@@ -484,7 +490,8 @@ class _PaddleModel(InferenceModel):
             raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
 
     async def _prepare(self) -> None:
-        """Read what the pipeline needs from the model file before loading."""
+        """Check the model file (and read what the pipeline needs) before loading."""
+        await self.ctx.run(load_onnx, self.model_file)
 
 
 class TextDetector(_PaddleModel):

@@ -1,0 +1,66 @@
+"""Model loading: retry after clearing a corrupt cache, failure after two attempts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from immich_trt.models import build_model
+from immich_trt.models.base import ModelContext
+from immich_trt.models.cache import FailedToLoad, ModelCache
+from immich_trt.runtime.onnxruntime import OnnxRuntime
+from immich_trt.testing import offline_settings, prepare_ocr_cache
+
+
+@pytest.fixture
+async def runtime():
+    rt = OnnxRuntime()
+    yield rt
+    await rt.stop()
+
+
+async def test_a_corrupt_model_file_is_cleared_and_obtained_again(tmp_path: Path, runtime) -> None:
+    cache_folder = prepare_ocr_cache(tmp_path)
+    det_file = cache_folder / "ocr/PP-OCRv5_mobile/detection/model.onnx"
+    good = det_file.read_bytes()
+    det_file.write_bytes(b"truncated" + good[:100])
+    cache = ModelCache(ModelContext(offline_settings(cache_folder), runtime), build_model, ttl=0)
+    model = await cache.get("PP-OCRv5_mobile", "detection", "ocr")
+    await cache.load(model)
+    assert model.loaded
+    assert det_file.read_bytes() == good  # re-taken from the offline package
+    out = await runtime.infer(model.triton_name, {"x": np.zeros((1, 3, 32, 32), np.float32)})
+    assert next(iter(out.values())).shape == (1, 1, 32, 32)
+
+
+async def test_unobtainable_model_fails_twice_then_raises(tmp_path: Path, runtime, caplog) -> None:
+    settings = offline_settings(tmp_path, offline_models=False)
+    cache = ModelCache(ModelContext(settings, runtime), build_model, ttl=0)
+    model = await cache.get("EN__PP-OCRv5_mobile", "recognition", "ocr")
+    with pytest.raises(FailedToLoad, match="Failed to load model 'EN__PP-OCRv5_mobile'"):
+        await cache.load(model)
+    assert caplog.text.count("Failed to load recognition model 'EN__PP-OCRv5_mobile'") == 2
+    assert "rec/en_PP-OCRv5_rec_mobile.onnx" in caplog.text
+
+
+async def test_ttl_eviction_and_renewal(tmp_path: Path, runtime) -> None:
+    cache = ModelCache(ModelContext(offline_settings(tmp_path), runtime), build_model, ttl=10)
+    a = await cache.get("PP-OCRv5_mobile", "detection", "ocr")
+    await cache.get("PP-OCRv5_mobile", "recognition", "ocr", ttl=0)  # never expires
+    assert await cache.evict_idle(now=asyncio.get_running_loop().time() + 5) == []
+    again = await cache.get("PP-OCRv5_mobile", "detection", "ocr")  # a hit renews the TTL
+    assert again is a
+    import time
+
+    evicted = await cache.evict_idle(now=time.monotonic() + 11)
+    assert evicted == ["PP-OCRv5_mobiledetectionocr"]
+    assert len(cache) == 1
+
+
+async def test_unknown_model_raises_value_error(tmp_path: Path, runtime) -> None:
+    cache = ModelCache(ModelContext(offline_settings(tmp_path), runtime), build_model, ttl=0)
+    with pytest.raises(ValueError):
+        await cache.get("nope", "detection", "ocr")

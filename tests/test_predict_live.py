@@ -1,0 +1,45 @@
+"""The whole /predict over HTTP through `immich-trt serve` and the real Triton server,
+compared byte for byte with stock immich-ml 3.1.0 on the real images."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from conftest import GOLDEN, SHARED_DATA, requires_data
+
+GOLDEN_OCR = json.loads((GOLDEN / "immich_ml_3.1.0_ocr.json").read_text(encoding="utf-8"))
+CASES = [(kind, image) for kind, responses in GOLDEN_OCR["responses"].items() for image in responses]
+
+
+async def post(url: str, entries: dict, image: bytes) -> tuple[int, str, bytes]:
+    form = aiohttp.FormData()
+    form.add_field("entries", json.dumps(entries))
+    form.add_field("image", image, filename="blob", content_type="application/octet-stream")
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/predict", data=form) as response:
+        return response.status, response.headers["Content-Type"], await response.read()
+
+
+def test_golden_file_covers_both_request_kinds() -> None:
+    assert {kind for kind, _ in CASES} == {"ocr", "ocr_detection_only"}
+    assert len(CASES) == 70
+
+
+@requires_data
+@pytest.mark.parametrize(("kind", "image"), CASES, ids=[f"{k}:{i}" for k, i in CASES])
+async def test_byte_identical_to_stock_immich_ml(live_server, kind: str, image: str) -> None:
+    expected = GOLDEN_OCR["responses"][kind][image]
+    status, content_type, body = await post(
+        live_server.url, GOLDEN_OCR["requests"][kind], (SHARED_DATA / image).read_bytes()
+    )
+    assert status == expected["status"]
+    assert content_type.split(";")[0] == expected["content_type"].split(";")[0]
+    assert body.decode() == expected["body"]
+
+
+def test_server_log_names_the_runtime(live_server) -> None:
+    log = live_server.log_path.read_text(errors="replace")
+    assert "Triton ready on http" in log
+    assert "runtime: triton" in log
