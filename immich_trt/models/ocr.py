@@ -509,6 +509,7 @@ class TextDetector(_PaddleModel):
         super().__init__(model_name.split("__")[-1], ctx, **options)
         self.max_resolution = 736
         self.postprocess = DBPostProcess(box_thresh=options.get("minScore", 0.5))
+        self.shape_buckets = ctx.settings.ocr_shape_buckets
 
     def configure(self, **options: Any) -> None:
         if options.get("maxResolution") is not None:
@@ -534,7 +535,7 @@ class TextDetector(_PaddleModel):
         if image.width < 32 or image.height < 32:
             return None
         tensor = det_preprocess(image, self.max_resolution)
-        return pad_to_bucket(tensor) if self.ctx.settings.ocr_shape_buckets else tensor
+        return pad_to_bucket(tensor) if self.shape_buckets else tensor
 
     def _postprocess(self, pred: np.ndarray, input_shape: tuple[int, int], image_size: tuple[int, int]):
         h, w = input_shape
@@ -570,6 +571,7 @@ class TextRecognizer(_PaddleModel):
         self.language = _language(self.model_name)
         self.min_score = options.get("minScore", 0.9)
         self.batch_size = ctx.settings.max_batch_size_ocr
+        self.shape_buckets = ctx.settings.ocr_shape_buckets
         self.decode: CTCLabelDecode | None = None
 
     def configure(self, **options: Any) -> None:
@@ -601,7 +603,7 @@ class TextRecognizer(_PaddleModel):
 
     def _prepare_batches(self, image: Image.Image, boxes: np.ndarray):
         crops = crop_text_lines(image, boxes)
-        return rec_batches(crops, self.batch_size, self.ctx.settings.ocr_shape_buckets)
+        return rec_batches(crops, self.batch_size, self.shape_buckets)
 
     def _format(
         self, image: Image.Image, det: dict[str, np.ndarray], results: list[tuple[str, float]]
