@@ -28,6 +28,7 @@ NO_OP_VARIABLES: dict[str, str] = {
     "MACHINE_LEARNING_OPENVINO_PRECISION": "no OpenVINO execution provider",
     "MACHINE_LEARNING_ROCM_PRECISION": "no MIGraphX execution provider",
     "MACHINE_LEARNING_DEVICE_ID": "set per gunicorn worker upstream; Triton instance groups here",
+    "MACHINE_LEARNING_DEVICE_IDS": "parsed for Triton GPU instance groups; the CPU target has one",
     "MACHINE_LEARNING_TEST_FULL": "upstream test switch",
     "NO_COLOR": "log lines are plain text",
     "DEVICE": "only changed the worker timeout upstream",
