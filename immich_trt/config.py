@@ -99,6 +99,7 @@ class Settings:
     triton_protocol: str = "grpc"  # "http" or "grpc"
     engines_dir: Path = field(default_factory=lambda: default_engines_dir())
     ocr_shape_buckets: bool = False
+    clip_language_prefix: bool = True  # NLLB: prefix the FLORES code of `language` (upstream drops it)
     max_request_mb: int = 256
     hf_endpoint: str = "https://huggingface.co"
     rapidocr_base_url: str = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.8.0/onnx/PP-OCRv5"
@@ -159,6 +160,7 @@ class Settings:
             triton_protocol=protocol,
             engines_dir=Path(env.get("IMMICH_TRT_ENGINES_DIR") or defaults.engines_dir).expanduser(),
             ocr_shape_buckets=_bool(env.get("IMMICH_TRT_OCR_SHAPE_BUCKETS") or "false"),
+            clip_language_prefix=_bool(env.get("IMMICH_TRT_CLIP_LANGUAGE_PREFIX") or "true"),
             max_request_mb=int(env.get("IMMICH_TRT_MAX_REQUEST_MB") or defaults.max_request_mb),
             hf_endpoint=(env.get("HF_ENDPOINT") or defaults.hf_endpoint).rstrip("/"),
             rapidocr_base_url=(env.get("IMMICH_TRT_RAPIDOCR_BASE_URL") or defaults.rapidocr_base_url).rstrip("/"),

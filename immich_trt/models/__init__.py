@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import InferenceModel, ModelContext
-from .registry import ModelSource, ModelTask, ModelType, resolve
+from .registry import ModelSource, ModelTask, ModelType
 
 
 def build_model(
@@ -18,9 +18,11 @@ def build_model(
 
         cls = TextDetector if model_type is ModelType.DETECTION else TextRecognizer
         return cls(name, ctx, **options)
-    from .pending import HubModel
+    if source is ModelSource.INSIGHTFACE:
+        from .face import FaceDetector, FaceRecognizer
 
-    model = HubModel(name, ctx, **options)
-    model.task, model.type = task, model_type
-    model.depends = resolve(name, model_type, task)[1]
-    return model
+        cls = FaceDetector if model_type is ModelType.DETECTION else FaceRecognizer
+        return cls(name, ctx, **options)
+    from .clip import build_clip
+
+    return build_clip(source, name, model_type, ctx, options)

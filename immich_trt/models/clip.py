@@ -1,0 +1,240 @@
+"""CLIP visual and textual encoders (OpenCLIP and M-CLIP), exactly as immich-ml 3.1.0.
+
+Sources reproduced: immich-ml ``immich_ml/models/clip/visual.py``, ``clip/textual.py``
+and ``models/transforms.py``. Files (Immich's Hugging Face layout, shared by both types):
+``<cache>/clip/<model>/{config.json, visual/model.onnx, visual/preprocess_cfg.json,
+textual/model.onnx, textual/tokenizer.json, textual/tokenizer_config.json}``.
+
+Visual: PIL bicubic resize of the shorter side to ``S`` (the other side truncated),
+centre crop ``S x S``, ``float32/255``, ``(x - mean) / std``, CHW, batch of one, fed as
+``image``; ``interpolation``/``resize_mode`` of ``preprocess_cfg.json`` are ignored as
+upstream. Textual: HF ``tokenizers`` with padding and truncation to the context length,
+whitespace collapsed, SigLIP ``canonicalize`` cleaning, OpenCLIP feed ``text`` int32[1, L]
+or M-CLIP feed ``input_ids`` + ``attention_mask``. The embedding (L2-normalised in the
+graph) is answered as Immich's JSON string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from PIL import Image
+
+from ..runtime.base import ModelSpec
+from .base import InferenceModel, ModelContext, ModelLoadError
+from .download import DownloadError, hf_snapshot
+from .flores import WEBLATE_TO_FLORES200
+from .registry import ModelSource, ModelTask, ModelType
+
+log = logging.getLogger(__name__)
+
+
+def serialize_np(array: np.ndarray) -> str:
+    """``float32[D]`` -> ``"[f,f,...]"``: orjson's shortest float32 round-trip form, as
+    immich-ml ``serialize_np`` (a valid pgvector literal)."""
+    return orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def resize_pil(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` with PIL BICUBIC; the longer side is
+    ``int(long / short * size)`` (truncated), as immich-ml ``resize_pil``."""
+    if image.width < image.height:
+        return image.resize((size, int((image.height / image.width) * size)), resample=Image.Resampling.BICUBIC)
+    return image.resize((int((image.width / image.height) * size), size), resample=Image.Resampling.BICUBIC)
+
+
+def crop_pil(image: Image.Image, size: int) -> Image.Image:
+    """Centre crop ``size x size`` with ``left = int(W/2 - size/2)``, as immich-ml ``crop_pil``."""
+    left = int((image.size[0] / 2) - (size / 2))
+    upper = int((image.size[1] / 2) - (size / 2))
+    return image.crop((left, upper, left + size, upper + size))
+
+
+def clip_preprocess(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """PIL RGB image -> ``float32[1, 3, size, size]`` CLIP input (see module docstring)."""
+    cropped = crop_pil(resize_pil(image, size), size)
+    array = np.asarray(cropped if cropped.mode == "RGB" else cropped.convert("RGB"), dtype=np.float32) / 255.0
+    array = (array - mean) / std
+    return np.expand_dims(array.transpose(2, 0, 1), 0)
+
+
+def clean_text(text: str, canonicalize: bool = False) -> str:
+    """Collapse whitespace; with ``canonicalize`` (SigLIP) also drop ASCII punctuation
+    and lowercase, as immich-ml ``clean_text``."""
+    text = " ".join(text.split())
+    if canonicalize:
+        text = text.translate(str.maketrans("", "", string.punctuation)).lower()
+    return text
+
+
+def flores_code(language: str) -> str:
+    """FLORES-200 code for a Weblate language code (``de-CH`` falls back to ``de``);
+    an unknown code gives ``eng_Latn`` with a warning, as immich-ml does."""
+    code = WEBLATE_TO_FLORES200.get(language) or WEBLATE_TO_FLORES200.get(language.split("-")[0])
+    if code is None:
+        log.warning("Language '%s' not found, defaulting to 'en'", language)
+        return "eng_Latn"
+    return code
+
+
+class _ClipModel(InferenceModel):
+    task = ModelTask.SEARCH
+
+    @property
+    def model_dir(self) -> Path:
+        return self.cache_dir / str(self.type)
+
+    @property
+    def model_file(self) -> Path:
+        return self.model_dir / "model.onnx"
+
+    @property
+    def triton_name(self) -> str:
+        return f"clip__{self.model_name}__{self.type}"
+
+    def specs(self) -> list[ModelSpec]:
+        return [ModelSpec(self.triton_name, self.model_file, max_batch_size=0)]
+
+    def _obtain(self) -> None:
+        """Download ``immich-app/<model>`` from Hugging Face unless the file is cached."""
+        if self.model_file.is_file():
+            return
+        try:
+            hf_snapshot(f"immich-app/{self.model_name}", self.cache_dir, endpoint=self.ctx.settings.hf_endpoint)
+        except DownloadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        if not self.model_file.is_file():
+            raise ModelLoadError(f"immich-app/{self.model_name} has no {self.type}/model.onnx")
+
+    async def _load(self) -> None:
+        try:
+            await self.ctx.run(self._obtain)
+            await self.ctx.run(self._read_config)
+            await self.ctx.runtime.load(self.specs()[0])
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _read_config(self) -> None:
+        raise NotImplementedError
+
+    def _json(self, path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"missing {path}", corrupt=True) from exc
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}", corrupt=True) from exc
+
+    async def _embed(self, feed: dict[str, np.ndarray]) -> str:
+        out = await self.ctx.runtime.infer(self.triton_name, feed)
+        return serialize_np(next(iter(out.values()))[0])
+
+
+class ClipVisualEncoder(_ClipModel):
+    """``image`` float32[1, 3, S, S] -> L2-normalised embedding string (OpenCLIP and M-CLIP)."""
+
+    type = ModelType.VISUAL
+
+    def __init__(self, model_name: str, ctx: ModelContext, **options: Any) -> None:
+        super().__init__(model_name, ctx, **options)
+        self.size = 224
+        self.mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+        self.std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+    def _read_config(self) -> None:
+        cfg = self._json(self.model_dir / "preprocess_cfg.json")
+        size = cfg["size"]
+        self.size = size[0] if isinstance(size, list) else size
+        self.mean = np.array(cfg["mean"], dtype=np.float32)
+        self.std = np.array(cfg["std"], dtype=np.float32)
+
+    def preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
+        return {"image": clip_preprocess(image, self.size, self.mean, self.std)}
+
+    async def _predict(self, image: Image.Image) -> str:
+        if not isinstance(image, Image.Image):
+            raise TypeError("clip visual needs an image")
+        return await self._embed(await self.ctx.run(self.preprocess, image))
+
+
+class ClipTextualEncoder(_ClipModel):
+    """Text -> L2-normalised embedding string. ``mclip=True`` feeds ``input_ids`` and
+    ``attention_mask`` (M-CLIP), else ``text`` (OpenCLIP).
+
+    The request option ``language`` puts the FLORES-200 code in front of the text of
+    NLLB models, as upstream intends (immich issue #29751); upstream never passes the
+    option on, so ``IMMICH_TRT_CLIP_LANGUAGE_PREFIX=false`` reproduces it byte for byte."""
+
+    type = ModelType.TEXTUAL
+
+    def __init__(self, model_name: str, ctx: ModelContext, mclip: bool = False, **options: Any) -> None:
+        super().__init__(model_name, ctx, **options)
+        self.mclip = mclip
+        self.tokenizer = None
+        self.canonicalize = False
+
+    @property
+    def is_nllb(self) -> bool:
+        return self.model_name.startswith("nllb")
+
+    async def predict(self, *inputs: Any, **options: Any) -> Any:
+        # per request, not stored on the shared instance (no race between requests)
+        return await self._predict(*inputs, language=options.get("language"))
+
+    def _read_config(self) -> None:
+        from tokenizers import Tokenizer
+
+        config = self._json(self.cache_dir / "config.json")
+        if "text_cfg" not in config:
+            raise ModelLoadError(f"{self.cache_dir / 'config.json'} has no text_cfg", corrupt=True)
+        text_cfg = config["text_cfg"]
+        context_length = text_cfg.get("context_length", 77)
+        self.canonicalize = text_cfg.get("tokenizer_kwargs", {}).get("clean") == "canonicalize"
+        tokenizer_cfg = self._json(self.model_dir / "tokenizer_config.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {self.model_dir / 'tokenizer.json'}: {exc}", corrupt=True) from exc
+        pad_token = tokenizer_cfg["pad_token"]
+        if isinstance(pad_token, dict):
+            pad_token = pad_token["content"]
+        pad_id = tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise ModelLoadError(f"pad token {pad_token!r} is not in the vocabulary")
+        tokenizer.enable_padding(length=context_length, pad_token=pad_token, pad_id=pad_id)
+        tokenizer.enable_truncation(max_length=context_length)
+        self.tokenizer = tokenizer
+
+    def tokenize(self, text: str, language: str | None = None) -> dict[str, np.ndarray]:
+        """Text -> model feed (int32 ``[1, context_length]`` arrays)."""
+        assert self.tokenizer is not None
+        text = clean_text(text, canonicalize=self.canonicalize)
+        if self.is_nllb and language is not None and self.ctx.settings.clip_language_prefix and not self.mclip:
+            text = flores_code(language) + text
+        encoding = self.tokenizer.encode(text)
+        if self.mclip:
+            return {
+                "input_ids": np.array([encoding.ids], dtype=np.int32),
+                "attention_mask": np.array([encoding.attention_mask], dtype=np.int32),
+            }
+        return {"text": np.array([encoding.ids], dtype=np.int32)}
+
+    async def _predict(self, text: str, language: str | None = None) -> str:
+        if not isinstance(text, str):
+            raise TypeError("clip textual needs text")
+        return await self._embed(await self.ctx.run(self.tokenize, text, language))
+
+
+def build_clip(source: ModelSource, name: str, model_type: ModelType, ctx: ModelContext, options: dict) -> _ClipModel:
+    """The CLIP model for an entry: visual for both families, textual per family."""
+    if model_type is ModelType.VISUAL:
+        return ClipVisualEncoder(name, ctx, **options)
+    return ClipTextualEncoder(name, ctx, mclip=source is ModelSource.MCLIP, **options)
