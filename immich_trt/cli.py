@@ -104,7 +104,31 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         for path in ensure_model_files(settings, args.name, args.task, args.type):
             print(path)
         return 0
+    if args.models_command == "make-test-pack":
+        return cmd_make_test_pack(args)
     return 2
+
+
+def cmd_make_test_pack(args: argparse.Namespace) -> int:
+    from .models.testpack import DEFAULT_CLIP, DEFAULT_FACE, make_test_pack
+
+    try:
+        written = make_test_pack(
+            Path(args.dir),
+            full_size=args.full_size,
+            clip_models=args.clip or [DEFAULT_CLIP],
+            face_models=args.faces or [DEFAULT_FACE],
+            batched_detector=args.batched_detector,
+            mxnet_recognizer=args.mxnet_recognizer,
+            seed=args.seed,
+            bpe_vocab=args.bpe_vocab,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"make-test-pack: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name")
     fetch.add_argument("--task", required=True, choices=["clip", "facial-recognition", "ocr"])
     fetch.add_argument("--type", required=True, choices=["visual", "textual", "detection", "recognition"])
+    pack = msub.add_parser(
+        "make-test-pack", help="build test models shaped like Immich's (no real weights) into a model cache folder"
+    )
+    pack.add_argument("dir", help="model cache folder to write (Immich layout)")
+    pack.add_argument("--full-size", action="store_true", help="real architectures, random weights (large files)")
+    pack.add_argument("--clip", action="append", metavar="NAME", help="CLIP model (repeatable; ViT-B-32__openai)")
+    pack.add_argument("--faces", action="append", metavar="NAME", help="face models (repeatable; buffalo_l)")
+    pack.add_argument("--batched-detector", action="store_true", help="detector outputs [1,N,C] instead of [N,C]")
+    pack.add_argument("--mxnet-recognizer", action="store_true", help="recognizer normalises in-graph (_minus/_mul)")
+    pack.add_argument("--seed", type=int, default=0, help="weights seed")
+    pack.add_argument("--bpe-vocab", metavar="PATH", help="bpe_simple_vocab_16e6.txt.gz (default: found or fetched)")
     return parser
 
 

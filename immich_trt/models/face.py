@@ -179,7 +179,13 @@ def scrfd_postprocess(
         kpss = (np.vstack(kpss_list) / det_scale)[order, :, :][keep, :, :]
     else:
         kpss = np.zeros((len(keep), 5, 2), dtype=np.float32)
-    return {"boxes": det[:, :4].round(), "scores": det[:, 4], "landmarks": kpss}
+    # contiguous copies: upstream hands orjson a strided scores view, which fails (HTTP 500)
+    # on detection-only requests with two or more faces; the values are the same
+    return {
+        "boxes": np.ascontiguousarray(det[:, :4].round()),
+        "scores": np.ascontiguousarray(det[:, 4]),
+        "landmarks": np.ascontiguousarray(kpss),
+    }
 
 
 def estimate_norm(landmark: np.ndarray, image_size: int = 112) -> np.ndarray:

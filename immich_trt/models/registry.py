@@ -88,8 +88,8 @@ OPENCLIP_MODELS: dict[str, int] = {
     "XLM-Roberta-Large-ViT-H-14__frozen_laion5b_s13b_b90k": 1024,
     "nllb-clip-base-siglip__mrl": 768,
     "nllb-clip-base-siglip__v1": 768,
-    "nllb-clip-large-siglip__mrl": 1024,
-    "nllb-clip-large-siglip__v1": 1024,
+    "nllb-clip-large-siglip__mrl": 1152,
+    "nllb-clip-large-siglip__v1": 1152,
 }
 
 MCLIP_MODELS: dict[str, int] = {
