@@ -30,11 +30,23 @@ def ocr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def live_server(ocr_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Immich-layout cache with PP-OCRv5 mobile and the small test pack
+    (``ViT-B-32__openai`` CLIP and ``buffalo_l`` faces built by immich_trt.models.testpack)."""
+    from immich_trt.models.testpack import make_test_pack
+    from immich_trt.testing import prepare_ocr_cache
+
+    cache = prepare_ocr_cache(tmp_path_factory.mktemp("full-model-cache"))
+    make_test_pack(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def live_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     """``immich-trt serve`` in a subprocess, serving through the bundled Triton."""
     from immich_trt.testing import LiveServer
 
-    with LiveServer(ocr_cache, tmp_path_factory.mktemp("live-server")) as server:
+    with LiveServer(model_cache, tmp_path_factory.mktemp("live-server")) as server:
         yield server
 
 

@@ -44,6 +44,8 @@ class TritonPythonModel:
         )
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        # unbatched models (max_batch_size 0) take each request whole, outputs unsliced
+        self.batching = int(config.get("max_batch_size", 0)) > 0
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -54,7 +56,10 @@ class TritonPythonModel:
             except Exception as exc:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}"))
                 continue
-            key = tuple((name, feed[name].shape[1:], feed[name].dtype.str) for name in self.inputs)
+            if self.batching:
+                key = tuple((name, feed[name].shape[1:], feed[name].dtype.str) for name in self.inputs)
+            else:
+                key = ("request", i)
             groups.setdefault(key, []).append((i, feed))
         for items in groups.values():
             try:
@@ -69,13 +74,13 @@ class TritonPythonModel:
                 continue
             offset = 0
             for i, feed in items:
-                n = feed[self.inputs[0]].shape[0]
+                n = feed[self.inputs[0]].shape[0] if self.batching else None
                 tensors = [
-                    pb_utils.Tensor(name, np.ascontiguousarray(value[offset : offset + n]))
+                    pb_utils.Tensor(name, np.ascontiguousarray(value if n is None else value[offset : offset + n]))
                     for name, value in zip(self.outputs, results)
                 ]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-                offset += n
+                offset += n or 0
         return responses
 
     def finalize(self):
