@@ -1,8 +1,9 @@
 """Immich ML HTTP contract tests, runnable against any server.
 
 ``pytest compat_tests --base-url http://host:3003`` checks a running server (ours or
-stock immich-ml with PP-OCRv5_mobile in its cache); without ``--base-url`` a local
-immich-trt is started. Requests are built the way Immich's server builds them
+stock immich-ml) whose model cache holds PP-OCRv5_mobile and the test pack
+(``immich-trt models make-test-pack CACHE``: ViT-B-32__openai CLIP and buffalo_l faces);
+without ``--base-url`` a local immich-trt is started with both. Requests are built the way Immich's server builds them
 (``entries`` first, the image as a ``blob`` part of type application/octet-stream).
 """
 
@@ -207,3 +208,94 @@ async def test_exif_orientation_is_not_applied(base_url: str) -> None:
     response = json.loads(body)
     assert (response["imageWidth"], response["imageHeight"]) == Image.open(io.BytesIO(data)).size
 
+
+
+# --------------------------------------------------------------------------- CLIP
+
+CLIP = "ViT-B-32__openai"
+
+
+def embedding(value: str) -> list[float]:
+    assert isinstance(value, str) and value.startswith("[") and " " not in value
+    floats = json.loads(value)
+    assert len(floats) == 512 and all(isinstance(v, float) for v in floats)
+    return floats
+
+
+async def test_clip_visual(base_url: str) -> None:
+    status, _, body = await post(base_url, {"clip": {"visual": {"modelName": CLIP}}}, image=jpeg(300, 200, (90, 140, 200)))
+    assert status == 200
+    response = json.loads(body)
+    assert list(response) == ["clip", "imageHeight", "imageWidth"]
+    assert (response["imageWidth"], response["imageHeight"]) == (300, 200)
+    values = embedding(response["clip"])
+    assert abs(sum(v * v for v in values) - 1.0) < 1e-4  # normalised in the graph
+
+
+async def test_clip_textual(base_url: str) -> None:
+    status, _, body = await post(base_url, {"clip": {"textual": {"modelName": CLIP}}}, text="a dog on the beach")
+    assert status == 200
+    response = json.loads(body)
+    assert list(response) == ["clip"]
+    embedding(response["clip"])
+
+
+async def test_clip_textual_with_language_option(base_url: str) -> None:
+    entries = {"clip": {"textual": {"modelName": CLIP, "options": {"language": "de"}}}}
+    status, _, body = await post(base_url, entries, text="Hund am Strand")
+    assert status == 200
+    embedding(json.loads(body)["clip"])
+
+
+async def test_clip_same_text_same_embedding(base_url: str) -> None:
+    entries = {"clip": {"textual": {"modelName": CLIP}}}
+    first = await post(base_url, entries, text="red car")
+    second = await post(base_url, entries, text="  red   car ")  # whitespace is collapsed
+    assert first[0] == second[0] == 200 and first[2] == second[2]
+
+
+# -------------------------------------------------------------------------- faces
+
+FACES = {
+    "facial-recognition": {
+        "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
+        "recognition": {"modelName": "buffalo_l"},
+    }
+}
+
+
+def square_png(width: int, height: int, x0: int, y0: int, side: int) -> bytes:
+    image = Image.new("RGB", (width, height))
+    image.paste((255, 255, 255), (x0, y0, x0 + side, y0 + side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_faces_response_shape(base_url: str) -> None:
+    """The test pack's detector reports a white 32 px square as one face."""
+    status, _, body = await post(base_url, FACES, image=square_png(640, 640, 320, 192, 32))
+    assert status == 200
+    response = json.loads(body)
+    assert list(response) == ["facial-recognition", "imageHeight", "imageWidth"]
+    (face,) = response["facial-recognition"]
+    assert list(face) == ["boundingBox", "embedding", "score"]
+    assert face["boundingBox"] == {"x1": 288.0, "y1": 160.0, "x2": 384.0, "y2": 256.0}
+    embedding(face["embedding"])
+    assert 0.7 <= face["score"] <= 1.0
+
+
+async def test_no_faces_is_an_empty_list(base_url: str) -> None:
+    status, _, body = await post(base_url, FACES, image=jpeg(64, 64))
+    assert status == 200
+    assert body == b'{"facial-recognition":[],"imageHeight":64,"imageWidth":64}'
+
+
+async def test_face_detection_only(base_url: str) -> None:
+    entries = {"facial-recognition": {"detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}}}}
+    status, _, body = await post(base_url, entries, image=square_png(640, 640, 320, 192, 32))
+    assert status == 200
+    det = json.loads(body)["facial-recognition"]
+    assert list(det) == ["boxes", "scores", "landmarks"]
+    assert det["boxes"] == [[288.0, 160.0, 384.0, 256.0]]
+    assert len(det["scores"]) == 1 and len(det["landmarks"]) == 1 and len(det["landmarks"][0]) == 5
