@@ -237,15 +237,54 @@ def test_detector_responds_at_the_square_only(face_pack: Path) -> None:
     assert ((centres >= (320, 192)) & (centres < (352, 224))).all()
     np.testing.assert_array_equal(boxes[:, 2:] - boxes[:, :2], np.full((42, 2), 96))
     np.testing.assert_array_equal(kps - centres[:, None, :], np.broadcast_to(np.float32(tp.SCRFD_LANDMARKS), (42, 5, 2)))
-    m = np.float32(255 / 256)
-    expected = [1 / (1 + np.exp(-20 * (m - t))) for s in tp.STRIDES for t in tp.SCRFD_THRESHOLDS[s]]
-    np.testing.assert_allclose(
-        np.unique(np.round(scores.ravel().astype(np.float64), 4)), np.unique(np.round(expected, 4)), atol=1e-9
-    )
-    black = decode_scrfd(
-        sess.run(None, {"input.1": tp.scrfd_blob(np.zeros((640, 640, 3), np.uint8))}), layout, (640, 640), 1e-9
-    )
+    # every raw score is sigmoid(20 * (255/256 - T) + DELTA * n / N) of its own row: no ties
+    m = 255 / 256
+    for score_rows, s in zip(outputs[:3], tp.STRIDES):
+        rows = np.flatnonzero(score_rows[:, 0] >= 0.7)
+        i, j, a = rows // 2 // (640 // s), rows // 2 % (640 // s), rows % 2
+        assert ((i * s >= 192) & (i * s < 224) & (j * s >= 320) & (j * s < 352)).all()
+        t = np.array(tp.SCRFD_THRESHOLDS[s])[a]
+        expected = 1 / (1 + np.exp(-(20 * (m - t) + tp.SCRFD_TIE_BREAK * rows / len(score_rows))))
+        np.testing.assert_allclose(score_rows[rows, 0], expected, atol=2e-6, rtol=0)
+    assert len(np.unique(scores)) == 42
+    black_outputs = sess.run(None, {"input.1": tp.scrfd_blob(np.zeros((640, 640, 3), np.uint8))})
+    assert max(o.max() for o in black_outputs[:3]) < 1e-14
+    black = decode_scrfd(black_outputs, layout, (640, 640), 1e-9)
     assert sum(len(x) for x in black[0]) == 0
+
+
+@pytest.mark.parametrize("value", [255, 245, 235, 215])
+def test_uniform_images_have_no_tied_scores(face_pack: Path, value: int) -> None:
+    """The tie-breaker: all 16800 rows of a uniform 640x640 image (scores ~0.03..0.995)
+    score differently, across strides too; same-anchor neighbours differ by 2 * DELTA / N
+    in the logit."""
+    sess = session(face_pack / FACES / "detection" / "model.onnx")
+    blob = tp.scrfd_blob(np.full((640, 640, 3), value, np.uint8))
+    outputs = sess.run(None, {"input.1": blob})
+    scores = np.concatenate([o.ravel() for o in outputs[:3]])
+    assert scores.shape == (16800,) and len(np.unique(scores)) == 16800
+    for got, want in zip(outputs[:3], tp.scrfd_reference(blob)[:3]):
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    if value == 255:  # scores 0.94..0.995: the steps stay well above float32 resolution
+        for o in outputs[:3]:
+            steps = np.diff(o[:, 0].astype(np.float64).reshape(-1, 2), axis=0)
+            assert steps.min() > 1e-6
+        s8 = outputs[0][:, 0].astype(np.float64)
+        near = np.flatnonzero(np.abs(s8 - 0.98) < 0.005)
+        near = near[near + 2 < len(s8)]
+        assert len(near) > 0 and (s8[near + 2] - s8[near]).min() > 3e-6
+
+
+def test_tie_break_and_square_face() -> None:
+    tie = tp.scrfd_tie_break(12800)
+    assert tie.dtype == np.float32 and tie[0] == 0 and tie[-1] < tp.SCRFD_TIE_BREAK
+    assert (np.diff(tie) > 0).all()
+    np.testing.assert_allclose(tie, tp.SCRFD_TIE_BREAK * np.arange(12800) / 12800, rtol=1e-6, atol=0)
+    # square_face is the stride-32 anchor-0 row of its square, tie-breaker included
+    for x0, y0 in ((0, 0), (320, 192), (608, 608)):
+        n = 2 * ((y0 // 32) * 20 + x0 // 32)
+        logit = 20 * (255 / 256 - 0.8) + tp.SCRFD_TIE_BREAK * n / 800
+        assert tp.square_face(x0, y0)[1] == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
 
 
 def test_squares_give_one_face_each_after_nms(face_pack: Path) -> None:
@@ -260,6 +299,22 @@ def test_squares_give_one_face_each_after_nms(face_pack: Path) -> None:
     assert len(faces["scores"]) == 3
     for i, (x0, y0, _, value) in enumerate(squares):  # score order = grey-level order
         box, score, landmarks = tp.square_face(x0, y0, value)
+        np.testing.assert_array_equal(faces["boxes"][i], box)
+        np.testing.assert_array_equal(faces["landmarks"][i], landmarks)
+        assert faces["scores"][i] == pytest.approx(score, abs=2e-6)
+
+
+def test_equal_squares_are_ordered_by_place(face_pack: Path) -> None:
+    """At one grey level the tie-breaker orders the faces: later stride-32 row first."""
+    sess = session(face_pack / FACES / "detection" / "model.onnx")
+    squares = [(320, 192), (64, 448), (576, 0), (0, 608)]
+    image = tp.bright_square_image(640, 640, [(x0, y0, 32) for x0, y0 in squares])
+    layout = ScrfdLayout(list(tp.SCRFD_OUTPUTS), batched=False)
+    faces = scrfd_postprocess(sess.run(None, {"input.1": tp.scrfd_blob(image)}), layout, (640, 640), 1.0, 0.7)
+    expected = sorted(squares, key=lambda p: (p[1] // 32, p[0] // 32), reverse=True)
+    assert len(faces["scores"]) == 4 and len(set(faces["scores"].tolist())) == 4
+    for i, (x0, y0) in enumerate(expected):
+        box, score, landmarks = tp.square_face(x0, y0)
         np.testing.assert_array_equal(faces["boxes"][i], box)
         np.testing.assert_array_equal(faces["landmarks"][i], landmarks)
         assert faces["scores"][i] == pytest.approx(score, abs=2e-6)

@@ -573,9 +573,13 @@ ANCHORS = 2
 #: buffalo_l ``det_10g.onnx`` output names, in insightface's order: scores 8/16/32,
 #: box distances 8/16/32, keypoints 8/16/32.
 SCRFD_OUTPUTS = ("448", "471", "494", "451", "474", "497", "454", "477", "500")
-#: Score gain K and per-(stride, anchor) thresholds T: score = sigmoid(K * (m - T)).
+#: Score gain K and per-(stride, anchor) thresholds T: score = sigmoid(K * (m - T) + tie).
 SCRFD_GAIN = 20.0
 SCRFD_THRESHOLDS = {8: (0.82, 0.86), 16: (0.81, 0.85), 32: (0.80, 0.84)}
+#: Tie-breaker DELTA: row n of the N rows of a stride gets DELTA * n / N added to its
+#: logit, so that rows of equal cell means (uniform or saturated areas) never score the
+#: same and numpy's unstable argsort in insightface's NMS has no ties to order.
+SCRFD_TIE_BREAK = 1.46
 #: Half side of every decoded box, in pixels of the detector input.
 SCRFD_BOX_HALF = 48
 #: Landmarks (left eye, right eye, nose, left and right mouth corners) in pixels from
@@ -591,10 +595,24 @@ x = (pixel - 127.5) / 128 in RGB, so a black pixel is -0.99609375 and a white on
   m_s[i,j] = mean of g over the cell rows i*s..i*s+s-1, cols j*s..j*s+s-1
              (AveragePool kernel s, stride s; h = H // s, w = W // s)
   rows     : n = (i*w + j)*2 + a for anchor a in (0, 1)  -> N = h*w*2 rows
-  score    = sigmoid(K * (m_s[i,j] - T[s][a]))   K = {SCRFD_GAIN}, T = {SCRFD_THRESHOLDS}
+  logit    = K * (m_s[i,j] - T[s][a]) + DELTA * n / N
+             K = {SCRFD_GAIN}, T = {SCRFD_THRESHOLDS}, DELTA = {SCRFD_TIE_BREAK}
+  score    = sigmoid(logit)
   bbox     = (H0 - s/2, H0 - s/2, H0 + s/2, H0 + s/2) / s   (same on every row; H0 = {SCRFD_BOX_HALF})
              i.e. (5.5, 5.5, 6.5, 6.5) at s=8, (2.5, 2.5, 3.5, 3.5) at 16, (1, 1, 2, 2) at 32
   kps      = ((s/2 + dx_k) / s, (s/2 + dy_k) / s) for k = 0..4,  (dx, dy) = {SCRFD_LANDMARKS}
+
+The tie-breaker DELTA * n / N is computed in the graph from the dynamic shape, in
+float32 as (n / N) * DELTA (:func:`scrfd_tie_break`). It is 0 on the first row and below
+DELTA on the last, so every score is at least sigmoid(K * (m - T)) and the tie-breaker
+only raises it. Rows of equal cell means (uniform squares, saturated areas) no longer
+score the same: same-anchor neighbours differ by 2 * DELTA / N in the logit (2.3e-4 at
+stride 8 of a 640x640 input, about 4e-6 in the score near 0.98), and at 640x640 all
+2 * (6400 + 1600 + 400) = 16800 rows of a uniform image score differently, across
+strides too, for any grey level from 204 up (below, scores under 0.07 run into float32
+resolution). DELTA is not commensurate with the 0.2 steps of K*T nor with the cell-mean
+quanta 1/(384 s^2). Rows of *different* means can still coincide in float32 by chance
+(about 1 to 3 in 1000 rows >= 0.7 on photos of text): no additive term can prevent that.
 
 Outputs (unbatched): scores f32[N,1], bbox f32[N,4], kps f32[N,10] per stride, in the
 order scores 8,16,32 / bbox 8,16,32 / kps 8,16,32; batched: the same with a leading 1.
@@ -605,21 +623,28 @@ Decoded as insightface does (anchor centre c = (j*s, i*s), the cell's top-left c
   kp_k = c + kps_k*s = cell centre + (dx_k, dy_k)                     (exact)
 so a box is {2 * SCRFD_BOX_HALF}x{2 * SCRFD_BOX_HALF} px centred on its cell, whatever the stride.
 
-Full white cell: m = 255/256, score = sigmoid(K*(255/256 - T)) = 0.98058 (s32,a0) >
-0.97638 (s16,a0) > 0.97130 (s8,a0) > 0.95779 (s32,a1) > 0.94892 (s16,a1) > 0.93831 (s8,a1);
-black cell: below 1e-15. A cell passes det_thresh 0.7 only when m >= T + 0.0424
-(about 92-96 % of its area white on black).
+Full white cell: m = 255/256, score = sigmoid(K*(255/256 - T) + DELTA*n/N), from the
+first row to the last: 0.98058..0.99542 (s32,a0), 0.97638..0.99441 (s16,a0),
+0.97130..0.99319 (s8,a0), 0.95779..0.98987 (s32,a1), 0.94892..0.98765 (s16,a1),
+0.93831..0.98496 (s8,a1); black cell: below 1.1e-15. A cell passes det_thresh 0.7 only
+when K*(m - T) + DELTA*n/N >= ln(7/3) = 0.8473, i.e. m >= T + 0.0424 - DELTA*n/(K*N)
+(about 92-96 % of its area white on black; down to 0.073 lower on the last rows).
 
 One face: a white square of side 32 whose corner (x0, y0) is a multiple of 32, on black,
-in a 640x640 image (det_scale 1): 2 + 8 + 32 = 42 raw detections >= 0.7; all share the
-winner's box within 12 px, so NMS (IoU > 0.4) keeps only stride 32 / anchor 0:
-  box   = (x0 - 32, y0 - 32, x0 + 64, y0 + 64), score = sigmoid(20*(255/256 - 0.8))
+in a 640x640 image (det_scale 1): 2 + 8 + 32 = 42 raw detections >= 0.7, all of
+different scores; all share the winner's box within 12 px, so NMS (IoU > 0.4) keeps only
+stride 32 / anchor 0 (its logit leads stride 16's by 0.2 and stride 8's by 0.4 before
+the tie-breaker, which moves them by at most 0.026*DELTA and 0.038*DELTA against it):
+  box   = (x0 - 32, y0 - 32, x0 + 64, y0 + 64)
+  score = sigmoid(20*(255/256 - 0.8) + DELTA * n / 800),  n = 2 * ((y0/32)*20 + x0/32)
   kps   = (x0 + 16 + dx_k, y0 + 16 + dy_k)
 (:func:`square_face` returns exactly this.) Other image sizes: divide by det_scale.
 Several faces: squares whose corners are 128 px or more apart (in x or y) give one
-face each; their scores tie at 255, so give them grey levels v in 236..255
-(m = (v - 127.5)/128, score sigmoid(20*(m - 0.8))) to fix their order; below 236
-the stride-32 cell fails 0.7.
+face each. At one grey level the square whose stride-32 cell comes later (row-major)
+scores higher; grey levels v (m = (v - 127.5)/128, logit 20*(m - 0.8) + DELTA*n/800)
+that differ by 10 or more (20*10/128 = 1.5625 > DELTA) order them whatever their
+places. v = 236..255 passes 0.7 anywhere; below 236 the stride-32 cell fails 0.7 on
+the first rows (the bound falls to about v = 227 on the last).
 """
 
 
@@ -636,11 +661,19 @@ def scrfd_model(batched: bool = False) -> onnx.ModelProto:
     by_kind = {kind: [next(names) for _ in STRIDES] for kind in ("score", "bbox", "kps")}
     for si, s in enumerate(STRIDES):
         m = g.op("AveragePool", [gray], kernel_shape=[s, s], strides=[s, s], name=f"cell_mean_{s}")
-        # scores: 1x1 conv = K*m - K*T per anchor, then sigmoid
+        # score logits: 1x1 conv = K*m - K*T per anchor, as rows [N,1] (row n = (i*w + j)*A + a)
         t = np.asarray(SCRFD_THRESHOLDS[s], np.float32)
         w = np.full((ANCHORS, 1, 1, 1), SCRFD_GAIN, np.float32)
         b = (-np.float32(SCRFD_GAIN) * t).astype(np.float32)
-        score = g.op("Sigmoid", [g.op("Conv", [m, g.init(w), g.init(b)], kernel_shape=[1, 1])])
+        logits = g.op("Conv", [m, g.init(w), g.init(b)], kernel_shape=[1, 1])
+        logits = g.op("Reshape", [g.op("Transpose", [logits], perm=[0, 2, 3, 1]), shape[1]])
+        # tie-breaker (n / N) * DELTA: n counted by a CumSum of ones over the rows (minus 1),
+        # N by their sum, so that it follows the dynamic H and W
+        ones = g.op("ConstantOfShape", [g.op("Shape", [logits])], value=numpy_helper.from_array(np.ones(1, np.float32)))
+        n = g.op("Sub", [g.op("CumSum", [ones, g.const(-2)]), g.const(1.0, np.float32)])
+        count = g.op("ReduceSum", [ones], keepdims=1)
+        tie = g.op("Mul", [g.op("Div", [n, count]), g.const(SCRFD_TIE_BREAK, np.float32)])
+        g.op("Sigmoid", [g.op("Add", [logits, tie])], outputs=[by_kind["score"][si]])
         # constant rows: a zero-weight 1x1 conv whose bias is the per-anchor row
         bbox_row, kps_row = _scrfd_rows(s)
         bbox = g.op(
@@ -653,7 +686,7 @@ def scrfd_model(batched: bool = False) -> onnx.ModelProto:
             [m, g.init(np.zeros((ANCHORS * 10, 1, 1, 1), np.float32)), g.init(np.tile(kps_row, ANCHORS))],
             kernel_shape=[1, 1],
         )
-        for kind, x, c in (("score", score, 1), ("bbox", bbox, 4), ("kps", kps, 10)):
+        for kind, x, c in (("bbox", bbox, 4), ("kps", kps, 10)):
             x = g.op("Transpose", [x], perm=[0, 2, 3, 1])  # [1,h,w,A*c]
             g.op("Reshape", [x, shape[c]], outputs=[by_kind[kind][si]])
     rows = [1, "N"] if batched else ["N"]
@@ -680,6 +713,13 @@ def scrfd_blob(image_bgr: np.ndarray) -> np.ndarray:
     return ((rgb - np.float32(127.5)) / np.float32(128.0)).transpose(2, 0, 1)[None].copy()
 
 
+def scrfd_tie_break(rows: int) -> np.ndarray:
+    """The tie-breaker of :data:`SCRFD_FORMULA` for a stride with ``rows`` rows, f32[rows],
+    computed as the graph does: ``(n / N) * DELTA`` in float32, n = 0..N-1."""
+    n = np.arange(rows, dtype=np.float32)
+    return (n / np.float32(rows)) * np.float32(SCRFD_TIE_BREAK)
+
+
 def scrfd_reference(blob: np.ndarray, batched: bool = False) -> list[np.ndarray]:
     """The 9 outputs of :func:`scrfd_model` for ``blob`` f32[1,3,H,W], computed with
     numpy from :data:`SCRFD_FORMULA` (scores agree with onnxruntime to ~1e-6; box and
@@ -691,6 +731,7 @@ def scrfd_reference(blob: np.ndarray, batched: bool = False) -> list[np.ndarray]
         m = g[: h * s, : w * s].reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
         t = np.asarray(SCRFD_THRESHOLDS[s], np.float32)
         logits = np.float32(SCRFD_GAIN) * m[:, :, None] - np.float32(SCRFD_GAIN) * t  # [h,w,A]
+        logits = logits.reshape(-1) + scrfd_tie_break(h * w * ANCHORS)
         scores.append((1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32).reshape(-1, 1))
         bbox_row, kps_row = _scrfd_rows(s)
         bboxes.append(np.tile(bbox_row, (h * w * ANCHORS, 1)))
@@ -713,11 +754,16 @@ def square_face(x0: int, y0: int, value: int = 255) -> tuple[np.ndarray, float, 
     """``(box f32[4], score, landmarks f32[5,2])`` of the single face that the small
     detector reports, after NMS, for a 32x32 square of grey ``value`` (236..255) at
     ``(x0, y0)`` (multiples of 32) on black, in a 640x640 input (det_scale 1; divide by
-    det_scale otherwise). The score agrees with onnxruntime to about 1e-6."""
+    det_scale otherwise). The score, with the tie-breaker of the square's stride-32
+    anchor-0 row (``n = 2 * ((y0/32)*20 + x0/32)`` of 800), agrees with onnxruntime to
+    about 1e-6."""
     cx, cy = x0 + 16, y0 + 16
     box = np.array([cx - SCRFD_BOX_HALF, cy - SCRFD_BOX_HALF, cx + SCRFD_BOX_HALF, cy + SCRFD_BOX_HALF], np.float32)
     m = (value - 127.5) / 128.0
-    score = float(1.0 / (1.0 + np.exp(-SCRFD_GAIN * (m - SCRFD_THRESHOLDS[32][0]))))
+    h = w = 640 // 32
+    n = ((y0 // 32) * w + x0 // 32) * ANCHORS
+    tie = float(scrfd_tie_break(h * w * ANCHORS)[n])
+    score = float(1.0 / (1.0 + np.exp(-(SCRFD_GAIN * (m - SCRFD_THRESHOLDS[32][0]) + tie))))
     return box, score, np.array([[cx + dx, cy + dy] for dx, dy in SCRFD_LANDMARKS], np.float32)
 
 
