@@ -25,7 +25,8 @@ from PIL import Image
 from conftest import SHARED_DATA
 
 REFERENCE = os.environ.get("IMMICH_ML_REFERENCE_URL", "").rstrip("/")
-pytestmark = pytest.mark.skipif(not REFERENCE, reason="IMMICH_ML_REFERENCE_URL is not set (opt-in parity check)")
+if not REFERENCE:
+    pytest.skip("IMMICH_ML_REFERENCE_URL is not set (opt-in parity check)", allow_module_level=True)
 
 CLIP = "ViT-B-32__openai"
 FACES = {
