@@ -233,3 +233,51 @@ async def test_recognizer_batches_all_faces_or_chunks(tmp_path: Path, batch_size
     ]
     assert all(len(json.loads(f["embedding"])) == 512 for f in out)
     await runtime.stop()
+
+
+async def test_clip_model_with_the_wrong_dimension_fails_to_load(tmp_path: Path) -> None:
+    """RN50__openai is 1024-d for Immich's server; a 512-d file under that name is refused."""
+    from immich_trt.models.base import ModelLoadError
+    from immich_trt.models.clip import ClipVisualEncoder
+
+    tp.make_test_pack(tmp_path, face_models=())
+    (tmp_path / "clip" / "ViT-B-32__openai").rename(tmp_path / "clip" / "RN50__openai")
+    runtime = OnnxRuntime()
+    encoder = ClipVisualEncoder("RN50__openai", ModelContext(offline_settings(tmp_path), runtime))
+    with pytest.raises(ModelLoadError, match="512-d embeddings; Immich expects 1024"):
+        await encoder.load()
+    await runtime.stop()
+
+
+def test_batched_and_unbatched_detector_layouts_agree(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from immich_trt.models.face import ScrfdLayout, scrfd_postprocess
+
+    image = np.zeros((640, 640, 3), np.uint8)
+    image[192:224, 320:352] = 255
+    blob = tp.scrfd_blob(image)
+    results = []
+    for batched in (False, True):
+        session = ort.InferenceSession(tp.scrfd_model(batched=batched).SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"input.1": blob})
+        layout = ScrfdLayout([o.name for o in session.get_outputs()], batched=batched)
+        results.append(scrfd_postprocess(outputs, layout, (640, 640), 1.0, 0.7))
+    for key in ("boxes", "scores", "landmarks"):
+        np.testing.assert_array_equal(results[0][key], results[1][key])
+    assert results[0]["boxes"].tolist() == [[288.0, 160.0, 384.0, 256.0]]
+
+
+@pytest.mark.parametrize("name", ["buffalo_s", "buffalo_m", "antelopev2"])
+async def test_every_insightface_pack_loads_and_detects(tmp_path: Path, name: str) -> None:
+    from immich_trt.models.face import FaceDetector
+
+    tp.make_test_pack(tmp_path, clip_models=(), face_models=(name,))
+    runtime = OnnxRuntime()
+    detector = FaceDetector(name, ModelContext(offline_settings(tmp_path), runtime), minScore=0.7)
+    await detector.load()
+    image = np.zeros((640, 640, 3), np.uint8)
+    image[192:224, 320:352] = 255
+    faces = await detector.predict(Image.fromarray(image))
+    assert faces["boxes"].tolist() == [[288.0, 160.0, 384.0, 256.0]]
+    await runtime.stop()

@@ -30,7 +30,7 @@ from ..runtime.base import ModelSpec
 from .base import InferenceModel, ModelContext, ModelLoadError
 from .download import DownloadError, hf_snapshot
 from .flores import WEBLATE_TO_FLORES200
-from .registry import ModelSource, ModelTask, ModelType
+from .registry import ModelSource, ModelTask, ModelType, clip_dimension
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,23 @@ class _ClipModel(InferenceModel):
         if not self.model_file.is_file():
             raise ModelLoadError(f"immich-app/{self.model_name} has no {self.type}/model.onnx")
 
+    def _check_dimension(self) -> None:
+        """The embedding size must be the one the Immich server's ``CLIP_MODEL_INFO``
+        declares for this name (its pgvector column has that size)."""
+        from .ocr import load_onnx
+
+        expected = clip_dimension(self.model_name)
+        dims = load_onnx(self.model_file).graph.output[0].type.tensor_type.shape.dim
+        actual = dims[-1].dim_value if len(dims) and dims[-1].HasField("dim_value") else None
+        if expected is not None and actual is not None and actual != expected:
+            raise ModelLoadError(
+                f"{self.model_file} gives {actual}-d embeddings; Immich expects {expected} for '{self.model_name}'"
+            )
+
     async def _load(self) -> None:
         try:
             await self.ctx.run(self._obtain)
+            await self.ctx.run(self._check_dimension)
             await self.ctx.run(self._read_config)
             await self.ctx.runtime.load(self.specs()[0])
         except ModelLoadError:
