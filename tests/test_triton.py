@@ -75,7 +75,11 @@ def test_cpu_repository_config_golden(settings, specs, tmp_path: Path) -> None:
     rec = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "config.pbtxt").read_text()
     assert "max_batch_size: 8\n" in rec
     assert '{ name: "x" data_type: TYPE_FP32 dims: [ 3, 48, -1 ] }' in rec
-    assert '{ name: "fetch_name_0" data_type: TYPE_FP32 dims: [ -1, 18385 ] }' in rec
+    # the recognizer is served with its CTC reduction (argmax and max per step)
+    assert '{ name: "ctc_index" data_type: TYPE_INT64 dims: [ -1 ] }' in rec
+    assert '{ name: "ctc_prob" data_type: TYPE_FP32 dims: [ -1 ] }' in rec
+    reduced = tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "1" / "model.onnx"
+    assert f'string_value: "{reduced.resolve()}"' in rec
     model_py = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "1" / "model.py").read_text()
     assert "@SITE_PACKAGES@" not in model_py and "make_session" in model_py
 

@@ -108,6 +108,11 @@ class InferenceModel(ABC):
     @abstractmethod
     async def _predict(self, *inputs: Any) -> Any: ...
 
+    def prepare_files(self) -> None:
+        """Read the cached files and write any derived file the runtime serves (a copy
+        with a dynamic batch axis, a recognizer with its CTC reduction); no runtime needed.
+        Called by ``_load`` and by the engine builder."""
+
     @abstractmethod
     def specs(self) -> list[ModelSpec]:
         """The runtime models this Immich model uses (one per ONNX file)."""

@@ -128,13 +128,16 @@ class _ClipModel(InferenceModel):
     async def _load(self) -> None:
         try:
             await self.ctx.run(self._obtain)
-            await self.ctx.run(self._check_dimension)
-            await self.ctx.run(self._read_config)
+            await self.ctx.run(self.prepare_files)
             await self.ctx.runtime.load(self.specs()[0])
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
+
+    def prepare_files(self) -> None:
+        self._check_dimension()
+        self._read_config()
 
     def _read_config(self) -> None:
         raise NotImplementedError

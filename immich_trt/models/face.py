@@ -286,15 +286,13 @@ class _FaceModel(InferenceModel):
     async def _load(self) -> None:
         try:
             await self.ctx.run(self._obtain)
-            await self.ctx.run(self._read_model)
+            await self.ctx.run(self.prepare_files)
             await self.ctx.runtime.load(self._spec())
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
 
-    def _read_model(self) -> None:
-        raise NotImplementedError
 
 
 class FaceDetector(_FaceModel):
@@ -318,7 +316,7 @@ class FaceDetector(_FaceModel):
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.model_file, max_batch_size=0)
 
-    def _read_model(self) -> None:
+    def prepare_files(self) -> None:
         from .ocr import load_onnx
 
         graph = load_onnx(self.model_file).graph
@@ -368,7 +366,7 @@ class FaceRecognizer(_FaceModel):
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=0 if self.batch_size == 1 else 64)
 
-    def _read_model(self) -> None:
+    def prepare_files(self) -> None:
         from .ocr import load_onnx
 
         graph = load_onnx(self.model_file).graph

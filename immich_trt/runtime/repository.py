@@ -84,7 +84,7 @@ def config_pbtxt(spec: ModelSpec, inputs, outputs, settings: Settings) -> str:
     if batched:
         preferred = "".join(f" preferred_batch_size: {n}" for n in spec.preferred_batch_sizes)
         lines.append(f"dynamic_batching {{{preferred} max_queue_delay_microseconds: {spec.max_queue_delay_us} }}")
-    lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
+    lines.append(f"instance_group [ {{ kind: KIND_CPU count: {max(1, settings.triton_instances)} }} ]")
     params = {
         "onnx_path": str(Path(spec.onnx_path).resolve()),
         "inter_op_num_threads": str(inter),
@@ -126,20 +126,30 @@ def _write_if_changed(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def cached_specs(settings: Settings) -> list[ModelSpec]:
-    """Specs of every servable model whose ONNX file is in the Immich model cache."""
+def cached_specs(settings: Settings, only: list[str] | None = None) -> list[ModelSpec]:
+    """Specs of every servable model whose ONNX file is in the Immich model cache
+    (``<cache>/<task>/<model>/<type>/model.onnx``), derived files prepared."""
+    from ..models import build_model
     from ..models.base import ModelContext
-    from ..models.ocr import TextDetector, TextRecognizer
-    from ..models.registry import PADDLE_MODELS
+    from ..models.registry import ModelTask, ModelType, resolve
 
     ctx = ModelContext(settings=settings, runtime=None)  # type: ignore[arg-type]
     specs: dict[str, ModelSpec] = {}
-    for name in sorted(PADDLE_MODELS):
-        for cls in (TextDetector, TextRecognizer):
-            model = cls(name, ctx)
-            if model.model_file.is_file():
-                for spec in model.specs():
-                    specs[spec.name] = spec
+    for path in sorted(Path(settings.cache_folder).glob("*/*/*/model.onnx")):
+        model_type, name, task = path.parent.name, path.parent.parent.name, path.parent.parent.parent.name
+        try:
+            source, _ = resolve(name, model_type, task)
+        except ValueError:
+            log.warning("Skipping %s: not an Immich model", path)
+            continue
+        model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
+        if model.model_file != path:
+            continue  # e.g. a language-prefixed name's detector lives under the plain name
+        if only and getattr(model, "triton_name", None) not in only:
+            continue
+        model.prepare_files()
+        for spec in model.specs():
+            specs[spec.name] = spec
     return list(specs.values())
 
 
@@ -147,11 +157,12 @@ def build_repository(settings: Settings, repository: Path, only: list[str] | Non
     """Write the CPU-target repository for every cached model (or only the named ones).
 
     Returns the names written."""
+    import dataclasses
+
     repository.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.replace(settings, engines_dir=repository)  # derived files live beside their config
     written = []
-    for spec in cached_specs(settings):
-        if only and spec.name not in only:
-            continue
+    for spec in cached_specs(settings, only):
         write_model(repository, spec, settings)
         written.append(spec.name)
     return written
