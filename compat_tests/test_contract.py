@@ -3,44 +3,41 @@
 ``pytest compat_tests --base-url http://host:3003`` checks a running server (ours or
 stock immich-ml) whose model cache holds PP-OCRv5_mobile and the test pack
 (``immich-trt models make-test-pack CACHE``: ViT-B-32__openai CLIP and buffalo_l faces);
-without ``--base-url`` a local immich-trt is started with both. Requests are built the way Immich's server builds them
-(``entries`` first, the image as a ``blob`` part of type application/octet-stream).
+without ``--base-url`` a local immich-trt is started with both. Requests are built by
+``immich_trt.contract``, as Immich's server builds them (``entries`` first, the image as a
+``blob`` part of type application/octet-stream), the same builders ``immich-trt bench`` uses.
 """
 
 from __future__ import annotations
 
 import io
 import json
+
 import aiohttp
 import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
+from immich_trt.contract import (
+    OCR_MODEL,
+    clip_textual_entries,
+    clip_visual_entries,
+    face_detection_entries,
+    face_entries,
+    ocr_detection_entries,
+    ocr_entries,
+    predict,
+)
 
-OCR = "PP-OCRv5_mobile"
-OCR_ENTRIES = {
-    "ocr": {
-        "detection": {"modelName": OCR, "options": {"minScore": 0.5, "maxResolution": 736}},
-        "recognition": {"modelName": OCR, "options": {"minScore": 0.8}},
-    }
-}
-DETECTION_ONLY = {"ocr": {"detection": {"modelName": OCR, "options": {"minScore": 0.5, "maxResolution": 736}}}}
+OCR = OCR_MODEL
+OCR_ENTRIES = ocr_entries()
+DETECTION_ONLY = ocr_detection_entries()
+FACES = face_entries()
 
 
 async def post(base_url: str, entries: str | dict | None, image: bytes | None = None, text: str | None = None):
     """POST /predict like Immich's server; returns (status, content type, body bytes)."""
-    form = aiohttp.FormData()
-    if entries is not None:
-        form.add_field("entries", entries if isinstance(entries, str) else json.dumps(entries))
-    if image is not None:
-        form.add_field("image", image, filename="blob", content_type="application/octet-stream")
-    if text is not None:
-        form.add_field("text", text)
-    if entries is None and image is None and text is None:
-        form.add_field("unrelated", "x")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base_url}/predict", data=form) as response:
-            return response.status, response.headers.get("Content-Type", ""), await response.read()
+    return await predict(None, base_url, entries, image=image, text=text)
 
 
 def jpeg(width: int = 64, height: int = 48, color=(0, 0, 0)) -> bytes:
@@ -212,9 +209,6 @@ async def test_exif_orientation_is_not_applied(base_url: str) -> None:
 
 # --------------------------------------------------------------------------- CLIP
 
-CLIP = "ViT-B-32__openai"
-
-
 def embedding(value: str) -> list[float]:
     assert isinstance(value, str) and value.startswith("[") and " " not in value
     floats = json.loads(value)
@@ -223,7 +217,7 @@ def embedding(value: str) -> list[float]:
 
 
 async def test_clip_visual(base_url: str) -> None:
-    status, _, body = await post(base_url, {"clip": {"visual": {"modelName": CLIP}}}, image=jpeg(300, 200, (90, 140, 200)))
+    status, _, body = await post(base_url, clip_visual_entries(), image=jpeg(300, 200, (90, 140, 200)))
     assert status == 200
     response = json.loads(body)
     assert list(response) == ["clip", "imageHeight", "imageWidth"]
@@ -233,7 +227,7 @@ async def test_clip_visual(base_url: str) -> None:
 
 
 async def test_clip_textual(base_url: str) -> None:
-    status, _, body = await post(base_url, {"clip": {"textual": {"modelName": CLIP}}}, text="a dog on the beach")
+    status, _, body = await post(base_url, clip_textual_entries(), text="a dog on the beach")
     assert status == 200
     response = json.loads(body)
     assert list(response) == ["clip"]
@@ -241,28 +235,20 @@ async def test_clip_textual(base_url: str) -> None:
 
 
 async def test_clip_textual_with_language_option(base_url: str) -> None:
-    entries = {"clip": {"textual": {"modelName": CLIP, "options": {"language": "de"}}}}
+    entries = clip_textual_entries(language="de")
     status, _, body = await post(base_url, entries, text="Hund am Strand")
     assert status == 200
     embedding(json.loads(body)["clip"])
 
 
 async def test_clip_same_text_same_embedding(base_url: str) -> None:
-    entries = {"clip": {"textual": {"modelName": CLIP}}}
+    entries = clip_textual_entries()
     first = await post(base_url, entries, text="red car")
     second = await post(base_url, entries, text="  red   car ")  # whitespace is collapsed
     assert first[0] == second[0] == 200 and first[2] == second[2]
 
 
 # -------------------------------------------------------------------------- faces
-
-FACES = {
-    "facial-recognition": {
-        "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
-        "recognition": {"modelName": "buffalo_l"},
-    }
-}
-
 
 def square_png(width: int, height: int, x0: int, y0: int, side: int) -> bytes:
     image = Image.new("RGB", (width, height))
@@ -292,7 +278,7 @@ async def test_no_faces_is_an_empty_list(base_url: str) -> None:
 
 
 async def test_face_detection_only(base_url: str) -> None:
-    entries = {"facial-recognition": {"detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}}}}
+    entries = face_detection_entries()
     status, _, body = await post(base_url, entries, image=square_png(640, 640, 320, 192, 32))
     assert status == 200
     det = json.loads(body)["facial-recognition"]

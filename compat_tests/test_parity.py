@@ -23,24 +23,14 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA
+from immich_trt.contract import clip_textual_entries, clip_visual_entries, face_entries, ocr_entries, predict
 
 REFERENCE = os.environ.get("IMMICH_ML_REFERENCE_URL", "").rstrip("/")
 if not REFERENCE:
     pytest.skip("IMMICH_ML_REFERENCE_URL is not set (opt-in parity check)", allow_module_level=True)
 
-CLIP = "ViT-B-32__openai"
-FACES = {
-    "facial-recognition": {
-        "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
-        "recognition": {"modelName": "buffalo_l"},
-    }
-}
-OCR = {
-    "ocr": {
-        "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5, "maxResolution": 736}},
-        "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.8}},
-    }
-}
+FACES = face_entries()
+OCR = ocr_entries()
 TEXTS = [("a photo of a cat", None), ("Hund am Strand", "de"), ("  sunset over   the sea!  ", "en-null")]
 
 
@@ -69,17 +59,9 @@ IMAGES = _images()
 
 
 async def both(base_url: str, entries: dict, image: bytes | None = None, text: str | None = None):
-    answers = []
-    for url in (base_url, REFERENCE):
-        form = aiohttp.FormData()
-        form.add_field("entries", json.dumps(entries))
-        if image is not None:
-            form.add_field("image", image, filename="blob", content_type="application/octet-stream")
-        if text is not None:
-            form.add_field("text", text)
-        async with aiohttp.ClientSession() as session, session.post(f"{url}/predict", data=form) as response:
-            answers.append((response.status, await response.read()))
-    (status, body), (ref_status, ref_body) = answers
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await predict(session, base_url, entries, image, text)
+        ref_status, _, ref_body = await predict(session, REFERENCE, entries, image, text)
     assert status == ref_status
     return (json.loads(body), json.loads(ref_body)) if status == 200 else (None, None)
 
@@ -91,7 +73,7 @@ def cosine(a: str, b: str) -> float:
 
 @pytest.mark.parametrize(("name", "image"), IMAGES, ids=[n for n, _ in IMAGES])
 async def test_clip_visual_parity(base_url: str, name: str, image: bytes) -> None:
-    ours, ref = await both(base_url, {"clip": {"visual": {"modelName": CLIP}}}, image)
+    ours, ref = await both(base_url, clip_visual_entries(), image)
     if ours is None:
         return  # both failed alike (e.g. an undecodable format)
     assert cosine(ours["clip"], ref["clip"]) >= 0.9999
@@ -100,8 +82,7 @@ async def test_clip_visual_parity(base_url: str, name: str, image: bytes) -> Non
 
 @pytest.mark.parametrize(("text", "language"), TEXTS)
 async def test_clip_textual_parity(base_url: str, text: str, language: str | None) -> None:
-    options = {"language": language} if language else {}
-    ours, ref = await both(base_url, {"clip": {"textual": {"modelName": CLIP, "options": options}}}, text=text)
+    ours, ref = await both(base_url, clip_textual_entries(language=language), text=text)
     assert cosine(ours["clip"], ref["clip"]) >= 0.9999
 
 

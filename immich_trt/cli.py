@@ -1,4 +1,4 @@
-"""Command line: ``immich-trt serve | build-engines | models``.
+"""Command line: ``immich-trt serve | build-engines | models | bench``.
 
 ``python -m immich_trt`` is the same program.
 """
@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .bench import add_arguments as add_bench_arguments
 from .config import NO_OP_VARIABLES, Settings
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
@@ -131,6 +132,12 @@ def cmd_make_test_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="immich-trt", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -157,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--mxnet-recognizer", action="store_true", help="recognizer normalises in-graph (_minus/_mul)")
     pack.add_argument("--seed", type=int, default=0, help="weights seed")
     pack.add_argument("--bpe-vocab", metavar="PATH", help="bpe_simple_vocab_16e6.txt.gz (default: found or fetched)")
+    add_bench_arguments(
+        sub.add_parser(
+            "bench",
+            help="send Immich's requests to one or more ML servers, side by side",
+            description="Immich's own /predict requests (CLIP on previews and queries, faces, OCR) to each "
+            "target in turn at several concurrency levels; writes results.md, results.csv and throughput.png.",
+        )
+    )
     return parser
 
 
@@ -171,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_build_engines(args, settings)
     if command == "models":
         return cmd_models(args, settings)
+    if command == "bench":
+        return cmd_bench(args)
     return 2
 
 

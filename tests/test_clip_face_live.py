@@ -8,39 +8,35 @@ import io
 import json
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
+from immich_trt.contract import (
+    CLIP_MODEL,
+    clip_textual_entries,
+    clip_visual_entries,
+    face_detection_entries,
+    face_entries,
+    ocr_entries,
+    predict,
+)
 from immich_trt.models import testpack as tp
 from immich_trt.models.clip import clip_preprocess, serialize_np
 from immich_trt.models.face import norm_crop, recognition_blob
 
-CLIP = "ViT-B-32__openai"
+CLIP = CLIP_MODEL
 FACES = "buffalo_l"
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-FACE_ENTRIES = {
-    "facial-recognition": {
-        "detection": {"modelName": FACES, "options": {"minScore": 0.7}},
-        "recognition": {"modelName": FACES},
-    }
-}
+FACE_ENTRIES = face_entries(FACES)
 
 
 async def post(url: str, entries: dict, image: bytes | None = None, text: str | None = None) -> tuple[int, dict]:
-    form = aiohttp.FormData()
-    form.add_field("entries", json.dumps(entries))
-    if image is not None:
-        form.add_field("image", image, filename="blob", content_type="application/octet-stream")
-    if text is not None:
-        form.add_field("text", text)
-    async with aiohttp.ClientSession() as session, session.post(f"{url}/predict", data=form) as response:
-        body = await response.read()
-        return response.status, json.loads(body) if response.status == 200 else {"raw": body}
+    status, _, body = await predict(None, url, entries, image=image, text=text)
+    return status, json.loads(body) if status == 200 else {"raw": body}
 
 
 def png(array_rgb: np.ndarray) -> bytes:
@@ -63,7 +59,7 @@ def squares_image(width: int, height: int, squares: list[tuple[int, int, int]], 
 @requires_data
 async def test_clip_visual_equals_direct_onnxruntime(live_server, model_cache: Path) -> None:
     data = (SHARED_DATA / "photos" / "silver_fir.jpg").read_bytes()
-    status, body = await post(live_server.url, {"clip": {"visual": {"modelName": CLIP}}}, data)
+    status, body = await post(live_server.url, clip_visual_entries(CLIP), data)
     assert status == 200
     image = Image.open(io.BytesIO(data)).convert("RGB")
     assert (body["imageWidth"], body["imageHeight"]) == image.size
@@ -74,7 +70,7 @@ async def test_clip_visual_equals_direct_onnxruntime(live_server, model_cache: P
 
 
 async def test_clip_textual_equals_direct_onnxruntime(live_server, model_cache: Path) -> None:
-    status, body = await post(live_server.url, {"clip": {"textual": {"modelName": CLIP}}}, text="  a photo\n of a   cat ")
+    status, body = await post(live_server.url, clip_textual_entries(CLIP), text="  a photo\n of a   cat ")
     assert status == 200
     assert set(body) == {"clip"}  # no image dimensions for text
     ids = np.full((1, 77), 49407, np.int32)
@@ -116,7 +112,7 @@ async def test_no_face_gives_an_empty_list(live_server) -> None:
 
 
 async def test_face_detection_only_output_shape(live_server) -> None:
-    entries = {"facial-recognition": {"detection": {"modelName": FACES, "options": {"minScore": 0.7}}}}
+    entries = face_detection_entries(FACES)
     status, body = await post(live_server.url, entries, png(squares_image(640, 640, [(320, 192, 255), (64, 448, 245)])))
     assert status == 200
     det = body["facial-recognition"]
@@ -127,14 +123,7 @@ async def test_face_detection_only_output_shape(live_server) -> None:
 
 @requires_data
 async def test_three_tasks_in_one_request(live_server) -> None:
-    entries = {
-        "clip": {"visual": {"modelName": CLIP}},
-        **FACE_ENTRIES,
-        "ocr": {
-            "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5, "maxResolution": 736}},
-            "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.8}},
-        },
-    }
+    entries = {**clip_visual_entries(CLIP), **FACE_ENTRIES, **ocr_entries()}
     status, body = await post(live_server.url, entries, (SHARED_DATA / "ocr" / "text_rec.jpg").read_bytes())
     assert status == 200
     assert set(body) == {"clip", "facial-recognition", "ocr", "imageHeight", "imageWidth"}

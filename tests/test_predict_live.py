@@ -5,34 +5,28 @@ from __future__ import annotations
 
 import json
 
-import aiohttp
 import pytest
 
 from conftest import GOLDEN, SHARED_DATA, requires_data
+from immich_trt.contract import ocr_detection_entries, ocr_entries, predict
 
 GOLDEN_OCR = json.loads((GOLDEN / "immich_ml_3.1.0_ocr.json").read_text(encoding="utf-8"))
 CASES = [(kind, image) for kind, responses in GOLDEN_OCR["responses"].items() for image in responses]
 
 
-async def post(url: str, entries: dict, image: bytes) -> tuple[int, str, bytes]:
-    form = aiohttp.FormData()
-    form.add_field("entries", json.dumps(entries))
-    form.add_field("image", image, filename="blob", content_type="application/octet-stream")
-    async with aiohttp.ClientSession() as session, session.post(f"{url}/predict", data=form) as response:
-        return response.status, response.headers["Content-Type"], await response.read()
-
-
 def test_golden_file_covers_both_request_kinds() -> None:
     assert {kind for kind, _ in CASES} == {"ocr", "ocr_detection_only"}
     assert len(CASES) == 70
+    # the recorded requests are the ones immich_trt.contract builds (Immich's defaults)
+    assert GOLDEN_OCR["requests"] == {"ocr": ocr_entries(), "ocr_detection_only": ocr_detection_entries()}
 
 
 @requires_data
 @pytest.mark.parametrize(("kind", "image"), CASES, ids=[f"{k}:{i}" for k, i in CASES])
 async def test_byte_identical_to_stock_immich_ml(live_server, kind: str, image: str) -> None:
     expected = GOLDEN_OCR["responses"][kind][image]
-    status, content_type, body = await post(
-        live_server.url, GOLDEN_OCR["requests"][kind], (SHARED_DATA / image).read_bytes()
+    status, content_type, body = await predict(
+        None, live_server.url, GOLDEN_OCR["requests"][kind], (SHARED_DATA / image).read_bytes()
     )
     assert status == expected["status"]
     assert content_type.split(";")[0] == expected["content_type"].split(";")[0]

@@ -1,0 +1,1017 @@
+"""``immich-trt bench``: Immich's own requests against one or more ML servers, side by side.
+
+What is sent: the four requests of Immich's server with its default settings, built by
+:mod:`immich_trt.contract` (CLIP visual, faces and OCR on previews; CLIP textual on
+queries). Previews are made once, in memory, as Immich makes them: EXIF orientation
+applied, shorter side down to ``--preview-size`` (1440) if larger (sharp's ``fit:
+outside, withoutEnlargement``), JPEG quality 80.
+
+How: for each task, each target gets a few warm-up requests (model loading, not counted);
+then for each concurrency level the requests are sent in rounds, the targets in turn
+(A B A B ...), so that drift of the machine (thermal, caches, other load) hits every
+target alike. Each round is a closed loop: ``concurrency`` workers, each sending its next
+request when the previous one is answered. Every target sees the same images and
+queries in the same order.
+
+Measured per (target, task, concurrency): requests/s (answered with 2xx, over the wall
+time of the rounds), p50/p95/p99 latency of those, errors (non-2xx or exceptions), and,
+when the target's PID is given, the peak resident memory of the process tree (the
+process and all its descendants, summed, sampled every 0.5 s) and the CPU seconds it
+used (user + system of the tree, reaped children included), read from ``/proc``; also
+this client's own CPU seconds. Ratios are against the first target.
+
+Agreement: the first answer of each target to each image or query is kept and compared
+with the first target's: CLIP cosine, faces (count equal, box IoU and embedding cosine of
+matched faces), OCR texts equal.
+
+Output: ``results.md``, ``results.csv`` and ``throughput.png`` (matplotlib, when
+installed) in ``--out``, and the tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+from . import contract
+
+TASKS = ("clip-visual", "clip-text", "faces", "ocr")
+IMAGE_TASKS = ("clip-visual", "faces", "ocr")
+DEFAULT_CONCURRENCY = (1, 2, 4, 8)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic"}
+
+#: Smart-search queries (CLIP textual) when no --queries file is given.
+DEFAULT_QUERIES = (
+    "a dog on the beach",
+    "sunset over the sea",
+    "birthday cake with candles",
+    "snow covered mountains",
+    "a cat sleeping on a sofa",
+    "people hiking in a forest",
+    "city skyline at night",
+    "red car",
+    "children playing football",
+    "a plate of pasta",
+    "wedding dress",
+    "old castle",
+    "flowers in a garden",
+    "screenshot of a receipt",
+    "a man riding a bicycle",
+    "christmas tree with lights",
+    "boat on a lake",
+    "selfie with friends",
+    "whiteboard with handwriting",
+    "airplane window view",
+    "baby smiling",
+    "fireworks",
+    "coffee cup on a table",
+    "street market in the rain",
+)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    pids: tuple[int, ...] = ()
+
+
+def parse_target(spec: str) -> Target:
+    """``NAME=URL[,pid=PID[+PID...]]``: several PIDs count as one tree (e.g. a server and
+    a Triton it did not start)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ValueError(f"target {spec!r}: expected NAME=URL[,pid=PID]")
+    url, *options = rest.split(",")
+    pids: tuple[int, ...] = ()
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.strip() != "pid":
+            raise ValueError(f"target {spec!r}: unknown option {key.strip()!r} (only pid=)")
+        try:
+            pids = tuple(int(p) for p in value.split("+"))
+        except ValueError:
+            raise ValueError(f"target {spec!r}: pid must be an integer (or PID+PID)") from None
+    if not url.strip().startswith(("http://", "https://")):
+        raise ValueError(f"target {spec!r}: the URL must start with http:// or https://")
+    return Target(name.strip(), url.strip(), pids)
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    levels = tuple(int(v) for v in text.split(",") if v.strip())
+    if not levels or any(v < 1 for v in levels):
+        raise ValueError(f"concurrency {text!r}: expected positive integers such as 1,2,4,8")
+    return levels
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"tasks {text!r}: choose from {','.join(TASKS)}")
+    return tasks
+
+
+def preview_dimensions(width: int, height: int, size: int = contract.PREVIEW_SIZE) -> tuple[int, int]:
+    """Immich's preview size (sharp ``resize(size, size, {fit: 'outside', withoutEnlargement: true})``):
+    the shorter side becomes ``size`` when it is larger, the other keeps the aspect ratio."""
+    shorter = min(width, height)
+    if shorter <= size:
+        return width, height
+    scale = size / shorter
+    if width <= height:
+        return size, max(1, math.floor(height * scale + 0.5))
+    return max(1, math.floor(width * scale + 0.5)), size
+
+
+def make_preview(data: bytes, size: int = contract.PREVIEW_SIZE, quality: int = contract.PREVIEW_QUALITY) -> bytes:
+    """An Immich-like preview: upright (EXIF orientation applied), RGB, resized with
+    Lanczos to :func:`preview_dimensions`, JPEG ``quality``, no metadata."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened)
+        image = image.convert("RGB")
+    target = preview_dimensions(image.width, image.height, size)
+    if target != image.size:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    name: str
+    data: bytes
+    width: int
+    height: int
+
+
+def load_previews(
+    folder: Path, size: int = contract.PREVIEW_SIZE, quality: int = contract.PREVIEW_QUALITY
+) -> tuple[list[Preview], list[str]]:
+    """Every image under ``folder`` (sorted, recursive) as a preview; returns the previews
+    and the names of the files that could not be read as images."""
+    from PIL import Image
+
+    previews, skipped = [], []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        name = path.relative_to(folder).as_posix()
+        try:
+            data = make_preview(path.read_bytes(), size, quality)
+        except Exception:  # noqa: BLE001 - any decoding failure: Immich would have no preview either
+            skipped.append(name)
+            continue
+        with Image.open(io.BytesIO(data)) as image:
+            previews.append(Preview(name, data, image.width, image.height))
+    return previews, skipped
+
+
+def load_queries(path: Path | None, language: str | None) -> list[tuple[str, str | None]]:
+    """Queries, one a line (``query<TAB>language`` to give a language of its own);
+    blank lines and lines starting with ``#`` are skipped."""
+    if path is None:
+        return [(q, language) for q in DEFAULT_QUERIES]
+    queries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        text, tab, lang = line.partition("\t")
+        queries.append((text, (lang.strip() or None) if tab else language))
+    if not queries:
+        raise ValueError(f"{path}: no queries")
+    return queries
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    key: str
+    entries: dict
+    image: bytes | None = None
+    text: str | None = None
+
+
+class Workload:
+    """The i-th request of a task (cycling over the previews or the queries)."""
+
+    def __init__(
+        self, task: str, previews: Sequence[Preview], queries: Sequence[tuple[str, str | None]], models: dict[str, str]
+    ) -> None:
+        self.task = task
+        self.previews = previews
+        self.queries = queries
+        if task == "clip-text":
+            self.size = len(queries)
+        else:
+            self.size = len(previews)
+            self.entries = {
+                "clip-visual": lambda: contract.clip_visual_entries(models["clip"]),
+                "faces": lambda: contract.face_entries(models["faces"]),
+                "ocr": lambda: contract.ocr_entries(models["ocr"]),
+            }[task]()
+        self.models = models
+        if self.size == 0:
+            raise ValueError(f"{task}: nothing to send (no {'queries' if task == 'clip-text' else 'images'})")
+
+    def request(self, index: int) -> Request:
+        i = index % self.size
+        if self.task == "clip-text":
+            text, language = self.queries[i]
+            return Request(f"q{i}", contract.clip_textual_entries(self.models["clip"], language), text=text)
+        preview = self.previews[i]
+        return Request(preview.name, self.entries, image=preview.data)
+
+
+# ------------------------------------------------------------------------- /proc
+
+
+class ProcessTree:
+    """CPU time and resident memory of processes and all their descendants, from /proc."""
+
+    def __init__(self, pids: Iterable[int], proc: Path = Path("/proc")) -> None:
+        self.roots = tuple(pids)
+        self.proc = proc
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _stat(self, pid: int) -> list[str] | None:
+        try:
+            text = (self.proc / str(pid) / "stat").read_text()
+        except OSError:
+            return None
+        return text[text.rindex(")") + 2 :].split()  # fields 3.. (the name may hold spaces)
+
+    def pids(self) -> list[int]:
+        """The roots that are alive and all their descendants."""
+        children: dict[int, list[int]] = {}
+        for entry in self.proc.iterdir():
+            if entry.name.isdigit():
+                fields = self._stat(int(entry.name))
+                if fields is not None:
+                    children.setdefault(int(fields[1]), []).append(int(entry.name))
+        alive = [p for p in self.roots if (self.proc / str(p)).exists()]
+        seen, stack = set(), list(alive)
+        while stack:
+            pid = stack.pop()
+            if pid not in seen:
+                seen.add(pid)
+                stack.extend(children.get(pid, ()))
+        return sorted(seen)
+
+    def cpu_seconds(self, pids: Iterable[int] | None = None) -> float:
+        """utime + stime of each process, plus the cutime + cstime of its reaped children."""
+        ticks = 0
+        for pid in self.pids() if pids is None else pids:
+            fields = self._stat(pid)
+            if fields is not None:
+                ticks += sum(int(v) for v in fields[11:15])
+        return ticks / self.tick
+
+    def rss_bytes(self, pids: Iterable[int] | None = None) -> int:
+        total = 0
+        for pid in self.pids() if pids is None else pids:
+            try:
+                total += int((self.proc / str(pid) / "statm").read_text().split()[1]) * self.page
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+
+class Monitor:
+    """Peak RSS of a process tree sampled in the background, and its CPU seconds between
+    :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, tree: ProcessTree, interval_s: float = 0.5) -> None:
+        self.tree = tree
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self._cpu0 = 0.0
+        self._task: asyncio.Task | None = None
+
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self.tree.rss_bytes())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self._sample()
+
+    def start(self) -> None:
+        self.peak_rss = 0
+        self._sample()
+        self._cpu0 = self.tree.cpu_seconds()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> tuple[float, int]:
+        """Returns (CPU seconds since start, peak RSS bytes)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        cpu = self.tree.cpu_seconds() - self._cpu0
+        self._sample()
+        return max(cpu, 0.0), self.peak_rss
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks
+    (numpy's default); ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    """value / base, ``None`` when either is missing or the base is 0."""
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+@dataclasses.dataclass
+class Cell:
+    """The measurements of one (target, task, concurrency), summed over its rounds."""
+
+    target: str
+    task: str
+    concurrency: int
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    errors: int = 0
+    wall_s: float = 0.0
+    client_cpu_s: float = 0.0
+    cpu_s: float | None = None
+    rss_bytes: int | None = None
+    error_kinds: Counter = dataclasses.field(default_factory=Counter)
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def requests(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def throughput(self) -> float | None:
+        return self.ok / self.wall_s if self.wall_s > 0 else None
+
+    def latency_ms(self, q: float) -> float | None:
+        value = percentile(self.latencies, q)
+        return None if value is None else value * 1000.0
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        return self.cpu_s / self.ok * 1000.0 if self.cpu_s is not None and self.ok else None
+
+    def row(self, base: Cell | None) -> dict:
+        """The CSV row; ratios against ``base`` (the first target's cell)."""
+        row = {
+            "target": self.target,
+            "task": self.task,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": round(self.wall_s, 3),
+            "throughput_rps": _round(self.throughput, 3),
+            "p50_ms": _round(self.latency_ms(50), 1),
+            "p95_ms": _round(self.latency_ms(95), 1),
+            "p99_ms": _round(self.latency_ms(99), 1),
+            "mean_ms": _round(sum(self.latencies) / self.ok * 1000.0 if self.ok else None, 1),
+            "rss_mb": _round(self.rss_bytes / 2**20 if self.rss_bytes is not None else None, 1),
+            "cpu_s": _round(self.cpu_s, 2),
+            "cpu_ms_per_request": _round(self.cpu_ms_per_request, 1),
+            "client_cpu_s": round(self.client_cpu_s, 2),
+        }
+        if base is not None:
+            row["throughput_ratio"] = _round(ratio(self.throughput, base.throughput), 3)
+            row["p95_ratio"] = _round(ratio(self.latency_ms(95), base.latency_ms(95)), 3)
+            row["rss_ratio"] = _round(ratio(self.rss_bytes, base.rss_bytes), 3)
+            row["cpu_per_request_ratio"] = _round(ratio(self.cpu_ms_per_request, base.cpu_ms_per_request), 3)
+        return row
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+CSV_FIELDS = [
+    "target", "task", "concurrency", "requests", "errors", "seconds", "throughput_rps",
+    "p50_ms", "p95_ms", "p99_ms", "mean_ms", "rss_mb", "cpu_s", "cpu_ms_per_request", "client_cpu_s",
+    "throughput_ratio", "p95_ratio", "rss_ratio", "cpu_per_request_ratio",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------- agreement
+
+
+def _embedding(value: str) -> list[float]:
+    values = json.loads(value)
+    if not isinstance(values, list):
+        raise TypeError("an embedding is a JSON array in a string")
+    return values
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Cosine similarity (float64); NaN when the lengths differ."""
+    import numpy as np
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.shape != y.shape:
+        return float("nan")
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y / norm) if norm > 0 else (1.0 if not x.any() and not y.any() else 0.0)
+
+
+def box_iou(a: dict, b: dict) -> float:
+    """IoU of two ``boundingBox`` dicts (x1, y1, x2, y2)."""
+    w = min(a["x2"], b["x2"]) - max(a["x1"], b["x1"])
+    h = min(a["y2"], b["y2"]) - max(a["y1"], b["y1"])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - inter
+    return inter / union if union > 0 else (1.0 if a == b else 0.0)
+
+
+def match_faces(faces_a: list[dict], faces_b: list[dict]) -> list[tuple[dict, dict, float]]:
+    """Greedy one-to-one matching by box IoU (highest first); pairs with IoU 0 are left out."""
+    pairs = sorted(
+        (
+            (box_iou(fa["boundingBox"], fb["boundingBox"]), i, j)
+            for i, fa in enumerate(faces_a)
+            for j, fb in enumerate(faces_b)
+        ),
+        reverse=True,
+    )
+    used_a, used_b, matches = set(), set(), []
+    for iou, i, j in pairs:
+        if iou <= 0:
+            break
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            matches.append((faces_a[i], faces_b[j], iou))
+    return matches
+
+
+@dataclasses.dataclass
+class Agreement:
+    """The answers of ``target`` compared with the first target's, for one task."""
+
+    target: str
+    task: str
+    items: int = 0  # answered (2xx) by both
+    cosines: list[float] = dataclasses.field(default_factory=list)  # CLIP, or matched faces' embeddings
+    ious: list[float] = dataclasses.field(default_factory=list)  # matched faces
+    equal: int = 0  # faces: same count; OCR: same texts
+    unmatched_faces: int = 0
+    malformed: int = 0  # 2xx answers that are not what Immich reads
+
+    def add(self, base_body: bytes, body: bytes) -> None:
+        try:
+            a, b = json.loads(base_body), json.loads(body)
+            if self.task in ("clip-visual", "clip-text"):
+                value = cosine(_embedding(a["clip"]), _embedding(b["clip"]))
+                self.cosines.append(value)
+            elif self.task == "faces":
+                faces_a, faces_b = a["facial-recognition"], b["facial-recognition"]
+                matches = match_faces(faces_a, faces_b)
+                pairs = [
+                    (iou, cosine(_embedding(fa["embedding"]), _embedding(fb["embedding"]))) for fa, fb, iou in matches
+                ]
+                self.equal += len(faces_a) == len(faces_b)
+                self.unmatched_faces += len(faces_a) + len(faces_b) - 2 * len(matches)
+                self.ious += [iou for iou, _ in pairs]
+                self.cosines += [c for _, c in pairs]
+            elif self.task == "ocr":
+                self.equal += a["ocr"]["text"] == b["ocr"]["text"]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self.malformed += 1
+            return
+        self.items += 1
+
+    def summary(self) -> str:
+        text = self._summary()
+        return text + (f"; {self.malformed} malformed answers" if self.malformed else "")
+
+    def _summary(self) -> str:
+        if not self.items:
+            return "no image or query answered by both"
+        if self.task in ("clip-visual", "clip-text"):
+            return f"cosine min {min(self.cosines):.6f}, mean {sum(self.cosines) / len(self.cosines):.6f}"
+        if self.task == "faces":
+            text = f"face count equal {self.equal}/{self.items}"
+            if self.ious:
+                text += (
+                    f"; {len(self.ious)} matched faces: box IoU min {min(self.ious):.4f}, "
+                    f"embedding cosine min {min(self.cosines):.6f}"
+                )
+            else:
+                text += "; no matched faces"
+            if self.unmatched_faces:
+                text += f"; {self.unmatched_faces} unmatched"
+            return text
+        return f"texts equal {self.equal}/{self.items} ({100.0 * self.equal / self.items:.1f}%)"
+
+
+def agreements(
+    answers: dict[tuple[str, str], dict[str, bytes]], targets: Sequence[str], tasks: Sequence[str]
+) -> list[Agreement]:
+    """Compare each target after the first with the first, on the items both answered."""
+    result = []
+    for name in targets[1:]:
+        for task in tasks:
+            agreement = Agreement(name, task)
+            for (item_task, _key), bodies in answers.items():
+                if item_task == task and targets[0] in bodies and name in bodies:
+                    agreement.add(bodies[targets[0]], bodies[name])
+            result.append(agreement)
+    return result
+
+
+# ------------------------------------------------------------------------- runner
+
+
+@dataclasses.dataclass
+class Plan:
+    targets: list[Target]
+    tasks: tuple[str, ...]
+    levels: tuple[int, ...]
+    requests_per_level: int | None  # per target; or
+    seconds_per_level: float | None
+    rounds: int
+    warmup: int
+    timeout_s: float
+
+
+class Bench:
+    def __init__(self, plan: Plan, workloads: dict[str, Workload], progress: bool = True) -> None:
+        self.plan = plan
+        self.workloads = workloads
+        self.progress = progress
+        self.cells: dict[tuple[str, str, int], Cell] = {}
+        self.answers: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.cursors: dict[tuple[str, str], int] = {}
+        self.monitors = {t.name: Monitor(ProcessTree(t.pids)) for t in plan.targets if t.pids}
+
+    def _round_sizes(self) -> list[int]:
+        n, r = self.plan.requests_per_level or 0, self.plan.rounds
+        return [n // r + (1 if i < n % r else 0) for i in range(r)]
+
+    def total_requests(self) -> int | None:
+        if self.plan.requests_per_level is None:
+            return None
+        per_task = self.plan.warmup + self.plan.requests_per_level * len(self.plan.levels)
+        return per_task * len(self.plan.targets) * len(self.plan.tasks)
+
+    def _session(self):
+        import aiohttp
+
+        # a fresh pool per round: no connection left idle (and maybe closed) during other targets' rounds
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.plan.timeout_s), connector=aiohttp.TCPConnector(limit=0)
+        )
+
+    async def _send(self, session, target: Target, request: Request) -> tuple[float, int | None, bytes, str]:
+        started = time.perf_counter()
+        try:
+            status, _, body = await contract.predict(session, target.url, request.entries, request.image, request.text)
+        except Exception as exc:  # noqa: BLE001 - network errors, timeouts, bad answers: all count as errors
+            return time.perf_counter() - started, None, b"", type(exc).__name__
+        return time.perf_counter() - started, status, body, "" if 200 <= status < 300 else f"HTTP {status}"
+
+    async def warm_up(self, target: Target, task: str, bar) -> None:
+        workload = self.workloads[task]
+        async with self._session() as session:
+            for i in range(self.plan.warmup):
+                await self._send(session, target, workload.request(i))
+                bar.update(1)
+
+    async def run_round(
+        self, target: Target, task: str, concurrency: int, count: int | None, seconds: float | None, bar
+    ) -> None:
+        workload = self.workloads[task]
+        cell = self.cells.setdefault((target.name, task, concurrency), Cell(target.name, task, concurrency))
+        cursor_key = (target.name, task)
+        issued = 0
+        monitor = self.monitors.get(target.name)
+        async with self._session() as session:
+            if monitor is not None:
+                monitor.start()
+            client_cpu0 = time.process_time()
+            started = time.perf_counter()
+            deadline = started + seconds if seconds is not None else None
+
+            async def worker() -> None:
+                nonlocal issued
+                while True:
+                    if count is not None and issued >= count:
+                        return
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        return
+                    issued += 1
+                    index = self.cursors.get(cursor_key, 0)
+                    self.cursors[cursor_key] = index + 1
+                    request = workload.request(index)
+                    latency, _status, body, error = await self._send(session, target, request)
+                    if error:
+                        cell.errors += 1
+                        cell.error_kinds[error] += 1
+                    else:
+                        cell.latencies.append(latency)
+                        self.answers.setdefault((task, request.key), {}).setdefault(target.name, body)
+                    bar.update(1)
+
+            try:
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+            finally:  # also when interrupted: the answered requests keep their time
+                cell.wall_s += time.perf_counter() - started
+                cell.client_cpu_s += time.process_time() - client_cpu0
+                if monitor is not None:
+                    cpu, rss = await monitor.stop()
+                    cell.cpu_s = (cell.cpu_s or 0.0) + cpu
+                    cell.rss_bytes = max(cell.rss_bytes or 0, rss)
+
+    async def run(self) -> None:
+        from tqdm import tqdm
+
+        plan = self.plan
+        seconds = plan.seconds_per_level / plan.rounds if plan.seconds_per_level is not None else None
+        sizes = self._round_sizes() if plan.requests_per_level is not None else [None] * plan.rounds
+        with tqdm(total=self.total_requests(), unit="req", disable=not self.progress, dynamic_ncols=True) as bar:
+            for task in plan.tasks:
+                for target in plan.targets:
+                    bar.set_postfix_str(f"{task} warm-up {target.name}")
+                    await self.warm_up(target, task, bar)
+                for level in plan.levels:
+                    for round_index, size in enumerate(sizes):
+                        if size == 0:
+                            continue
+                        for target in plan.targets:  # A B A B ...: drift hits every target alike
+                            bar.set_postfix_str(f"{task} c={level} round {round_index + 1}/{plan.rounds} {target.name}")
+                            await self.run_round(target, task, level, size, seconds, bar)
+
+    def rows(self) -> list[dict]:
+        first = self.plan.targets[0].name
+        rows = []
+        for task in self.plan.tasks:
+            for level in self.plan.levels:
+                base = self.cells.get((first, task, level))
+                for target in self.plan.targets:
+                    cell = self.cells.get((target.name, task, level))
+                    if cell is not None:
+                        rows.append(cell.row(base))
+        return rows
+
+    def agreements(self) -> list[Agreement]:
+        return agreements(self.answers, [t.name for t in self.plan.targets], self.plan.tasks)
+
+    def error_kinds(self) -> dict[str, Counter]:
+        kinds: dict[str, Counter] = {}
+        for (target, _, _), cell in self.cells.items():
+            kinds.setdefault(target, Counter()).update(cell.error_kinds)
+        return {k: v for k, v in kinds.items() if v}
+
+
+# ------------------------------------------------------------------------ reports
+
+
+def environment() -> dict[str, str]:
+    """The machine and versions of this environment, for the report header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    except (OSError, ValueError):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "cpu": cpu,
+        "cores": f"{os.cpu_count()} logical ({usable} usable by this process)",
+        "memory": memory or "unknown",
+        "python": platform.python_version(),
+        "onnxruntime": version("onnxruntime"),
+        "immich-trt": version("immich-trt"),
+        "aiohttp": version("aiohttp"),
+        "pillow": version("pillow"),
+    }
+
+
+def _fmt(value, digits: int = 1, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.{digits}f}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+
+
+def markdown_tables(rows: Sequence[dict], targets: Sequence[str], tasks: Sequence[str], levels: Sequence[int]) -> str:
+    """The per-task result tables and the throughput-ratio summary."""
+    first = targets[0]
+    out: list[str] = []
+    if len(targets) > 1:
+        out += [f"### Throughput ratio against {first}", ""]
+        out.append("| target | task | " + " | ".join(f"c={c}" for c in levels) + " |")
+        out.append("|---|---|" + "---:|" * len(levels))
+        by_key = {(r["target"], r["task"], r["concurrency"]): r for r in rows}
+        for target in targets[1:]:
+            for task in tasks:
+                cells = [_fmt(by_key.get((target, task, c), {}).get("throughput_ratio"), 2, "×") for c in levels]
+                out.append(f"| {target} | {task} | " + " | ".join(cells) + " |")
+        out.append("")
+    for task in tasks:
+        task_rows = [r for r in rows if r["task"] == task]
+        if not task_rows:
+            continue
+        unit = "queries/s" if task == "clip-text" else "images/s"
+        out += [f"### {task}", ""]
+        out.append(
+            f"| c | target | {unit} | × {first} | p50 ms | p95 ms | p99 ms | p95 × {first} | errors "
+            f"| RSS MB | CPU s | CPU ms/req | client CPU s |"
+        )
+        out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in task_rows:
+            out.append(
+                f"| {r['concurrency']} | {r['target']} | {_fmt(r['throughput_rps'], 2)} "
+                f"| {_fmt(r.get('throughput_ratio'), 2, '×')} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} "
+                f"| {_fmt(r['p99_ms'])} | {_fmt(r.get('p95_ratio'), 2, '×')} | {r['errors']}/{r['requests']} "
+                f"| {_fmt(r['rss_mb'], 0)} | {_fmt(r['cpu_s'], 1)} | {_fmt(r['cpu_ms_per_request'], 0)} "
+                f"| {_fmt(r['client_cpu_s'], 1)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def agreement_table(items: Sequence[Agreement], first: str) -> str:
+    if not items:
+        return ""
+    lines = [f"| target vs {first} | task | items | agreement |", "|---|---|---:|---|"]
+    for a in items:
+        lines.append(f"| {a.target} | {a.task} | {a.items} | {a.summary()} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(
+    path: Path,
+    env: dict[str, str],
+    settings: dict[str, str],
+    targets: Sequence[Target],
+    tables: str,
+    agreement: str,
+    errors: dict[str, Counter],
+) -> None:
+    lines = ["# immich-trt bench", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += [f"- {key}: {value}" for key, value in settings.items()]
+    lines += ["", "| target | URL | process tree measured |", "|---|---|---|"]
+    lines += [f"| {t.name} | {t.url} | {'yes' if t.pids else 'no'} |" for t in targets]
+    lines += [
+        "",
+        (
+            "Throughput counts the requests answered with 2xx over the wall time of the rounds; latencies "
+            "are those of the same requests. RSS: peak over the level of the summed resident memory of "
+            "the target's process tree (sampled every 0.5 s); CPU s: user + system seconds of that tree "
+            "during the level. client CPU s: this benchmark process."
+        ),
+        "",
+        tables,
+    ]
+    if agreement:
+        lines += ["### Agreement", "", agreement]
+    if errors:
+        lines += ["### Errors", ""]
+        lines += [
+            f"- {target}: " + ", ".join(f"{kind} × {n}" for kind, n in kinds.most_common())
+            for target, kinds in errors.items()
+        ]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_plot(
+    path: Path, rows: Sequence[dict], targets: Sequence[str], tasks: Sequence[str], levels: Sequence[int]
+) -> bool:
+    """Throughput against concurrency, one panel per task, one line per target.
+    Returns False (and writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    columns = min(len(tasks), 2)
+    lines_n = math.ceil(len(tasks) / columns)
+    figure, axes = plt.subplots(lines_n, columns, figsize=(5.5 * columns, 3.8 * lines_n), squeeze=False)
+    by_key = {(r["target"], r["task"], r["concurrency"]): r for r in rows}
+    for index, task in enumerate(tasks):
+        axis = axes[index // columns][index % columns]
+        for target in targets:
+            points = [(c, by_key.get((target, task, c), {}).get("throughput_rps")) for c in levels]
+            points = [(c, v) for c, v in points if v is not None]
+            if points:
+                axis.plot([c for c, _ in points], [v for _, v in points], marker="o", label=target)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(list(levels), [str(c) for c in levels])
+        axis.set_title(task)
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel("queries/s" if task == "clip-text" else "images/s")
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+        if axis.get_lines():
+            axis.legend()
+    for index in range(len(tasks), lines_n * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> int:
+    """``immich-trt bench`` (the arguments of :func:`add_arguments`)."""
+    try:
+        targets = [parse_target(spec) for spec in args.target]
+        tasks = parse_tasks(args.tasks)
+        levels = parse_levels(args.concurrency)
+        if len({t.name for t in targets}) != len(targets):
+            raise ValueError("target names must differ")
+        if args.rounds < 1 or args.warmup < 0:
+            raise ValueError("--rounds must be >= 1 and --warmup >= 0")
+        if args.seconds is not None and args.seconds <= 0:
+            raise ValueError("--seconds must be positive")
+        if args.requests_per_level is not None and args.requests_per_level < 1:
+            raise ValueError("--requests-per-level must be >= 1")
+        if any(t in IMAGE_TASKS for t in tasks) and not args.images:
+            raise ValueError(f"--images is needed for {', '.join(t for t in tasks if t in IMAGE_TASKS)}")
+        queries = load_queries(Path(args.queries) if args.queries else None, args.language or None)
+    except (ValueError, OSError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    previews: list[Preview] = []
+    if args.images and any(t in IMAGE_TASKS for t in tasks):
+        folder = Path(args.images)
+        if not folder.is_dir():
+            print(f"bench: {folder} is not a folder", file=sys.stderr)
+            return 2
+        started = time.perf_counter()
+        previews, skipped = load_previews(folder, args.preview_size, contract.PREVIEW_QUALITY)
+        print(
+            f"{len(previews)} previews made in {time.perf_counter() - started:.1f} s"
+            + (f"; skipped (not images): {', '.join(skipped)}" if skipped else ""),
+            file=sys.stderr,
+        )
+    models = {"clip": args.clip_model, "faces": args.face_model, "ocr": args.ocr_model}
+    try:
+        workloads = {task: Workload(task, previews, queries, models) for task in tasks}
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    requests_per_level = None if args.seconds is not None else (args.requests_per_level or 128)
+    plan = Plan(targets, tasks, levels, requests_per_level, args.seconds, args.rounds, args.warmup, args.timeout)
+    bench = Bench(plan, workloads, progress=not args.no_progress)
+    interrupted = False
+    try:
+        asyncio.run(bench.run())
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: writing the results measured so far", file=sys.stderr)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = bench.rows()
+    names = [t.name for t in targets]
+    tables = markdown_tables(rows, names, tasks, levels)
+    agreement = agreement_table(bench.agreements(), names[0]) if len(targets) > 1 else ""
+    if previews:
+        mean_w = sum(p.width for p in previews) / len(previews)
+        mean_h = sum(p.height for p in previews) / len(previews)
+        folder_name = Path(args.images).resolve().name
+        images = f"{len(previews)} from `{folder_name}/`, previews {mean_w:.0f}x{mean_h:.0f} px on average"
+    else:
+        images = "none"
+    settings = {
+        "tasks": ", ".join(tasks),
+        "images": images,
+        "preview": f"shorter side <= {args.preview_size} px, JPEG quality {contract.PREVIEW_QUALITY}",
+        "queries": f"{len(queries)} ({'from ' + Path(args.queries).name if args.queries else 'built in'})",
+        "models": f"CLIP {models['clip']}, faces {models['faces']}, OCR {models['ocr']}",
+        "concurrency": ", ".join(map(str, levels)),
+        "per level and target": (
+            f"{args.seconds:g} s" if args.seconds is not None else f"{requests_per_level} requests"
+        )
+        + f" in {args.rounds} rounds (targets in turn), after {args.warmup} warm-up requests per task",
+    }
+    if interrupted:
+        settings["interrupted"] = "yes: the last levels are incomplete or missing"
+    write_markdown(out / "results.md", environment(), settings, targets, tables, agreement, bench.error_kinds())
+    write_csv(out / "results.csv", rows)
+    plotted = write_plot(out / "throughput.png", rows, names, tasks, levels)
+
+    print(tables)
+    if agreement:
+        print("Agreement\n\n" + agreement)
+    for target, kinds in bench.error_kinds().items():
+        print(f"errors from {target}: " + ", ".join(f"{k} × {n}" for k, n in kinds.most_common()))
+    written = ["results.md", "results.csv"] + (["throughput.png"] if plotted else [])
+    print(f"written to {out}: {', '.join(written)}")
+    if not plotted:
+        print("throughput.png not written: matplotlib is not installed", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="NAME=URL[,pid=PID]",
+        help="a server to measure (repeatable; the first is the reference of the ratios); "
+        "pid: measure the RSS and CPU of that process and its descendants (PID+PID for several)",
+    )
+    parser.add_argument("--images", metavar="DIR", help="folder of images (recursive), sent as Immich previews")
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)} (default: all)"
+    )
+    parser.add_argument(
+        "--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)), help="concurrency levels (default 1,2,4,8)"
+    )
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--requests-per-level", type=int, metavar="N", help="requests per target and level (default 128)"
+    )
+    amount.add_argument("--seconds", type=float, metavar="S", help="seconds per target and level instead")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per level, targets in turn in each (default 4)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="uncounted requests per target and task first (default 2)"
+    )
+    parser.add_argument("--preview-size", type=int, default=contract.PREVIEW_SIZE, help="preview size (default 1440)")
+    parser.add_argument("--queries", metavar="FILE", help="CLIP text queries, one a line (query<TAB>language allowed)")
+    parser.add_argument(
+        "--language", default="en", help="language option of the text queries ('' for none; default en)"
+    )
+    parser.add_argument("--clip-model", default=contract.CLIP_MODEL, help=f"default {contract.CLIP_MODEL}")
+    parser.add_argument("--face-model", default=contract.FACE_MODEL, help=f"default {contract.FACE_MODEL}")
+    parser.add_argument("--ocr-model", default=contract.OCR_MODEL, help=f"default {contract.OCR_MODEL}")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="per-request timeout in seconds (default 300, as Node's)"
+    )
+    parser.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,425 @@
+"""``immich-trt bench`` and the request builders it shares with compat_tests: the pure
+parts against hand-computed values, then one short run against a live server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from immich_trt import bench, contract
+from immich_trt.cli import main
+
+# ------------------------------------------------------------- request builders
+
+
+def test_entries_are_the_servers_defaults_as_json_stringify_writes_them() -> None:
+    assert contract.js_json(contract.clip_visual_entries()) == '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
+    assert (
+        contract.js_json(contract.clip_textual_entries())
+        == '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{}}}}'
+    )
+    assert (
+        contract.js_json(contract.clip_textual_entries(language="en-null"))
+        == '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"en-null"}}}}'
+    )
+    assert contract.js_json(contract.face_entries()) == (
+        '{"facial-recognition":{"detection":{"modelName":"buffalo_l","options":{"minScore":0.7}},'
+        '"recognition":{"modelName":"buffalo_l"}}}'
+    )
+    assert contract.js_json(contract.ocr_entries()) == (
+        '{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.5,"maxResolution":736}},'
+        '"recognition":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.8}}}}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1.0, "1"), (0.7, "0.7"), (736, "736"), (-0.0, "0"), (1e-7, "1e-7"), (1.5e-7, "1.5e-7"),
+        (0.000001, "0.000001"), (1e21, "1e+21"), (1.5e21, "1.5e+21"),
+        (123456789012345680000.0, "123456789012345680000"),
+        (0.1 + 0.2, "0.30000000000000004"), (float("nan"), "null"), (float("inf"), "null"), (100.5, "100.5"),
+    ],
+)  # fmt: skip
+def test_numbers_as_javascript_writes_them(value: float, expected: str) -> None:
+    assert contract.js_number(value) == expected
+
+
+def test_json_stringify_strings_and_structure() -> None:
+    assert contract.js_json({"b": [True, None, 'é\n"x"'], "a": {}}) == '{"b":[true,null,"é\\n\\"x\\""],"a":{}}'
+
+
+def test_multipart_body_is_byte_for_byte_nodes() -> None:
+    body, content_type = contract.multipart_body(
+        {"a": 1}, image=b"\xff\xd8JPEG", boundary="----formdata-undici-012345678901"
+    )
+    assert content_type == "multipart/form-data; boundary=----formdata-undici-012345678901"
+    assert body == (
+        b"------formdata-undici-012345678901\r\n"
+        b'Content-Disposition: form-data; name="entries"\r\n\r\n{"a":1}\r\n'
+        b"------formdata-undici-012345678901\r\n"
+        b'Content-Disposition: form-data; name="image"; filename="blob"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n\xff\xd8JPEG\r\n"
+        b"------formdata-undici-012345678901--"
+    )
+    body, _ = contract.multipart_body("raw entries", text="a\nb\r\nc", boundary="B")
+    assert body == (
+        b'--B\r\nContent-Disposition: form-data; name="entries"\r\n\r\nraw entries\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="text"\r\n\r\na\r\nb\r\nc\r\n--B--'
+    )
+    body, _ = contract.multipart_body(None, image=b"x", boundary="B")
+    assert b'name="entries"' not in body
+    assert contract.node_boundary().startswith("----formdata-undici-0") and len(contract.node_boundary()) == 32
+
+
+def test_predict_url_resolves_as_new_url() -> None:
+    assert contract.predict_url("http://h:3003") == "http://h:3003/predict"
+    assert contract.predict_url("http://h:3003/") == "http://h:3003/predict"
+    assert contract.predict_url("http://h/ml/") == "http://h/ml/predict"
+
+
+async def test_predict_sends_the_body_the_server_parses(aiohttp_client) -> None:
+    from aiohttp import web
+
+    seen = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["content_type"] = request.headers["Content-Type"]
+        seen["fields"] = {k: (v.file.read() if hasattr(v, "file") else v) for k, v in (await request.post()).items()}
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/predict", handler)
+    client = await aiohttp_client(app)
+    status, content_type, body = await contract.predict(
+        client.session, str(client.make_url("/")), contract.ocr_entries(), image=b"\x00\x01"
+    )
+    assert (status, json.loads(body)) == (200, {"ok": True}) and content_type.startswith("application/json")
+    assert seen["content_type"].startswith("multipart/form-data; boundary=----formdata-undici-0")
+    assert list(seen["fields"]) == ["entries", "image"]
+    assert json.loads(seen["fields"]["entries"]) == contract.ocr_entries()
+    assert seen["fields"]["image"] == b"\x00\x01"
+
+
+# ------------------------------------------------------------------- bench inputs
+
+
+def test_parse_target() -> None:
+    assert bench.parse_target("stock=http://h:3003") == bench.Target("stock", "http://h:3003")
+    assert bench.parse_target("ours=http://h:3004/,pid=42") == bench.Target("ours", "http://h:3004/", (42,))
+    assert bench.parse_target("ours=http://h:3004,pid=42+43").pids == (42, 43)
+    for bad in ("http://h:3003", "a=", "a=h:3003", "a=http://h,pid=x", "a=http://h,port=1"):
+        with pytest.raises(ValueError):
+            bench.parse_target(bad)
+
+
+def test_parse_levels_and_tasks() -> None:
+    assert bench.parse_levels("1,2, 4,8") == (1, 2, 4, 8)
+    assert bench.parse_tasks("ocr,faces") == ("ocr", "faces")
+    for bad in ("", "0", "1,-2"):
+        with pytest.raises(ValueError):
+            bench.parse_levels(bad)
+    with pytest.raises(ValueError):
+        bench.parse_tasks("clip")
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((4000, 3000), (1920, 1440)),
+        ((3000, 4000), (1440, 1920)),
+        ((3001, 2000), (2161, 1440)),  # 3001 * 0.72 = 2160.72
+        ((1000, 800), (1000, 800)),  # never enlarged
+        ((5000, 1440), (5000, 1440)),  # the shorter side is already 1440
+        ((1441, 1441), (1440, 1440)),
+    ],
+)
+def test_preview_dimensions_fit_outside_without_enlargement(size, expected) -> None:
+    assert bench.preview_dimensions(*size) == expected
+
+
+def _jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, width // 2, height // 2))
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_make_preview_is_upright_resized_jpeg_80() -> None:
+    data = bench.make_preview(_jpeg(3000, 2000, orientation=6))  # rotated 90° by EXIF
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+        assert image.size == (1440, 2160)
+        assert image.getexif().get(0x0112) is None
+        # the blue quarter (top left before rotation) is now top right
+        assert image.getpixel((1300, 100))[2] > 150 and image.getpixel((100, 100))[0] > 150
+    reference = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(reference, format="JPEG", quality=80)
+    assert abs(len(reference.getvalue()) - len(data)) < 0.1 * len(data)  # quality 80, not 95
+    small = bench.make_preview(_jpeg(320, 200))
+    assert Image.open(io.BytesIO(small)).size == (320, 200)
+
+
+def test_load_previews_and_queries(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jpg").write_bytes(_jpeg(64, 48))
+    (tmp_path / "a.png").write_bytes(_jpeg(10, 10))  # a JPEG named .png: Pillow reads it anyway
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored")
+    previews, skipped = bench.load_previews(tmp_path)
+    assert [(p.name, p.width, p.height) for p in previews] == [("a.png", 10, 10), ("sub/b.jpg", 64, 48)]
+    assert skipped == ["broken.jpg"]
+    queries = tmp_path / "q.txt"
+    queries.write_text("# comment\na dog\n\nHund am Strand\tde\n", encoding="utf-8")
+    assert bench.load_queries(queries, "en") == [("a dog", "en"), ("Hund am Strand", "de")]
+    assert bench.load_queries(None, None)[0] == (bench.DEFAULT_QUERIES[0], None)
+
+
+def test_workload_cycles_over_the_inputs() -> None:
+    previews = [bench.Preview("x.jpg", b"X", 1, 1), bench.Preview("y.jpg", b"Y", 1, 1)]
+    models = {"clip": "ViT-B-32__openai", "faces": "buffalo_l", "ocr": "PP-OCRv5_mobile"}
+    ocr = bench.Workload("ocr", previews, [], models)
+    assert [ocr.request(i).key for i in range(3)] == ["x.jpg", "y.jpg", "x.jpg"]
+    assert ocr.request(1) == bench.Request("y.jpg", contract.ocr_entries(), image=b"Y")
+    text = bench.Workload("clip-text", [], [("a", "de"), ("b", None)], models)
+    assert text.request(3) == bench.Request("q1", contract.clip_textual_entries(), text="b")
+    assert text.request(0).entries == contract.clip_textual_entries(language="de")
+    with pytest.raises(ValueError):
+        bench.Workload("faces", [], [], models)
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def test_percentile_is_numpys_linear_interpolation() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        values = rng.exponential(size=n).tolist()
+        for q in (0, 50, 95, 99, 100):
+            assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+
+
+def test_ratio() -> None:
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, None) is None and bench.ratio(1.0, 0) is None
+
+
+def test_cell_row_and_ratios() -> None:
+    base = bench.Cell("A", "ocr", 2, latencies=[0.1, 0.2, 0.3, 0.4], wall_s=2.0, cpu_s=4.0, rss_bytes=100 * 2**20)
+    cell = bench.Cell("B", "ocr", 2, latencies=[0.05] * 8, errors=1, wall_s=2.0, cpu_s=4.0, rss_bytes=50 * 2**20)
+    row = cell.row(base)
+    assert row["requests"] == 9 and row["errors"] == 1
+    assert row["throughput_rps"] == 4.0 and base.row(base)["throughput_rps"] == 2.0
+    assert row["throughput_ratio"] == 2.0
+    assert row["p50_ms"] == 50.0 and base.row(None)["p95_ms"] == pytest.approx(385.0)
+    assert row["p95_ratio"] == pytest.approx(50 / 385, abs=1e-3)
+    assert row["rss_mb"] == 50.0 and row["rss_ratio"] == 0.5
+    assert row["cpu_ms_per_request"] == 500.0 and row["cpu_per_request_ratio"] == 0.5
+    no_pid = bench.Cell("C", "ocr", 2, latencies=[0.1], wall_s=1.0).row(base)
+    assert no_pid["rss_mb"] is None and no_pid["rss_ratio"] is None and no_pid["cpu_per_request_ratio"] is None
+
+
+def test_process_tree_counts_descendants(tmp_path: Path) -> None:
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); " \
+        "x = 0\nfor i in range(3_000_000): x += i\nprint('ready', flush=True); time.sleep(30)"  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        tree = bench.ProcessTree([parent.pid])
+        deadline = time.monotonic() + 5
+        while len(tree.pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = tree.pids()
+        assert len(pids) == 2 and parent.pid in pids
+        alone = bench.ProcessTree([parent.pid]).rss_bytes([parent.pid])
+        assert tree.rss_bytes() > alone > 1 * 2**20
+        assert tree.cpu_seconds() > 0.05  # the loop above
+        assert bench.ProcessTree([2**22 + 12345]).pids() == []
+    finally:
+        for pid in bench.ProcessTree([parent.pid]).pids():
+            if pid != parent.pid:
+                os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
+
+
+# ---------------------------------------------------------------------- agreement
+
+
+def _clip(values) -> bytes:
+    return json.dumps({"clip": json.dumps(values)}).encode()
+
+
+def _faces(*faces) -> bytes:
+    return json.dumps(
+        {
+            "facial-recognition": [
+                {"boundingBox": dict(zip(("x1", "y1", "x2", "y2"), box)), "embedding": json.dumps(emb), "score": 0.9}
+                for box, emb in faces
+            ]
+        }
+    ).encode()
+
+
+def _ocr(*texts) -> bytes:
+    return json.dumps({"ocr": {"box": [], "text": list(texts), "boxScore": [], "textScore": []}}).encode()
+
+
+def test_box_iou_and_matching() -> None:
+    a = {"x1": 0.0, "y1": 0.0, "x2": 10.0, "y2": 10.0}
+    assert bench.box_iou(a, a) == 1.0
+    assert bench.box_iou(a, {"x1": 5.0, "y1": 0.0, "x2": 15.0, "y2": 10.0}) == pytest.approx(50 / 150)
+    assert bench.box_iou(a, {"x1": 20.0, "y1": 20.0, "x2": 30.0, "y2": 30.0}) == 0.0
+    faces_a = [{"boundingBox": a}, {"boundingBox": {"x1": 100.0, "y1": 100.0, "x2": 110.0, "y2": 110.0}}]
+    faces_b = [{"boundingBox": {"x1": 101.0, "y1": 100.0, "x2": 111.0, "y2": 110.0}}, {"boundingBox": a}]
+    matches = bench.match_faces(faces_a, faces_b)
+    assert len(matches) == 2
+    assert matches[0][0] is faces_a[0] and matches[0][1] is faces_b[1] and matches[0][2] == 1.0
+    assert matches[1][2] == pytest.approx(90 / 110)
+
+
+def test_agreement_on_crafted_answers() -> None:
+    answers = {
+        ("clip-visual", "x"): {"A": _clip([1.0, 0.0]), "B": _clip([1.0, 0.0])},
+        ("clip-visual", "y"): {"A": _clip([1.0, 0.0]), "B": _clip([1.0, 1.0])},
+        ("clip-visual", "z"): {"A": _clip([1.0, 0.0])},  # B failed: not compared
+        ("faces", "x"): {
+            "A": _faces(((0, 0, 10, 10), [1.0, 0.0]), ((50, 50, 60, 60), [0.0, 1.0])),
+            "B": _faces(((5, 0, 15, 10), [1.0, 0.0]), ((50, 50, 60, 60), [0.0, 1.0])),
+        },
+        ("faces", "y"): {"A": _faces(((0, 0, 10, 10), [1.0, 0.0])), "B": _faces()},
+        ("ocr", "x"): {"A": _ocr("a", "b"), "B": _ocr("a", "b")},
+        ("ocr", "y"): {"A": _ocr("a"), "B": _ocr("A")},
+        ("ocr", "z"): {"A": _ocr("a"), "B": b"{}"},
+    }
+    clip, faces, ocr = bench.agreements(answers, ["A", "B"], ["clip-visual", "faces", "ocr"])
+    assert clip.items == 2 and min(clip.cosines) == pytest.approx(2**-0.5)
+    assert clip.summary() == "cosine min 0.707107, mean 0.853553"
+    assert faces.items == 2 and faces.equal == 1 and faces.unmatched_faces == 1
+    assert sorted(faces.ious) == [pytest.approx(1 / 3), 1.0] and min(faces.cosines) == pytest.approx(1.0)
+    assert "face count equal 1/2" in faces.summary() and "box IoU min 0.3333" in faces.summary()
+    assert ocr.items == 2 and ocr.equal == 1 and ocr.malformed == 1
+    assert ocr.summary() == "texts equal 1/2 (50.0%); 1 malformed answers"
+    assert math.isnan(bench.cosine([1.0, 0.0], [1.0, 0.0, 0.0]))
+    assert bench.agreements(answers, ["A"], ["ocr"]) == []
+
+
+# ------------------------------------------------------------------------ reports
+
+
+def _rows() -> list[dict]:
+    base = bench.Cell("stock", "ocr", 1, latencies=[0.5, 0.5], wall_s=1.0, cpu_s=1.0, rss_bytes=2**30)
+    ours = bench.Cell("ours", "ocr", 1, latencies=[0.25] * 4, wall_s=1.0)
+    return [base.row(base), ours.row(base)]
+
+
+def test_csv_writer(tmp_path: Path) -> None:
+    bench.write_csv(tmp_path / "r.csv", _rows())
+    with open(tmp_path / "r.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == bench.CSV_FIELDS
+    assert rows[1]["target"] == "ours" and float(rows[1]["throughput_ratio"]) == 2.0
+    assert rows[1]["rss_mb"] == "" and rows[0]["rss_mb"] == "1024.0"
+
+
+def test_markdown_tables_and_file(tmp_path: Path) -> None:
+    tables = bench.markdown_tables(_rows(), ["stock", "ours"], ["ocr"], [1])
+    assert "### Throughput ratio against stock" in tables
+    assert "| ours | ocr | 2.00× |" in tables
+    assert "| 1 | ours | 4.00 | 2.00× | 250.0 | 250.0 | 250.0 | 0.50× | 0/4 | – | – | – |" in tables
+    assert "| 1 | stock | 2.00 | 1.00× | 500.0 |" in tables and "| 1024 | 1.0 | 500 |" in tables
+    targets = [bench.Target("stock", "http://a:3003", (1,)), bench.Target("ours", "http://b:3003")]
+    bench.write_markdown(tmp_path / "r.md", bench.environment(), {"tasks": "ocr"}, targets, tables, "", {})
+    text = (tmp_path / "r.md").read_text()
+    for needle in (
+        "# immich-trt bench",
+        "- cpu: ",
+        "- cores: ",
+        "- python: ",
+        "- onnxruntime: ",
+        "- date: ",
+        "| stock | http://a:3003 | yes |",
+    ):
+        assert needle in text
+
+
+# -------------------------------------------------------------------------- CLI
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path, capsys) -> None:
+    assert main(["bench", "--target", "nourl", "--images", str(tmp_path)]) == 2
+    assert main(["bench", "--target", "a=http://127.0.0.1:9", "--tasks", "ocr"]) == 2  # no --images
+    assert (
+        main(["bench", "--target", "a=http://127.0.0.1:9", "--target", "a=http://127.0.0.1:9", "--tasks", "clip-text"])
+        == 2
+    )
+    assert (
+        main(["bench", "--target", "a=http://127.0.0.1:9", "--images", str(tmp_path), "--tasks", "ocr"]) == 2
+    )  # no images
+    assert "bench:" in capsys.readouterr().err
+
+
+def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Path, capsys) -> None:
+    from immich_trt.testing import LiveServer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    square = np.zeros((480, 640, 3), np.uint8)
+    square[192:224, 320:352] = 255  # one face for the test pack's detector
+    Image.fromarray(square).save(images / "square.png")
+    (images / "photo.jpg").write_bytes(_jpeg(2000, 1600))  # previewed to 1800x1440
+    out = tmp_path / "out"
+    with LiveServer(model_cache, tmp_path, env={"IMMICH_TRT_RUNTIME": "onnxruntime"}) as server:
+        argv = [
+            "bench", "--target", f"A={server.url},pid={server.process.pid}", "--target", f"B={server.url}/",
+            "--images", str(images), "--concurrency", "1,2", "--requests-per-level", "4", "--rounds", "2",
+            "--warmup", "1", "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+        assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "### Throughput ratio against A" in stdout and "Agreement" in stdout
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 4 * 2
+    assert {(r["target"], r["task"], r["concurrency"]) for r in rows} == {
+        (t, task, c) for t in "AB" for task in bench.TASKS for c in ("1", "2")
+    }
+    for row in rows:
+        assert (row["requests"], row["errors"]) == ("4", "0")
+        assert float(row["throughput_rps"]) > 0
+        assert 0 < float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"]) < 60_000
+        assert float(row["throughput_ratio"]) > 0
+        if row["target"] == "A":
+            assert float(row["rss_mb"]) > 50 and float(row["cpu_s"]) >= 0 and float(row["rss_ratio"]) == 1.0
+        else:
+            assert row["rss_mb"] == "" and row["cpu_s"] == ""
+    text = (out / "results.md").read_text()
+    assert "### Agreement" in text
+    assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in text
+    assert "| B | clip-text | 8 | cosine min 1.000000" in text
+    assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in text
+    assert "| B | ocr | 2 | texts equal 2/2 (100.0%) |" in text
+    assert "images: 2 from `images/`" in text and "1220x960 px on average" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (out / "throughput.png").exists()
+    else:
+        assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
