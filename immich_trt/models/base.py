@@ -76,6 +76,16 @@ class InferenceModel(ABC):
     def cache_dir(self) -> Path:
         return cache_dir(self.ctx.settings.cache_folder, self.task, self.model_name)
 
+    @property
+    def model_file(self) -> Path:
+        """``<cache>/<task>/<model>/<type>/model.onnx``, Immich's layout."""
+        return self.cache_dir / str(self.type) / "model.onnx"
+
+    @property
+    def triton_name(self) -> str:
+        """The runtime model name, ``<task>__<model>__<type>``."""
+        return f"{self.task}__{self.model_name}__{self.type}"
+
     async def load(self) -> None:
         """Obtain the model files (downloading if needed) and load them into the runtime.
 
@@ -102,8 +112,22 @@ class InferenceModel(ABC):
             self.configure(**options)
         return await self._predict(*inputs)
 
+    async def _load(self) -> None:
+        """Obtain the files, prepare them, load every runtime model; any failure is a
+        :class:`ModelLoadError`."""
+        try:
+            await self.ctx.run(self._obtain)
+            await self.ctx.run(self.prepare_files)
+            for spec in self.specs():
+                await self.ctx.runtime.load(spec)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
+
     @abstractmethod
-    async def _load(self) -> None: ...
+    def _obtain(self) -> None:
+        """Make sure the model's files are in the cache (download or offline copy)."""
 
     @abstractmethod
     async def _predict(self, *inputs: Any) -> Any: ...
@@ -113,9 +137,26 @@ class InferenceModel(ABC):
         with a dynamic batch axis, a recognizer with its CTC reduction); no runtime needed.
         Called by ``_load`` and by the engine builder."""
 
-    @abstractmethod
     def specs(self) -> list[ModelSpec]:
         """The runtime models this Immich model uses (one per ONNX file)."""
+        return [self._spec()]
+
+    def _spec(self) -> ModelSpec:
+        raise NotImplementedError
+
+    def _obtain_from_hub(self, model_file: Path) -> None:
+        """Download ``immich-app/<model>`` from Hugging Face into the cache folder unless
+        ``model_file`` is there (CLIP and faces, as immich-ml). Raises ModelLoadError."""
+        from .download import DownloadError, hf_snapshot
+
+        if model_file.is_file():
+            return
+        try:
+            hf_snapshot(f"immich-app/{self.model_name}", self.cache_dir, endpoint=self.ctx.settings.hf_endpoint)
+        except DownloadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        if not model_file.is_file():
+            raise ModelLoadError(f"immich-app/{self.model_name} has no {self.type}/model.onnx")
 
     def clear_cache(self) -> None:
         """Delete this model's files so that the next load downloads them again.

@@ -28,8 +28,8 @@ from PIL import Image
 
 from ..runtime.base import ModelSpec
 from .base import InferenceModel, ModelContext, ModelLoadError
-from .download import DownloadError, hf_snapshot
 from .flores import WEBLATE_TO_FLORES200
+from .onnxfile import load_onnx
 from .registry import ModelSource, ModelTask, ModelType, clip_dimension
 
 log = logging.getLogger(__name__)
@@ -90,33 +90,15 @@ class _ClipModel(InferenceModel):
     def model_dir(self) -> Path:
         return self.cache_dir / str(self.type)
 
-    @property
-    def model_file(self) -> Path:
-        return self.model_dir / "model.onnx"
-
-    @property
-    def triton_name(self) -> str:
-        return f"clip__{self.model_name}__{self.type}"
-
-    def specs(self) -> list[ModelSpec]:
-        return [ModelSpec(self.triton_name, self.model_file, max_batch_size=0)]
+    def _spec(self) -> ModelSpec:
+        return ModelSpec(self.triton_name, self.model_file, max_batch_size=0)
 
     def _obtain(self) -> None:
-        """Download ``immich-app/<model>`` from Hugging Face unless the file is cached."""
-        if self.model_file.is_file():
-            return
-        try:
-            hf_snapshot(f"immich-app/{self.model_name}", self.cache_dir, endpoint=self.ctx.settings.hf_endpoint)
-        except DownloadError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        if not self.model_file.is_file():
-            raise ModelLoadError(f"immich-app/{self.model_name} has no {self.type}/model.onnx")
+        self._obtain_from_hub(self.model_file)
 
     def _check_dimension(self) -> None:
         """The embedding size must be the one the Immich server's ``CLIP_MODEL_INFO``
         declares for this name (its pgvector column has that size)."""
-        from .ocr import load_onnx
-
         expected = clip_dimension(self.model_name)
         dims = load_onnx(self.model_file).graph.output[0].type.tensor_type.shape.dim
         actual = dims[-1].dim_value if len(dims) and dims[-1].HasField("dim_value") else None
@@ -124,16 +106,6 @@ class _ClipModel(InferenceModel):
             raise ModelLoadError(
                 f"{self.model_file} gives {actual}-d embeddings; Immich expects {expected} for '{self.model_name}'"
             )
-
-    async def _load(self) -> None:
-        try:
-            await self.ctx.run(self._obtain)
-            await self.ctx.run(self.prepare_files)
-            await self.ctx.runtime.load(self.specs()[0])
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
 
     def prepare_files(self) -> None:
         self._check_dimension()

@@ -27,8 +27,8 @@ from PIL import Image
 
 from ..runtime.base import ModelSpec
 from .base import InferenceModel, ModelContext, ModelLoadError
+from .onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
 from .clip import serialize_np
-from .download import DownloadError, hf_snapshot
 from .registry import ModelTask, ModelType
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,6 @@ def arcface_normalisation(onnx_file: Path) -> tuple[float, float]:
     """(input_mean, input_std): (0, 1) when the first 8 graph nodes include names
     starting with Sub/_minus and Mul/_mul (normalisation inside the graph), else
     (127.5, 127.5), as insightface ``ArcFaceONNX.__init__``."""
-    from .ocr import load_onnx
-
     graph = load_onnx(onnx_file).graph
     find_sub = any(n.name.startswith("Sub") or n.name.startswith("_minus") for n in graph.node[:8])
     find_mul = any(n.name.startswith("Mul") or n.name.startswith("_mul") for n in graph.node[:8])
@@ -232,66 +230,20 @@ def dynamic_batch_copy(src: Path, dest: Path) -> Path:
     """Write a copy of ``src`` whose first input and output have a symbolic batch axis
     (``"batch"``), for recognizers exported with a static batch of 1. The user's file is
     never rewritten (upstream rewrites it in place). Reuses an up-to-date copy."""
-    from .ocr import load_onnx
-
-    if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
+    if is_up_to_date(dest, src):
         return dest
-    import os
-    import tempfile
-
-    import onnx
-
     model = load_onnx(src)
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=dest.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return save_onnx_atomic(model, dest)
 
 
 class _FaceModel(InferenceModel):
     task = ModelTask.FACIAL_RECOGNITION
 
-    @property
-    def model_file(self) -> Path:
-        return self.cache_dir / str(self.type) / "model.onnx"
-
-    @property
-    def triton_name(self) -> str:
-        return f"facial-recognition__{self.model_name}__{self.type}"
-
     def _obtain(self) -> None:
-        if self.model_file.is_file():
-            return
-        try:
-            hf_snapshot(f"immich-app/{self.model_name}", self.cache_dir, endpoint=self.ctx.settings.hf_endpoint)
-        except DownloadError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        if not self.model_file.is_file():
-            raise ModelLoadError(f"immich-app/{self.model_name} has no {self.type}/model.onnx")
+        self._obtain_from_hub(self.model_file)
 
-    def specs(self) -> list[ModelSpec]:
-        return [self._spec()]
-
-    def _spec(self) -> ModelSpec:
-        raise NotImplementedError
-
-    async def _load(self) -> None:
-        try:
-            await self.ctx.run(self._obtain)
-            await self.ctx.run(self.prepare_files)
-            await self.ctx.runtime.load(self._spec())
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
 
 
 
@@ -317,8 +269,6 @@ class FaceDetector(_FaceModel):
         return ModelSpec(self.triton_name, self.model_file, max_batch_size=0)
 
     def prepare_files(self) -> None:
-        from .ocr import load_onnx
-
         graph = load_onnx(self.model_file).graph
         initializers = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]
@@ -367,8 +317,6 @@ class FaceRecognizer(_FaceModel):
         return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=0 if self.batch_size == 1 else 64)
 
     def prepare_files(self) -> None:
-        from .ocr import load_onnx
-
         graph = load_onnx(self.model_file).graph
         initializers = {i.name for i in graph.initializer}
         first = [i for i in graph.input if i.name not in initializers][0]

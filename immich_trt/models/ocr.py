@@ -29,6 +29,7 @@ from shapely.geometry import Polygon
 
 from ..runtime.base import ModelSpec
 from .base import InferenceModel, ModelContext, ModelLoadError
+from .onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
 from .download import (
     DICT_FILENAME,
     OCR_DETECTION_FILES,
@@ -402,17 +403,6 @@ class CTCLabelDecode:
         return results
 
 
-def load_onnx(model_file: Path):
-    """Parse an ONNX file (weights included). Raises :class:`ModelLoadError` with
-    ``corrupt=True`` when it is not a valid ONNX protobuf."""
-    import onnx
-
-    try:
-        return onnx.load(str(model_file), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends
-        raise ModelLoadError(f"cannot read {model_file}: {exc}", corrupt=True) from exc
-
-
 def read_characters(model_file: Path) -> list[str]:
     """The recognizer's character list: ONNX metadata key ``character`` (Immich's and
     RapidOCR's files), else :data:`DICT_FILENAME` next to the model (one per line).
@@ -439,13 +429,10 @@ def ctc_reduced_model(src: Path, dest: Path) -> Path:
     the runtime and the server). ONNX ``ArgMax`` keeps the first maximum on ties as
     ``numpy.argmax``, and ``ReduceMax`` returns the same float32 values, so decoding is
     unchanged. Reuses an up-to-date copy; the cached file is never modified."""
-    import os
-    import tempfile
-
     import onnx
     from onnx import helper
 
-    if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
+    if is_up_to_date(dest, src):
         return dest
     model = load_onnx(src)
     graph = model.graph
@@ -466,16 +453,7 @@ def ctc_reduced_model(src: Path, dest: Path) -> Path:
             helper.make_tensor_value_info(CTC_PROB, onnx.TensorProto.FLOAT, shape),
         ]
     )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=dest.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return save_onnx_atomic(model, dest)
 
 
 # ----------------------------------------------------------------------------- models
@@ -491,14 +469,6 @@ def _language(model_name: str) -> str:
 
 class _PaddleModel(InferenceModel):
     task = ModelTask.OCR
-
-    @property
-    def model_file(self) -> Path:
-        return self.cache_dir / str(self.type) / "model.onnx"
-
-    @property
-    def triton_name(self) -> str:
-        return f"ocr__{self.model_name}__{self.type}"
 
     def _obtain(self) -> None:
         """Download the model file (RapidOCR URL + SHA-256); if that fails and the
@@ -525,25 +495,6 @@ class _PaddleModel(InferenceModel):
 
     def _offline_source(self) -> list[tuple[Path, Path]] | None:
         raise NotImplementedError
-
-    def specs(self) -> list[ModelSpec]:
-        return [self._spec()]
-
-    def _spec(self) -> ModelSpec:
-        raise NotImplementedError
-
-    async def _load(self) -> None:
-        try:
-            await self.ctx.run(self._obtain)
-            await self._prepare()
-            await self.ctx.runtime.load(self._spec())
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _prepare(self) -> None:
-        await self.ctx.run(self.prepare_files)
 
     def prepare_files(self) -> None:
         """Check that the model file parses."""
