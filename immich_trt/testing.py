@@ -22,8 +22,10 @@ UNREACHABLE = "http://127.0.0.1:9"
 
 
 def offline_settings(cache_folder: Path, **changes) -> Settings:
-    """Settings with the given cache whose download locations refuse connections."""
+    """Settings with the given cache whose download locations refuse connections; derived
+    model files go to ``<cache>/_engines`` unless ``engines_dir`` is given."""
     base = Settings.from_env({})
+    changes.setdefault("engines_dir", Path(cache_folder) / "_engines")
     return dataclasses.replace(
         base, cache_folder=Path(cache_folder), rapidocr_base_url=UNREACHABLE, hf_endpoint=UNREACHABLE, **changes
     )

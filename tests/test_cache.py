@@ -32,7 +32,7 @@ async def test_a_corrupt_model_file_is_cleared_and_obtained_again(tmp_path: Path
     await cache.load(model)
     assert model.loaded
     assert det_file.read_bytes() == good  # re-taken from the offline package
-    out = await runtime.infer(model.triton_name, {"x": np.zeros((1, 3, 32, 32), np.float32)})
+    out = await runtime.infer(model.triton_name, {"image_u8": np.zeros((1, 32, 32, 3), np.uint8)})
     assert next(iter(out.values())).shape == (1, 1, 32, 32)
 
 

@@ -57,9 +57,9 @@ def test_bucket_ladder() -> None:
     assert bucket(736, DET_BUCKETS, 512) == 768
     assert bucket(2048, DET_BUCKETS, 512) == 2048
     assert bucket(2049, DET_BUCKETS, 512) == 2560
-    padded = pad_to_bucket(np.ones((1, 3, 736, 992), np.float32))
-    assert padded.shape == (1, 3, 768, 1024)
-    assert padded[:, :, :736, :992].min() == 1 and padded[:, :, 736:].max() == 0 and padded[:, :, :, 992:].max() == 0
+    padded = pad_to_bucket(np.ones((1, 736, 992, 3), np.uint8))
+    assert padded.shape == (1, 768, 1024, 3)
+    assert padded[:, :736, :992].min() == 1 and padded[:, 736:].max() == 0 and padded[:, :, 992:].max() == 0
 
 
 def test_db_postprocess_finds_a_rectangle() -> None:
@@ -225,3 +225,20 @@ def test_ctc_reduced_model_decodes_exactly_like_the_full_softmax(ocr_cache: Path
     decoder = CTCLabelDecode(read_characters(src))
     assert decoder.decode(index, prob) == decoder(full)
     assert ctc_reduced_model(src, tmp_path / "model.onnx") == reduced  # reused while up to date
+
+
+def test_uint8_detector_graph_normalises_exactly_like_numpy(ocr_cache: Path, tmp_path: Path) -> None:
+    """The served detector (uint8 RGB NHWC in, normalisation inside) gives bit-identical
+    probabilities to the original graph fed with det_preprocess's float32 tensor."""
+    import onnxruntime as ort
+
+    from immich_trt.models.ocr import DET_INPUT_U8, det_normalise, det_uint8_model
+
+    src = ocr_cache / "ocr" / "PP-OCRv5_mobile" / "detection" / "model.onnx"
+    served = det_uint8_model(src, tmp_path / "model.onnx")
+    pixels = np.random.default_rng(5).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    full = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": det_normalise(pixels)})[0]
+    ours = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"]).run(None, {DET_INPUT_U8: pixels})[0]
+    np.testing.assert_array_equal(ours, full)
+    assert det_uint8_model(src, tmp_path / "model.onnx") == served
+    assert (tmp_path / "model.onnx.source").read_text().startswith(str(src.resolve()))

@@ -54,13 +54,14 @@ def test_cpu_repository_config_golden(settings, specs, tmp_path: Path) -> None:
     written = build_repository(settings, tmp_path)
     assert written == ["ocr__PP-OCRv5_mobile__detection", "ocr__PP-OCRv5_mobile__recognition"]
     det = (tmp_path / "ocr__PP-OCRv5_mobile__detection" / "config.pbtxt").read_text()
-    onnx_path = Path(specs["det"].onnx_path).resolve()
+    # the detector is served as a uint8-input copy next to its config
+    onnx_path = (tmp_path / "ocr__PP-OCRv5_mobile__detection" / "1" / "model.onnx").resolve()
     assert det == (
         'name: "ocr__PP-OCRv5_mobile__detection"\n'
         'backend: "python"\n'
         "max_batch_size: 4\n"
         "input [\n"
-        '  { name: "x" data_type: TYPE_FP32 dims: [ 3, -1, -1 ] }\n'
+        '  { name: "image_u8" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }\n'
         "]\n"
         "output [\n"
         '  { name: "fetch_name_0" data_type: TYPE_FP32 dims: [ 1, -1, -1 ] }\n'

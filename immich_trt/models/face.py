@@ -235,7 +235,7 @@ def dynamic_batch_copy(src: Path, dest: Path) -> Path:
     model = load_onnx(src)
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    return save_onnx_atomic(model, dest)
+    return save_onnx_atomic(model, dest, source=src)
 
 
 class _FaceModel(InferenceModel):

@@ -75,32 +75,87 @@ def det_resize_shape(width: int, height: int, max_resolution: int) -> tuple[int,
     return int(round(resize_w / 32) * 32), int(round(resize_h / 32) * 32)
 
 
-def det_preprocess(image: Image.Image, max_resolution: int) -> np.ndarray:
-    """PIL RGB image -> detector input ``float32[1, 3, H', W']`` (BGR channel order).
+#: Immich's detector normalisation: ``(x - DET_MEAN) * DET_SCALE`` on 0..255 values.
+DET_MEAN = np.float32(0.5)
+DET_SCALE = np.float32(1.0) / np.float32(0.5 * 255.0)
+#: Input of the served detector graph: the resized image as uint8 RGB ``[N, H, W, 3]``.
+DET_INPUT_U8 = "image_u8"
 
-    PIL LANCZOS resize to :func:`det_resize_shape`, RGB->BGR, then Immich's
-    normalisation ``(x - 0.5) * float32(1/127.5)`` on 0..255 values (not RapidOCR's
-    ``(x/255 - 0.5)/0.5``). Raises ``ValueError`` if a side rounds to 0 pixels.
-    """
+
+def det_resize(image: Image.Image, max_resolution: int) -> np.ndarray:
+    """PIL RGB image -> ``uint8[1, H', W', 3]`` RGB, PIL LANCZOS resized to
+    :func:`det_resize_shape`. Raises ``ValueError`` if a side rounds to 0 pixels."""
     resize_w, resize_h = det_resize_shape(image.width, image.height, max_resolution)
     if resize_w <= 0 or resize_h <= 0:
         raise ValueError(f"maxResolution {max_resolution} gives an empty detector input")
     resized = image.resize((resize_w, resize_h), resample=Image.Resampling.LANCZOS)
-    array = np.array(resized, dtype=np.float32)
-    array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    array -= np.float32(0.5)
-    array *= np.float32(1.0) / np.float32(0.5 * 255.0)
-    return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+    return np.asarray(resized, dtype=np.uint8)[None]
 
 
-def pad_to_bucket(tensor: np.ndarray) -> np.ndarray:
-    """Zero-pad ``float32[N, C, H, W]`` at the bottom/right to the :data:`DET_BUCKETS` ladder."""
-    n, c, h, w = tensor.shape
+def det_normalise(pixels: np.ndarray) -> np.ndarray:
+    """``uint8[N, H, W, 3]`` RGB -> ``float32[N, 3, H, W]`` BGR with Immich's
+    normalisation ``(x - 0.5) * float32(1/127.5)`` (not RapidOCR's ``(x/255 - 0.5)/0.5``).
+    The served detector graph does the same inside (:func:`det_uint8_model`)."""
+    array = pixels[..., ::-1].astype(np.float32)
+    array -= DET_MEAN
+    array *= DET_SCALE
+    return np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+
+
+def det_preprocess(image: Image.Image, max_resolution: int) -> np.ndarray:
+    """PIL RGB image -> detector input ``float32[1, 3, H', W']`` (BGR), as immich-ml
+    ``TextDetector._transform``: :func:`det_resize` then :func:`det_normalise`."""
+    return det_normalise(det_resize(image, max_resolution))
+
+
+def det_uint8_model(src: Path, dest: Path) -> Path:
+    """Write a copy of the detector that takes :data:`DET_INPUT_U8` (uint8 RGB NHWC) and
+    normalises inside the graph (Cast, channel flip, ``Sub 0.5``, ``Mul float32(1/127.5)``,
+    NHWC->NCHW): 4x fewer bytes per request between the server and the runtime, the same
+    float32 arithmetic. The cached file is never modified; an up-to-date copy is reused."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if is_up_to_date(dest, src):
+        return dest
+    model = load_onnx(src)
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    original = [i for i in graph.input if i.name not in initializers][0]
+    name = original.name
+    dims = original.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([2, 1, 0], np.int64), "det_bgr_order"),
+            numpy_helper.from_array(np.array(DET_MEAN, np.float32), "det_mean"),
+            numpy_helper.from_array(np.array(DET_SCALE, np.float32), "det_scale"),
+        ]
+    )
+    prologue = [
+        helper.make_node("Cast", [DET_INPUT_U8], ["det_f32"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Gather", ["det_f32", "det_bgr_order"], ["det_bgr"], axis=3),
+        helper.make_node("Sub", ["det_bgr", "det_mean"], ["det_centred"]),
+        helper.make_node("Mul", ["det_centred", "det_scale"], ["det_scaled"]),
+        helper.make_node("Transpose", ["det_scaled"], [name], perm=[0, 3, 1, 2]),
+    ]
+    for node in reversed(prologue):
+        graph.node.insert(0, node)
+    graph.input.remove(original)
+    graph.input.insert(
+        0, helper.make_tensor_value_info(DET_INPUT_U8, onnx.TensorProto.UINT8, [shape[0], shape[2], shape[3], 3])
+    )
+    return save_onnx_atomic(model, dest, source=src)
+
+
+def pad_to_bucket(pixels: np.ndarray) -> np.ndarray:
+    """Zero-pad ``[N, H, W, C]`` at the bottom/right to the :data:`DET_BUCKETS` ladder."""
+    n, h, w, c = pixels.shape
     bh, bw = bucket(h, DET_BUCKETS, 512), bucket(w, DET_BUCKETS, 512)
     if (bh, bw) == (h, w):
-        return tensor
-    padded = np.zeros((n, c, bh, bw), dtype=tensor.dtype)
-    padded[:, :, :h, :w] = tensor
+        return pixels
+    padded = np.zeros((n, bh, bw, c), dtype=pixels.dtype)
+    padded[:, :h, :w] = pixels
     return padded
 
 
@@ -453,7 +508,7 @@ def ctc_reduced_model(src: Path, dest: Path) -> Path:
             helper.make_tensor_value_info(CTC_PROB, onnx.TensorProto.FLOAT, shape),
         ]
     )
-    return save_onnx_atomic(model, dest)
+    return save_onnx_atomic(model, dest, source=src)
 
 
 # ----------------------------------------------------------------------------- models
@@ -517,6 +572,7 @@ class TextDetector(_PaddleModel):
         self.max_resolution = 736
         self.postprocess = DBPostProcess(box_thresh=options.get("minScore", 0.5))
         self.shape_buckets = ctx.settings.ocr_shape_buckets
+        self.runtime_file = self.model_file
 
     def configure(self, **options: Any) -> None:
         if options.get("maxResolution") is not None:
@@ -536,13 +592,18 @@ class TextDetector(_PaddleModel):
         return [(files["det"], self.model_file)]
 
     def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.model_file, max_batch_size=4)
+        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=4)
+
+    def prepare_files(self) -> None:
+        """The uint8-input copy the runtime serves (normalisation inside the graph)."""
+        dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
+        self.runtime_file = det_uint8_model(self.model_file, dest)
 
     def _preprocess(self, image: Image.Image) -> np.ndarray | None:
         if image.width < 32 or image.height < 32:
             return None
-        tensor = det_preprocess(image, self.max_resolution)
-        return pad_to_bucket(tensor) if self.shape_buckets else tensor
+        pixels = det_resize(image, self.max_resolution)
+        return pad_to_bucket(pixels) if self.shape_buckets else pixels
 
     def _postprocess(self, pred: np.ndarray, input_shape: tuple[int, int], image_size: tuple[int, int]):
         h, w = input_shape
@@ -557,7 +618,7 @@ class TextDetector(_PaddleModel):
         tensor = await self.ctx.run(self._preprocess, image)
         if tensor is None:
             return empty_detection()
-        out = await self.ctx.runtime.infer(self.triton_name, {"x": tensor})
+        out = await self.ctx.runtime.infer(self.triton_name, {DET_INPUT_U8: tensor})
         pred = next(iter(out.values()))
         return await self.ctx.run(self._postprocess, pred, (resize_h, resize_w), (h, w))
 

@@ -20,8 +20,14 @@ def load_onnx(model_file: Path):
         raise ModelLoadError(f"cannot read {model_file}: {exc}", corrupt=True) from exc
 
 
-def save_onnx_atomic(model, dest: Path) -> Path:
-    """Write ``model`` to ``dest`` through a temporary file and ``os.replace``."""
+def _stamp(source: Path) -> str:
+    stat = source.stat()
+    return f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def save_onnx_atomic(model, dest: Path, source: Path | None = None) -> Path:
+    """Write ``model`` to ``dest`` through a temporary file and ``os.replace``; with
+    ``source``, record which file it was derived from (see :func:`is_up_to_date`)."""
     import onnx
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -33,9 +39,13 @@ def save_onnx_atomic(model, dest: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if source is not None:
+        dest.with_name(dest.name + ".source").write_text(_stamp(source), encoding="utf-8")
     return dest
 
 
 def is_up_to_date(derived: Path, source: Path) -> bool:
-    """Whether a file derived from ``source`` exists and is not older than it."""
-    return derived.is_file() and derived.stat().st_mtime >= source.stat().st_mtime
+    """Whether ``derived`` was written from this very ``source`` file (path, size and
+    modification time recorded beside it)."""
+    stamp = derived.with_name(derived.name + ".source")
+    return derived.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == _stamp(source)
