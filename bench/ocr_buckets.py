@@ -113,7 +113,7 @@ async def main() -> None:
     rows = []
     for mode, (results, shapes) in runs.items():
         identical, total, worst, same_bytes = compare(base, results)
-        det_shapes = {s[2:] for k, v in shapes.items() if k.endswith("detection") for s in v}
+        det_shapes = {s[1:3] for k, v in shapes.items() if k.endswith("detection") for s in v}  # NHWC uint8
         rec_widths = {s[3] for k, v in shapes.items() if k.endswith("recognition") for s in v}
         rows.append(
             f"| {mode} | {same_bytes}/{len(base)} | {identical}/{total} ({100 * identical / max(total, 1):.1f}%) "
