@@ -157,3 +157,31 @@ def test_triton_log_levels() -> None:
     assert triton_log_level('W1121 06:16:08.4 1 metrics.cc:1] "x"') == logging.WARNING
     assert triton_log_level('E1121 06:16:08.446369 11308 server.cc:241] "CudaDriverHelper has not been initialized."') == logging.DEBUG
     assert triton_log_level("Error: Failed to initialize NVML") == logging.DEBUG
+
+
+async def test_a_hung_triton_times_out_and_recovers(settings, specs) -> None:
+    """SIGSTOP the real server: the call fails after the configured timeout instead of
+    hanging; after SIGCONT the same runtime answers again."""
+    import asyncio
+
+    from immich_trt.runtime.base import RuntimeUnavailableError
+
+    runtime = TritonRuntime(dataclasses.replace(settings, infer_timeout_s=1.0))
+    await runtime.start()
+    try:
+        await runtime.load(specs["det"])
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        await runtime.infer(specs["det"].name, {"x": x})
+        os.killpg(runtime.launcher.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RuntimeUnavailableError, match="did not answer"):
+                await runtime.infer(specs["det"].name, {"x": x})
+            assert time.monotonic() - started < 5
+        finally:
+            os.killpg(runtime.launcher.process.pid, signal.SIGCONT)
+        await asyncio.sleep(0.2)
+        out = await runtime.infer(specs["det"].name, {"x": x})
+        assert out["fetch_name_0"].shape == (1, 1, 64, 64)
+    finally:
+        await runtime.stop()

@@ -216,16 +216,19 @@ class TritonRuntime(Runtime):
         try:
             if self.protocol == "http":
                 # tritonclient asks for gzip by default and mutates the headers it is given
-                result = await self._client.infer(
-                    name, infer_inputs, outputs=requested, headers={"Accept-Encoding": "identity"}
-                )
+                call = self._client.infer(name, infer_inputs, outputs=requested, headers={"Accept-Encoding": "identity"})
             else:
-                result = await self._client.infer(name, infer_inputs, outputs=requested)
+                call = self._client.infer(name, infer_inputs, outputs=requested)
+            result = await asyncio.wait_for(call, self.settings.infer_timeout_s)
         except InferenceServerException as exc:
             if not await self._live():
                 raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
             raise InferenceError(f"Triton failed on '{name}': {exc.message()}") from exc
-        except (OSError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            raise RuntimeUnavailableError(
+                f"Triton did not answer '{name}' within {self.settings.infer_timeout_s:g} s"
+            ) from exc
+        except OSError as exc:
             raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
         names = list(outputs) if outputs else [o["name"] for o in self._output_names(result)]
         return {o: result.as_numpy(o) for o in names}
