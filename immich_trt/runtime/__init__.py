@@ -12,7 +12,9 @@ def make_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "onnxruntime":
         from .onnxruntime import OnnxRuntime
 
-        return OnnxRuntime(inter, intra, settings.model_arena, threads=max(2, settings.request_threads))
+        return OnnxRuntime(
+            inter, intra, settings.model_arena, threads=max(2, settings.request_threads), spinning=settings.ort_spinning
+        )
     from .triton import TritonRuntime
 
     return TritonRuntime(settings)

@@ -17,12 +17,15 @@ import numpy as np
 from .base import InferenceError, ModelSpec, Runtime
 
 
-def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: bool = True):
+def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: bool = True, spinning: bool = True):
     """A CPU ``onnxruntime.InferenceSession`` set up as immich-ml ``OrtSession`` on CPU.
 
     ``inter_op``/``intra_op`` threads (upstream defaults 1 and 2), ``ORT_PARALLEL`` when
     ``inter_op > 1``, ``enable_cpu_mem_arena=arena`` and ``arena_extend_strategy=
-    kSameAsRequested``. Raises onnxruntime's errors (``NoSuchFile``, ``InvalidProtobuf``...).
+    kSameAsRequested``. ``spinning=False`` stops idle intra-op threads from busy-waiting
+    (``session.intra_op.allow_spinning``), which frees CPU when several models or
+    instances share the cores; results are the same. Raises onnxruntime's errors
+    (``NoSuchFile``, ``InvalidProtobuf``...).
     """
     import onnxruntime as ort
 
@@ -32,6 +35,8 @@ def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: 
     if inter_op > 1:
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     options.enable_cpu_mem_arena = arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
         str(path),
         sess_options=options,
@@ -47,8 +52,10 @@ class OnnxRuntime(Runtime):
     event loop stays free.
     """
 
-    def __init__(self, inter_op: int = 1, intra_op: int = 2, arena: bool = True, threads: int = 4) -> None:
-        self._opts = (inter_op, intra_op, arena)
+    def __init__(
+        self, inter_op: int = 1, intra_op: int = 2, arena: bool = True, threads: int = 4, spinning: bool = True
+    ) -> None:
+        self._opts = (inter_op, intra_op, arena, spinning)
         self._sessions: dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ort")
 

@@ -90,6 +90,7 @@ def config_pbtxt(spec: ModelSpec, inputs, outputs, settings: Settings) -> str:
         "inter_op_num_threads": str(inter),
         "intra_op_num_threads": str(intra),
         "arena": "true" if settings.model_arena else "false",
+        "allow_spinning": "true" if settings.ort_spinning else "false",
         **spec.parameters,
     }
     for key, value in params.items():

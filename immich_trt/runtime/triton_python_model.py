@@ -41,6 +41,7 @@ class TritonPythonModel:
             inter_op=int(params.get("inter_op_num_threads", "1")),
             intra_op=int(params.get("intra_op_num_threads", "2")),
             arena=params.get("arena", "true") == "true",
+            spinning=params.get("allow_spinning", "true") == "true",
         )
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
