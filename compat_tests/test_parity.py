@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA
+from immich_trt import bench
 from immich_trt.contract import clip_textual_entries, clip_visual_entries, face_entries, ocr_entries, predict
 
 REFERENCE = os.environ.get("IMMICH_ML_REFERENCE_URL", "").rstrip("/")
@@ -67,8 +68,8 @@ async def both(base_url: str, entries: dict, image: bytes | None = None, text: s
 
 
 def cosine(a: str, b: str) -> float:
-    x, y = np.array(json.loads(a), np.float64), np.array(json.loads(b), np.float64)
-    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+    """Cosine of two embedding strings (the bench's agreement measure)."""
+    return bench.cosine(json.loads(a), json.loads(b))
 
 
 @pytest.mark.parametrize(("name", "image"), IMAGES, ids=[n for n, _ in IMAGES])

@@ -134,9 +134,9 @@ class ClipVisualEncoder(_ClipModel):
 
     def __init__(self, model_name: str, ctx: ModelContext, **options: Any) -> None:
         super().__init__(model_name, ctx, **options)
-        self.size = 224
-        self.mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-        self.std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+        # read from visual/preprocess_cfg.json at load
+        self.size = 0
+        self.mean = self.std = np.empty(3, dtype=np.float32)
 
     def _read_config(self) -> None:
         cfg = self._json(self.model_dir / "preprocess_cfg.json")

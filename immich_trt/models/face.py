@@ -23,6 +23,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnx
 from PIL import Image
 
 from ..runtime.base import ModelSpec
@@ -211,11 +212,11 @@ def norm_crop(image_bgr: np.ndarray, landmark: np.ndarray, image_size: int = 112
     return cv2.warpAffine(image_bgr, estimate_norm(landmark, image_size), (image_size, image_size), borderValue=0.0)
 
 
-def arcface_normalisation(onnx_file: Path) -> tuple[float, float]:
-    """(input_mean, input_std): (0, 1) when the first 8 graph nodes include names
-    starting with Sub/_minus and Mul/_mul (normalisation inside the graph), else
-    (127.5, 127.5), as insightface ``ArcFaceONNX.__init__``."""
-    graph = load_onnx(onnx_file).graph
+def arcface_normalisation(model: Path | onnx.GraphProto) -> tuple[float, float]:
+    """(input_mean, input_std) of an ArcFace file or parsed graph: (0, 1) when the first
+    8 graph nodes include names starting with Sub/_minus and Mul/_mul (normalisation
+    inside the graph), else (127.5, 127.5), as insightface ``ArcFaceONNX.__init__``."""
+    graph = model if isinstance(model, onnx.GraphProto) else load_onnx(model).graph
     find_sub = any(n.name.startswith("Sub") or n.name.startswith("_minus") for n in graph.node[:8])
     find_mul = any(n.name.startswith("Mul") or n.name.startswith("_mul") for n in graph.node[:8])
     return (0.0, 1.0) if find_sub and find_mul else (127.5, 127.5)
@@ -322,7 +323,7 @@ class FaceRecognizer(_FaceModel):
         first = [i for i in graph.input if i.name not in initializers][0]
         self.input_name = first.name
         self.output_name = graph.output[0].name
-        self.mean, self.std = arcface_normalisation(self.model_file)
+        self.mean, self.std = arcface_normalisation(graph)
         batch_dim = first.type.tensor_type.shape.dim[0]
         if batch_dim.HasField("dim_value") and batch_dim.dim_value > 0 and self.batch_size != 1:
             dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"

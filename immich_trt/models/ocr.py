@@ -551,9 +551,6 @@ class _PaddleModel(InferenceModel):
     def _offline_source(self) -> list[tuple[Path, Path]] | None:
         raise NotImplementedError
 
-    def prepare_files(self) -> None:
-        """Check that the model file parses."""
-        load_onnx(self.model_file)
 
 
 class TextDetector(_PaddleModel):

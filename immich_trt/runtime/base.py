@@ -7,7 +7,7 @@ locally or given by ``TRITON_URL``) and :mod:`.onnxruntime` (in-process referenc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,9 +34,6 @@ class ModelSpec:
     name: str
     onnx_path: Path
     max_batch_size: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 0
-    parameters: Mapping[str, str] = field(default_factory=dict)
 
 
 class Runtime(ABC):

@@ -82,8 +82,8 @@ def config_pbtxt(spec: ModelSpec, inputs, outputs, settings: Settings) -> str:
     tensors("input", inputs)
     tensors("output", outputs)
     if batched:
-        preferred = "".join(f" preferred_batch_size: {n}" for n in spec.preferred_batch_sizes)
-        lines.append(f"dynamic_batching {{{preferred} max_queue_delay_microseconds: {spec.max_queue_delay_us} }}")
+        # no queue delay: batch what is already waiting, never hold a request back
+        lines.append("dynamic_batching { max_queue_delay_microseconds: 0 }")
     lines.append(f"instance_group [ {{ kind: KIND_CPU count: {max(1, settings.triton_instances)} }} ]")
     params = {
         "onnx_path": str(Path(spec.onnx_path).resolve()),
@@ -91,7 +91,6 @@ def config_pbtxt(spec: ModelSpec, inputs, outputs, settings: Settings) -> str:
         "intra_op_num_threads": str(intra),
         "arena": "true" if settings.model_arena else "false",
         "allow_spinning": "true" if settings.ort_spinning else "false",
-        **spec.parameters,
     }
     for key, value in params.items():
         lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')

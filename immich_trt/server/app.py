@@ -139,7 +139,6 @@ async def predict(request: web.Request) -> web.Response:
     metrics: Metrics = app[METRICS]
     ctx: ModelContext = state["ctx"]
     state["active"] += 1
-    state["last_called"] = time.monotonic()
     metrics.in_flight.inc()
     started = time.perf_counter()
     try:
@@ -171,7 +170,6 @@ async def predict(request: web.Request) -> web.Response:
         return json_response(response)
     finally:
         state["active"] -= 1
-        state["last_called"] = time.monotonic()
         metrics.in_flight.dec()
         metrics.request_latency.observe(time.perf_counter() - started)
 
@@ -250,7 +248,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[RUNTIME] = runtime if runtime is not None else make_runtime(settings)
-    app[STATE] = {"active": 0, "last_called": None}
+    app[STATE] = {"active": 0}
     app.router.add_get("/", root)
     app.router.add_get("/ping", ping)
     app.router.add_get("/metrics", metrics_route)
