@@ -108,6 +108,16 @@ class Settings:
     triton_instances: int = 1  # model instances per Triton model (CPU target)
     ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
+    # ---- sidecar (immich_trt/sidecar) ----
+    sidecar: bool = True  # serve the /v1 routes
+    data_dir: Path = Path("~/.local/share/immich_trt").expanduser()  # SQLite store
+    api_key: str | None = None  # /v1 needs "Authorization: Bearer <key>"; None = loopback clients only
+    record: bool = False  # store the results of /predict calls, keyed by the image's imohash
+    face_min_faces: int = 3  # Immich's facialRecognition.minFaces
+    face_max_distance: float = 0.5  # Immich's facialRecognition.maxDistance (cosine distance)
+    duplicate_threshold: float = 0.98  # CLIP cosine similarity for near duplicates
+    opensearch_url: str | None = None  # mirror the store into OpenSearch
+    opensearch_prefix: str = "immich-trt"  # index name prefix
 
     @property
     def bind_host(self) -> str:
@@ -174,6 +184,15 @@ class Settings:
             triton_instances=int(env.get("IMMICH_TRT_TRITON_INSTANCES") or defaults.triton_instances),
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
+            sidecar=_bool(env.get("IMMICH_TRT_SIDECAR") or "true"),
+            data_dir=Path(env.get("IMMICH_TRT_DATA_DIR") or defaults.data_dir).expanduser(),
+            api_key=env.get("IMMICH_TRT_API_KEY") or None,
+            record=_bool(env.get("IMMICH_TRT_RECORD") or "false"),
+            face_min_faces=int(env.get("IMMICH_TRT_FACE_MIN_FACES") or defaults.face_min_faces),
+            face_max_distance=float(env.get("IMMICH_TRT_FACE_MAX_DISTANCE") or defaults.face_max_distance),
+            duplicate_threshold=float(env.get("IMMICH_TRT_DUPLICATE_THRESHOLD") or defaults.duplicate_threshold),
+            opensearch_url=env.get("OPENSEARCH_URL") or None,
+            opensearch_prefix=env.get("IMMICH_TRT_OPENSEARCH_PREFIX") or defaults.opensearch_prefix,
         )
 
     @property

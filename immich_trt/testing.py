@@ -23,9 +23,11 @@ UNREACHABLE = "http://127.0.0.1:9"
 
 def offline_settings(cache_folder: Path, **changes) -> Settings:
     """Settings with the given cache whose download locations refuse connections; derived
-    model files go to ``<cache>/_engines`` unless ``engines_dir`` is given."""
+    model files go to ``<cache>/_engines`` and the sidecar store to ``<cache>/_data``
+    unless ``engines_dir``/``data_dir`` are given."""
     base = Settings.from_env({})
     changes.setdefault("engines_dir", Path(cache_folder) / "_engines")
+    changes.setdefault("data_dir", Path(cache_folder) / "_data")
     return dataclasses.replace(
         base, cache_folder=Path(cache_folder), rapidocr_base_url=UNREACHABLE, hf_endpoint=UNREACHABLE, **changes
     )
@@ -58,6 +60,7 @@ class LiveServer:
             "IMMICH_HOST": "127.0.0.1",
             "IMMICH_PORT": str(self.port),
             "IMMICH_TRT_ENGINES_DIR": str(Path(work_dir) / "engines"),
+            "IMMICH_TRT_DATA_DIR": str(Path(work_dir) / "data"),
             "IMMICH_TRT_RAPIDOCR_BASE_URL": UNREACHABLE,
             "HF_ENDPOINT": UNREACHABLE,
             "MACHINE_LEARNING_MODEL_TTL": "0",

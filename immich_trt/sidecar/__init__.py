@@ -1,0 +1,1 @@
+"""The sidecar: what Immich's ML service forgets, remembered (see ``design.md``)."""
