@@ -1,4 +1,4 @@
-"""Command line: ``immich-trt serve | build-engines | models | bench``.
+"""Command line: ``immich-trt serve | build-engines | models | bench | ingest | opensearch``.
 
 ``python -m immich_trt`` is the same program.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -138,6 +139,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from .sidecar.folder import ingest_folder
+
+    url = (args.url or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    report = asyncio.run(
+        ingest_folder(
+            url,
+            Path(args.dir),
+            concurrency=args.concurrency,
+            api_key=settings.api_key,
+            clip=not args.no_clip,
+            faces=not args.no_faces,
+            ocr=not args.no_ocr,
+            progress=not args.quiet,
+        )
+    )
+    for error in report.errors:
+        print(f"failed: {error}", file=sys.stderr)
+    print(json.dumps(report.as_dict()))
+    return 1 if report.failed else 0
+
+
+def cmd_opensearch(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from .sidecar.opensearch import reindex_command
+
+    if not settings.opensearch_url:
+        print("OPENSEARCH_URL is not set", file=sys.stderr)
+        return 2
+    return asyncio.run(reindex_command(settings))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="immich-trt", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -172,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
             "target in turn at several concurrency levels; writes results.md, results.csv and throughput.png.",
         )
     )
+    ingest = sub.add_parser(
+        "ingest", help="ingest a folder of images into the sidecar through a running server (resumable)"
+    )
+    ingest.add_argument("dir", help="folder of images (recursive)")
+    ingest.add_argument("--url", help="server base URL (default http://127.0.0.1:$IMMICH_PORT)")
+    ingest.add_argument("--concurrency", type=int, default=4, help="uploads in flight (default 4)")
+    ingest.add_argument("--no-clip", action="store_true", help="skip CLIP embeddings")
+    ingest.add_argument("--no-faces", action="store_true", help="skip faces")
+    ingest.add_argument("--no-ocr", action="store_true", help="skip OCR")
+    ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    search = sub.add_parser("opensearch", help="OpenSearch mirror maintenance")
+    osub = search.add_subparsers(dest="opensearch_command", required=True)
+    osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
     return parser
 
 
@@ -188,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_models(args, settings)
     if command == "bench":
         return cmd_bench(args)
+    if command == "ingest":
+        return cmd_ingest(args, settings)
+    if command == "opensearch":
+        return cmd_opensearch(args, settings)
     return 2
 
 

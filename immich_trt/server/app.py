@@ -166,22 +166,53 @@ async def predict(request: web.Request) -> web.Response:
         else:
             raise HTTPError(400, "Either image or text must be provided", "no_input")
 
-        response = await run_inference(app, payload, without_deps, with_deps)
-        return json_response(response)
+        outputs: dict[tuple, Any] = {}
+        response = await run_inference(app, payload, without_deps, with_deps, outputs)
+        body = json_response(response)
+        if isinstance(payload, Image.Image) and app[SETTINGS].record and app[SETTINGS].sidecar:
+            _record(app, image, payload, response, outputs, without_deps + with_deps)
+        return body
     finally:
         state["active"] -= 1
         metrics.in_flight.dec()
         metrics.request_latency.observe(time.perf_counter() - started)
 
 
+def _record(app: web.Application, data: bytes, image: Image.Image, response: dict, outputs: dict, entries) -> None:
+    """Store a ``/predict`` result in the sidecar in the background (``IMMICH_TRT_RECORD``);
+    a failure is logged and never reaches the Immich request."""
+    from ..sidecar.ingest import record_prediction
+    from ..sidecar.routes import SIDECAR
+
+    async def run() -> None:
+        try:
+            await record_prediction(
+                app[SIDECAR], data, image, response, outputs, [(e.task, e.type, e.name) for e in entries]
+            )
+        except Exception as exc:
+            log.error("Recording a /predict result failed: %s: %s", type(exc).__name__, exc)
+
+    task = asyncio.create_task(run())
+    pending: set = app[STATE].setdefault("recording", set())
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+
+
 async def run_inference(
-    app: web.Application, payload: Image.Image | str, without_deps: list[InferenceEntry], with_deps: list[InferenceEntry]
+    app: web.Application,
+    payload: Image.Image | str,
+    without_deps: list[InferenceEntry],
+    with_deps: list[InferenceEntry],
+    outputs: dict[tuple, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the entries as immich-ml ``run_inference``: independent entries concurrently,
-    then dependent ones; each output is stored by model identity and by task."""
+    then dependent ones; each output is stored by model identity and by task.
+
+    ``outputs``, when given, receives every model's raw output by ``(type, task)``
+    (e.g. the face detector's landmarks, which the response leaves out)."""
     cache: ModelCache = app[STATE]["cache"]
     metrics: Metrics = app[METRICS]
-    outputs: dict[tuple, Any] = {}
+    outputs = {} if outputs is None else outputs
     response: dict[str, Any] = {}
 
     async def run_one(entry: InferenceEntry) -> None:
@@ -254,7 +285,38 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app.router.add_get("/metrics", metrics_route)
     app.router.add_post("/predict", predict)
     app.cleanup_ctx.append(_lifespan)
+    if settings.sidecar:
+        from ..sidecar.routes import add_routes, make_auth_middleware
+
+        app.middlewares.append(make_auth_middleware(settings.api_key))
+        add_routes(app)
+        app.cleanup_ctx.append(_sidecar_lifespan)
     return app
+
+
+async def _sidecar_lifespan(app: web.Application):
+    """Open the sidecar store (and the OpenSearch mirror when configured) after the
+    runtime; close them before it."""
+    from ..sidecar.routes import MIRROR, SIDECAR
+    from ..sidecar.service import Sidecar
+
+    sidecar = Sidecar(app[SETTINGS])
+    await sidecar.start()
+    app[SIDECAR] = sidecar
+    mirror = None
+    if app[SETTINGS].opensearch_url:
+        from ..sidecar.opensearch import Mirror
+
+        mirror = Mirror(sidecar, app[SETTINGS])
+        await mirror.start()
+        app[MIRROR] = mirror
+    yield
+    recording = app[STATE].get("recording")
+    if recording:
+        await asyncio.gather(*recording, return_exceptions=True)
+    if mirror is not None:
+        await mirror.stop()
+    await sidecar.stop()
 
 
 async def _lifespan(app: web.Application):

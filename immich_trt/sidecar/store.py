@@ -41,7 +41,7 @@ MIGRATIONS: list[str] = [
     # 1: initial schema
     """
     CREATE TABLE assets (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
         imohash TEXT NOT NULL UNIQUE,          -- 32 hex chars, imohash 1.1 defaults
         size INTEGER NOT NULL,                 -- bytes of the encoded file
         width INTEGER NOT NULL,                -- pixels of the decoded image
@@ -67,7 +67,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (asset, task, model)
     );
     CREATE TABLE persons (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
         name TEXT,
         name_source TEXT CHECK (name_source IN ('user', 'import')),
         representative_face INTEGER REFERENCES faces(id) ON DELETE SET NULL,
@@ -75,7 +75,7 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     CREATE TABLE faces (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
         asset INTEGER NOT NULL REFERENCES assets(id) ON DELETE CASCADE,
         model TEXT NOT NULL,
         x1 REAL NOT NULL, y1 REAL NOT NULL,    -- pixels of the ingested image
@@ -92,7 +92,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX faces_asset ON faces(asset);
     CREATE INDEX faces_person ON faces(person);
     CREATE TABLE ocr_lines (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
         asset INTEGER NOT NULL REFERENCES assets(id) ON DELETE CASCADE,
         model TEXT NOT NULL,
         line INTEGER NOT NULL,                 -- position in the OCR response
@@ -116,7 +116,7 @@ MIGRATIONS: list[str] = [
         INSERT INTO ocr_fts(rowid, text) VALUES (new.id, new.text);
     END;
     CREATE TABLE duplicate_groups (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
         kind TEXT NOT NULL CHECK (kind IN ('exact', 'near')),
         keeper INTEGER REFERENCES assets(id) ON DELETE SET NULL,   -- chosen by resolve
         resolved_at REAL,

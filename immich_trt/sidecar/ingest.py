@@ -1,0 +1,219 @@
+"""One-pass ingestion: decode an image once, run every enabled model, store the results.
+
+The requests are exactly Immich's (:mod:`immich_trt.contract` builds the ``entries``),
+run through the same :func:`immich_trt.server.app.run_inference` as ``/predict``, so
+what the sidecar stores is what Immich would have received. Tasks already stored for
+the same bytes (imohash) are skipped before decoding, which makes re-ingesting a folder
+cheap and an interrupted ingest resumable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import orjson
+from imohash import hashfileobject
+from PIL import Image
+
+from .. import contract
+from ..config import clean_name
+from .assets import AssetResults, FaceResult, OcrLine, find_asset, tasks_done
+from .errors import BadRequest
+from .service import Sidecar
+
+#: ``(payload, entries) -> (response, raw outputs by (type, task))``
+Infer = Callable[[Image.Image, dict], Awaitable[tuple[dict[str, Any], dict[tuple, Any]]]]
+#: ``bytes -> PIL image`` (runs on the request executor); raises for undecodable bytes.
+Decode = Callable[[bytes], Awaitable[Image.Image]]
+
+THUMBNAIL_SIZE = 160  # px, longest side of a stored face crop
+THUMBNAIL_MARGIN = 0.25  # of the box size, added on each side
+THUMBNAIL_QUALITY = 85
+
+
+def imohash_of(data: bytes) -> str:
+    """imohash 1.1.0 (default sample size and threshold) of ``data``: 32 hex characters,
+    equal to ``imohash.hashfile`` of a file holding these bytes."""
+    return hashfileobject(BytesIO(data), hexdigest=True)
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Which models run. ``None`` disables a task. Model names are cleaned as Immich
+    does (``ViT-B-32::openai`` -> ``ViT-B-32__openai``); thresholds are Immich's
+    server defaults."""
+
+    clip: str | None = contract.CLIP_MODEL
+    faces: str | None = contract.FACE_MODEL
+    ocr: str | None = contract.OCR_MODEL
+    face_min_score: float = contract.FACE_MIN_SCORE
+    ocr_min_detection_score: float = contract.OCR_MIN_DETECTION_SCORE
+    ocr_min_recognition_score: float = contract.OCR_MIN_RECOGNITION_SCORE
+    ocr_max_resolution: int = contract.OCR_MAX_RESOLUTION
+
+    def tasks(self) -> dict[str, str]:
+        """``{task: cleaned model name}`` of the enabled tasks."""
+        named = {"clip": self.clip, "faces": self.faces, "ocr": self.ocr}
+        return {task: clean_name(model) for task, model in named.items() if model}
+
+    def entries(self, tasks: set[str]) -> dict:
+        """Immich's ``entries`` for the given subset of :meth:`tasks`."""
+        models = self.tasks()
+        entries: dict = {}
+        if "clip" in tasks:
+            entries |= contract.clip_visual_entries(models["clip"])
+        if "faces" in tasks:
+            entries |= contract.face_entries(models["faces"], self.face_min_score)
+        if "ocr" in tasks:
+            entries |= contract.ocr_entries(
+                models["ocr"], self.ocr_min_detection_score, self.ocr_max_resolution, self.ocr_min_recognition_score
+            )
+        return entries
+
+
+def face_thumbnail(image: Image.Image, box: tuple[float, float, float, float]) -> bytes:
+    """JPEG of the face ``box`` (x1, y1, x2, y2 pixels) widened by
+    :data:`THUMBNAIL_MARGIN` per side, clipped to the image, longest side at most
+    :data:`THUMBNAIL_SIZE` px."""
+    x1, y1, x2, y2 = box
+    mx, my = (x2 - x1) * THUMBNAIL_MARGIN, (y2 - y1) * THUMBNAIL_MARGIN
+    left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    right, bottom = min(image.width, int(np.ceil(x2 + mx))), min(image.height, int(np.ceil(y2 + my)))
+    crop = image.crop((left, top, max(right, left + 1), max(bottom, top + 1)))
+    crop.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    out = BytesIO()
+    crop.convert("RGB").save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
+
+
+def results_from_outputs(
+    image: Image.Image,
+    data_size: int,
+    imohash: str,
+    response: dict[str, Any],
+    outputs: dict[tuple, Any],
+    models: dict[str, str],
+) -> AssetResults:
+    """Turn a ``/predict``-style response (plus the raw detector output, for landmarks)
+    into :class:`AssetResults`. ``models`` maps the tasks that ran to model names."""
+    results = AssetResults(imohash=imohash, size=data_size, width=image.width, height=image.height)
+    if "clip" in response and isinstance(response["clip"], str):
+        results.clip = (models["clip"], np.asarray(orjson.loads(response["clip"]), dtype=np.float32))
+    faces = response.get("facial-recognition")
+    if isinstance(faces, list):
+        detection = outputs.get(("detection", "facial-recognition")) or {}
+        landmarks = detection.get("landmarks") if isinstance(detection, dict) else None
+        stored = []
+        for i, face in enumerate(faces):
+            b = face["boundingBox"]
+            box = (float(b["x1"]), float(b["y1"]), float(b["x2"]), float(b["y2"]))
+            stored.append(
+                FaceResult(
+                    box=box,
+                    score=float(face["score"]),
+                    embedding=np.asarray(orjson.loads(face["embedding"]), dtype=np.float32),
+                    landmarks=None if landmarks is None else np.asarray(landmarks[i], dtype=np.float32),
+                    thumbnail=face_thumbnail(image, box),
+                )
+            )
+        results.faces = (models["faces"], stored)
+    ocr = response.get("ocr")
+    if isinstance(ocr, dict) and "text" in ocr:
+        boxes = np.asarray(ocr["box"], dtype=np.float64).reshape(-1, 8)
+        lines = [
+            OcrLine([float(v) for v in boxes[i]], text, float(ocr["boxScore"][i]), float(ocr["textScore"][i]))
+            for i, text in enumerate(ocr["text"])
+        ]
+        results.ocr = (models["ocr"], lines)
+    return results
+
+
+def _entry_key(value: Any) -> Any:
+    """The ``(type, task)`` keys of ``run_inference`` outputs use str enums; compare as str."""
+    return tuple(str(getattr(v, "value", v)) for v in value)
+
+
+async def ingest_bytes(
+    sidecar: Sidecar,
+    data: bytes,
+    decode: Decode,
+    infer: Infer,
+    options: IngestOptions,
+    ref: str | None = None,
+    filename: str | None = None,
+) -> dict[str, Any]:
+    """Ingest one encoded image (see the module docstring).
+
+    Returns ``{"assetId", "imohash", "created", "ran": [task], "skipped": [task],
+    "faces": n new faces, "ocrLines": n, "clip": bool}``. Raises :class:`BadRequest`
+    for empty data or no enabled task; decoder errors propagate (the caller answers 400).
+    """
+    if not data:
+        raise BadRequest("image is empty")
+    tasks = options.tasks()
+    if not tasks:
+        raise BadRequest("no task enabled (clip, faces and ocr are all off)")
+    imohash = imohash_of(data)
+
+    def pending(store) -> set[str]:
+        asset = find_asset(store, imohash)
+        done = tasks_done(store, asset) if asset is not None else {}
+        return {task for task, model in tasks.items() if model not in done.get(task, set())}
+
+    todo = await sidecar.call(pending)
+    image = await decode(data) if todo else None
+    if todo:
+        assert image is not None
+        response, raw = await infer(image, options.entries(todo))
+        outputs = {_entry_key(key): value for key, value in raw.items()}
+        results = results_from_outputs(image, len(data), imohash, response, outputs, tasks)
+    else:
+        results = AssetResults(imohash=imohash, size=len(data), width=0, height=0)
+    results.ref, results.filename = ref, filename
+    saved = await sidecar.save(results)  # with nothing to compute, this records the ref only
+    return {
+        "assetId": saved.asset_id,
+        "imohash": imohash,
+        "created": saved.created,
+        "ran": sorted(todo),
+        "skipped": sorted(set(tasks) - todo),
+        "faces": len(saved.face_ids),
+        "ocrLines": len(results.ocr[1]) if results.ocr and "ocr" in todo else 0,
+        "clip": saved.clip_added,
+    }
+
+
+def recorded_tasks(entries: list[tuple[str, str, str]]) -> dict[str, str]:
+    """``{task: model}`` of the complete tasks among ``/predict`` entries given as
+    ``(task, type, model name)``: CLIP visual, faces with recognition, OCR with recognition."""
+    tasks: dict[str, str] = {}
+    for task, type_, name in entries:
+        if (task, type_) == ("clip", "visual"):
+            tasks["clip"] = clean_name(name)
+        elif (task, type_) == ("facial-recognition", "recognition"):
+            tasks["faces"] = clean_name(name)
+        elif (task, type_) == ("ocr", "recognition"):
+            tasks["ocr"] = clean_name(name)
+    return tasks
+
+
+async def record_prediction(
+    sidecar: Sidecar,
+    data: bytes,
+    image: Image.Image,
+    response: dict[str, Any],
+    outputs: dict[tuple, Any],
+    entries: list[tuple[str, str, str]],
+) -> dict[str, Any] | None:
+    """Store the results of one ``/predict`` call (``IMMICH_TRT_RECORD=1``), keyed by
+    the imohash of the image bytes; ``None`` when the call had no complete task."""
+    models = recorded_tasks(entries)
+    if not models:
+        return None
+    raw = {_entry_key(key): value for key, value in outputs.items()}
+    results = results_from_outputs(image, len(data), imohash_of(data), response, raw, models)
+    saved = await sidecar.save(results)
+    return {"assetId": saved.asset_id, "faces": len(saved.face_ids), "clip": saved.clip_added}

@@ -1,0 +1,679 @@
+"""The sidecar's HTTP API under ``/v1``: ingestion, people, search, duplicates.
+
+Every route is declared once in :data:`ROUTES` with its parameters (:class:`Param`);
+the same declaration validates requests (clear 400s naming the field) and produces
+``GET /v1/openapi.json`` (OpenAPI 3.0). Biometric data is private: with
+``IMMICH_TRT_API_KEY`` set, every ``/v1`` route needs ``Authorization: Bearer <key>``
+(401 otherwise); without it, only loopback clients are served (403 otherwise).
+Request bodies and face data are never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import orjson
+from aiohttp import web
+from PIL import Image
+
+from .. import contract
+from ..config import Settings, clean_name
+from ..models.registry import resolve
+from ..server.entries import parse_entries
+from . import duplicates, persons, search
+from .errors import BadRequest, NotFound, SidecarError
+from .ingest import IngestOptions, imohash_of, ingest_bytes
+from .service import Sidecar
+
+log = logging.getLogger("immich_trt.sidecar")
+
+SIDECAR = web.AppKey("sidecar", Sidecar)
+PREFIX = "/v1"
+MAX_INT = 2**63 - 1
+
+
+# ----------------------------------------------------------------------------- params
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request parameter: ``kind`` is ``int``, ``float``, ``bool``, ``str``,
+    ``"ids"`` (list of ints), or ``"image"`` (a multipart file)."""
+
+    name: str
+    kind: Any
+    required: bool = False
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    max_length: int | None = None
+    nullable: bool = False
+    description: str = ""
+
+    def schema(self) -> dict[str, Any]:
+        if self.kind == "image":
+            return {"type": "string", "format": "binary", "description": self.description}
+        if self.kind == "ids":
+            out: dict[str, Any] = {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                "maxItems": self.max_length or 10000,
+            }
+            if self.required:
+                out["minItems"] = 1
+        else:
+            out = {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[self.kind]}
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.kind is str and self.max_length is not None:
+            out["maxLength"] = self.max_length
+        if self.kind is str and self.required:
+            out["minLength"] = 1
+        if self.nullable:
+            out["nullable"] = True
+        if self.default is not None:
+            out["default"] = self.default
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    def convert(self, value: Any, from_text: bool) -> Any:
+        """Validate (and, for query/form text, parse) one value. Raises :class:`BadRequest`."""
+        name = self.name
+        if value is None:
+            if self.nullable:
+                return None
+            raise BadRequest(f"{name} must not be null")
+        kind = self.kind
+        if from_text and kind is not str and isinstance(value, str):
+            value = _parse_text(name, kind, value)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise BadRequest(f"{name} must be a boolean")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest(f"{name} must be an integer")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise BadRequest(f"{name} must be a number")
+            value = float(value)
+        elif kind is str:
+            if not isinstance(value, str):
+                raise BadRequest(f"{name} must be a string")
+            if self.max_length is not None and len(value) > self.max_length:
+                raise BadRequest(f"{name} is longer than {self.max_length} characters")
+            if self.required and not value:
+                raise BadRequest(f"{name} must not be empty")
+        elif kind == "ids":
+            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+                raise BadRequest(f"{name} must be a list of integers")
+            if any(v < 1 or v > MAX_INT for v in value):
+                raise BadRequest(f"{name} holds an id out of range")
+            if self.max_length is not None and len(value) > self.max_length:
+                raise BadRequest(f"{name} has more than {self.max_length} items")
+            if self.required and not value:
+                raise BadRequest(f"{name} must not be empty")
+        if kind in (int, float):
+            if self.minimum is not None and value < self.minimum:
+                raise BadRequest(f"{name} must be >= {self.minimum}")
+            if self.maximum is not None and value > self.maximum:
+                raise BadRequest(f"{name} must be <= {self.maximum}")
+        return value
+
+
+def _parse_text(name: str, kind: Any, value: str) -> Any:
+    if kind is bool:
+        if value.lower() in ("true", "1"):
+            return True
+        if value.lower() in ("false", "0"):
+            return False
+        raise BadRequest(f"{name} must be true or false")
+    try:
+        return int(value) if kind is int else float(value) if kind is float else orjson.loads(value)
+    except (ValueError, orjson.JSONDecodeError):
+        raise BadRequest(f"{name} must be {'an integer' if kind is int else 'a number'}") from None
+
+
+def _id(name: str = "id", description: str = "") -> Param:
+    return Param(name, int, required=True, minimum=1, maximum=MAX_INT, description=description)
+
+
+K = Param("k", int, default=20, minimum=1, maximum=1000, description="number of results")
+OFFSET = Param("offset", int, default=0, minimum=0, maximum=MAX_INT)
+LIMIT = Param("limit", int, default=50, minimum=1, maximum=500)
+MIN_SIM = Param("minSimilarity", float, default=0.0, minimum=-1.0, maximum=1.0, description="cosine similarity")
+MODEL_NAME = dict(kind=str, max_length=200)
+
+
+# ----------------------------------------------------------------------------- routes
+
+Handler = Callable[["Call"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # after /v1, aiohttp syntax: /persons/{id}
+    handler: Handler
+    summary: str
+    body: str | None = None  # "json" | "multipart" | None (query string for GET)
+    params: tuple[Param, ...] = ()
+    path_params: tuple[Param, ...] = ()
+    produces: str = "application/json"
+
+
+@dataclass
+class Call:
+    """A validated request: ``args`` by parameter name, ``sidecar``, ``app``."""
+
+    request: web.Request
+    args: dict[str, Any]
+    sidecar: Sidecar
+    settings: Settings
+    app: web.Application = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for param in route.path_params:
+        args[param.name] = param.convert(request.match_info[param.name], from_text=True)
+    supplied: dict[str, Any]
+    from_text = True
+    if route.body == "json":
+        raw = await request.read()
+        if raw.strip():
+            try:
+                supplied = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise BadRequest("body is not valid JSON") from None
+            if not isinstance(supplied, dict):
+                raise BadRequest("body must be a JSON object")
+        else:
+            supplied = {}
+        from_text = False
+    elif route.body == "multipart":
+        if not request.content_type.startswith("multipart/"):
+            raise BadRequest("body must be multipart/form-data")
+        from ..server.app import read_form
+
+        try:
+            supplied = await read_form(request)
+        except ValueError as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from None
+    else:
+        supplied = dict(request.query)
+    known = {p.name: p for p in route.params}
+    unknown = sorted(set(supplied) - set(known))
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(map(str, unknown))}")
+    for param in route.params:
+        if param.name not in supplied:
+            if param.required:
+                raise BadRequest(f"{param.name} is required")
+            args[param.name] = param.default
+            continue
+        value = supplied[param.name]
+        if param.kind == "image":
+            if not isinstance(value, bytes):
+                raise BadRequest(f"{param.name} must be a file part")
+            if not value:
+                raise BadRequest(f"{param.name} is empty")
+            args[param.name] = value
+        else:
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            args[param.name] = param.convert(value, from_text)
+    return args
+
+
+def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        from ..server.app import HTTPError, json_response
+
+        try:
+            args = await _read_args(request, route)
+            sidecar = request.app[SIDECAR]
+            call = Call(request, args, sidecar, sidecar.settings, request.app)
+            result = await route.handler(call)
+        except SidecarError as exc:
+            raise HTTPError(exc.status, exc.message, f"sidecar_{exc.status}") from exc
+        if isinstance(result, web.StreamResponse):
+            return result
+        return json_response(result)
+
+    return handle
+
+
+# ----------------------------------------------------------------------------- model I/O
+
+
+def _model(name: str | None, task: str, type_: str, default: str) -> str:
+    """A known Immich model name (cleaned), else :class:`BadRequest`."""
+    name = name or default
+    try:
+        resolve(name, type_, task)
+    except ValueError:
+        raise BadRequest(f"unknown {task} model {name!r}") from None
+    return clean_name(name)
+
+
+async def _decode(call: Call, data: bytes) -> Image.Image:
+    from ..server.app import STATE, decode_pil
+
+    try:
+        image = await call.app[STATE]["ctx"].run(decode_pil, data)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise BadRequest(f"image cannot be decoded: {type(exc).__name__}") from None
+    if image.width == 0 or image.height == 0:
+        raise BadRequest("image has zero width or height")
+    return image
+
+
+async def _infer(call: Call, payload: Image.Image | str, entries: dict) -> tuple[dict[str, Any], dict]:
+    from ..server.app import run_inference
+
+    without_deps, with_deps = parse_entries(orjson.dumps(entries).decode())
+    outputs: dict = {}
+    response = await run_inference(call.app, payload, without_deps, with_deps, outputs)
+    return response, outputs
+
+
+async def _text_embedding(call: Call, query: str, model: str, language: str | None) -> np.ndarray:
+    response, _ = await _infer(call, query, contract.clip_textual_entries(model, language))
+    return np.asarray(orjson.loads(response["clip"]), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+async def ingest(call: Call) -> dict:
+    a = call.args
+    options = IngestOptions(
+        clip=_model(a["clipModel"], "clip", "visual", contract.CLIP_MODEL) if a["clip"] else None,
+        faces=_model(a["faceModel"], "facial-recognition", "detection", contract.FACE_MODEL) if a["faces"] else None,
+        ocr=_model(a["ocrModel"], "ocr", "detection", contract.OCR_MODEL) if a["ocr"] else None,
+        face_min_score=a["faceMinScore"],
+    )
+    result = await ingest_bytes(
+        call.sidecar,
+        a["image"],
+        lambda data: _decode(call, data),
+        lambda image, entries: _infer(call, image, entries),
+        options,
+        ref=a["assetId"],
+        filename=a["filename"],
+    )
+    if a["duplicates"]:
+        result["duplicates"] = await _duplicates_of(call, result["assetId"])
+    return result
+
+
+async def _duplicates_of(call: Call, asset_id: int) -> list[dict]:
+    """Other assets that are exact (same bytes under other refs are one asset) or near
+    (CLIP cosine >= the duplicate threshold) duplicates of ``asset_id``."""
+    hits: list[dict] = []
+    for model, index in call.sidecar.clip.items():
+        vector = index.get(asset_id)
+        if vector is None:
+            continue
+        found = await call.sidecar.call(
+            search.search_clip, call.sidecar.clip, vector, model, 20, call.settings.duplicate_threshold, True
+        )
+        hits += [hit for hit in found if hit["assetId"] != asset_id]
+    return hits
+
+
+async def get_asset(call: Call) -> dict:
+    from .assets import asset_summary, resolve_ref, tasks_done
+
+    def read(store):
+        asset_id = resolve_ref(store, call.args["ref"])
+        summary = asset_summary(store, asset_id)
+        summary["tasks"] = {task: sorted(models) for task, models in tasks_done(store, asset_id).items()}
+        summary["faces"] = [
+            {"id": r["id"], "box": {"x1": r["x1"], "y1": r["y1"], "x2": r["x2"], "y2": r["y2"]},
+             "score": r["score"], "personId": r["person"], "model": r["model"]}
+            for r in store.conn.execute("SELECT * FROM faces WHERE asset = ? ORDER BY id", (asset_id,))
+        ]
+        summary["ocr"] = [
+            {"id": r["id"], "text": r["text"], "polygon": orjson.loads(r["polygon"]),
+             "boxScore": r["box_score"], "textScore": r["text_score"]}
+            for r in store.conn.execute("SELECT * FROM ocr_lines WHERE asset = ? ORDER BY model, line", (asset_id,))
+        ]
+        return summary
+
+    return await call.sidecar.call(read)
+
+
+async def cluster(call: Call) -> dict:
+    s = call.settings
+    return await call.sidecar.call(
+        persons.cluster_faces,
+        call.sidecar.faces,
+        min_faces=call.args["minFaces"] or s.face_min_faces,
+        max_distance=call.args["maxDistance"] if call.args["maxDistance"] is not None else s.face_max_distance,
+        full=call.args["full"],
+    )
+
+
+async def list_persons(call: Call) -> dict:
+    return await call.sidecar.call(persons.list_persons, offset=call.args["offset"], limit=call.args["limit"])
+
+
+async def get_person(call: Call) -> dict:
+    return await call.sidecar.call(persons.get_person, call.args["id"], sample=call.args["sample"])
+
+
+async def name_person(call: Call) -> dict:
+    return await call.sidecar.call(persons.name_person, call.args["id"], call.args["name"])
+
+
+async def merge_persons(call: Call) -> dict:
+    return await call.sidecar.call(persons.merge_persons, call.args["targetId"], call.args["sourceIds"])
+
+
+async def split_person(call: Call) -> dict:
+    return await call.sidecar.call(persons.split_person, call.args["faceIds"], call.args["name"])
+
+
+async def delete_person(call: Call) -> dict:
+    return await call.sidecar.call(persons.delete_person, call.args["id"])
+
+
+async def unassigned_faces(call: Call) -> dict:
+    return await call.sidecar.call(persons.unassigned_faces, offset=call.args["offset"], limit=call.args["limit"])
+
+
+async def assign_face(call: Call) -> dict:
+    return await call.sidecar.call(persons.assign_face, call.args["id"], call.args["personId"])
+
+
+async def person_thumbnail(call: Call) -> web.Response:
+    jpeg = await call.sidecar.call(persons.person_thumbnail, call.args["id"])
+    return web.Response(body=jpeg, content_type="image/jpeg")
+
+
+async def search_face(call: Call) -> dict:
+    a = call.args
+    model = _model(a["model"], "facial-recognition", "detection", contract.FACE_MODEL)
+    image = await _decode(call, a["image"])
+    response, _ = await _infer(call, image, contract.face_entries(model, a["faceMinScore"]))
+    faces = []
+    for face in response["facial-recognition"]:
+        embedding = np.asarray(orjson.loads(face["embedding"]), dtype=np.float32)
+        hits = await call.sidecar.call(
+            search.search_faces, call.sidecar.faces, embedding, model, a["k"], a["minSimilarity"]
+        )
+        faces.append(
+            {"box": face["boundingBox"], "score": face["score"], "results": hits, "persons": search.group_by_person(hits)}
+        )
+    return {"imageWidth": image.width, "imageHeight": image.height, "faces": faces}
+
+
+async def search_face_by_id(call: Call) -> dict:
+    a = call.args
+    return await call.sidecar.call(
+        search.search_face_by_id, call.sidecar.faces, a["faceId"], a["k"], a["minSimilarity"]
+    )
+
+
+async def search_text(call: Call) -> dict:
+    a = call.args
+    model = _model(a["model"], "clip", "textual", contract.CLIP_MODEL)
+    embedding = await _text_embedding(call, a["query"], model, a["language"])
+    results = await call.sidecar.call(
+        search.search_clip, call.sidecar.clip, embedding, model, a["k"], a["minSimilarity"], a["includeHidden"]
+    )
+    return {"model": model, "results": results}
+
+
+async def search_ocr(call: Call) -> dict:
+    a = call.args
+    return await call.sidecar.call(search.search_ocr, a["query"], a["limit"], a["offset"], a["includeHidden"])
+
+
+async def search_hybrid(call: Call) -> dict:
+    a = call.args
+    model = _model(a["model"], "clip", "textual", contract.CLIP_MODEL)
+    embedding = await _text_embedding(call, a["query"], model, a["language"])
+    results = await call.sidecar.call(
+        search.search_hybrid, call.sidecar.clip, a["query"], embedding, model, a["k"], a["ocrWeight"]
+    )
+    return {"model": model, "results": results}
+
+
+async def duplicates_check(call: Call) -> dict:
+    return await call.sidecar.call(duplicates.check_exact, imohash_of(call.args["image"]))
+
+
+async def duplicates_find(call: Call) -> dict:
+    threshold = call.args["threshold"]
+    return await call.sidecar.call(
+        duplicates.find_duplicates, call.sidecar.clip, call.settings.duplicate_threshold if threshold is None else threshold
+    )
+
+
+async def duplicates_groups(call: Call) -> dict:
+    a = call.args
+    return await call.sidecar.call(duplicates.list_groups, a["offset"], a["limit"], a["includeResolved"])
+
+
+async def duplicates_resolve(call: Call) -> dict:
+    a = call.args
+    if a["undo"]:
+        return await call.sidecar.call(duplicates.unresolve_group, a["groupId"])
+    return await call.sidecar.call(duplicates.resolve_group, a["groupId"], a["keep"])
+
+
+async def openapi(call: Call) -> dict:
+    return openapi_document()
+
+
+async def status(call: Call) -> dict:
+    def counts(store) -> dict:
+        q = lambda sql: store.conn.execute(sql).fetchone()[0]  # noqa: E731
+        return {
+            "assets": q("SELECT count(*) FROM assets"),
+            "faces": q("SELECT count(*) FROM faces"),
+            "persons": q("SELECT count(*) FROM persons"),
+            "ocrLines": q("SELECT count(*) FROM ocr_lines"),
+            "duplicateGroups": q("SELECT count(*) FROM duplicate_groups"),
+            "outbox": q("SELECT count(*) FROM outbox"),
+            "schemaVersion": store.version,
+        }
+
+    result = await call.sidecar.call(counts)
+    mirror = call.app.get(MIRROR)
+    result["opensearch"] = mirror.status() if mirror is not None else None
+    return result
+
+
+MIRROR = web.AppKey("mirror", object)
+
+_TEXT_QUERY = Param("query", str, required=True, max_length=256, description="search text")
+_LANGUAGE = Param("language", str, max_length=35, description="BCP-47/Weblate code, as Immich's search")
+_INCLUDE_HIDDEN = Param("includeHidden", bool, default=False, description="include assets hidden by a duplicate resolution")
+_FACE_MIN_SCORE = Param("faceMinScore", float, default=contract.FACE_MIN_SCORE, minimum=0.0, maximum=1.0)
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/ingest", ingest, "Run every enabled model on an image in one pass and store the results",
+          body="multipart", params=(
+              Param("image", "image", required=True, description="encoded image (JPEG, PNG, WebP, ...)"),
+              Param("assetId", str, max_length=512, description="caller's id for the asset (default: the imohash)"),
+              Param("filename", str, max_length=1024),
+              Param("clip", bool, default=True), Param("faces", bool, default=True),
+              Param("ocr", bool, default=True),
+              Param("duplicates", bool, default=False, description="answer the asset's near duplicates too"),
+              Param("clipModel", **MODEL_NAME, description=f"default {contract.CLIP_MODEL}"),
+              Param("faceModel", **MODEL_NAME, description=f"default {contract.FACE_MODEL}"),
+              Param("ocrModel", **MODEL_NAME, description=f"default {contract.OCR_MODEL}"),
+              _FACE_MIN_SCORE,
+          )),
+    Route("GET", "/assets/{ref}", get_asset, "An asset by its ref (assetId, path or imohash), with faces and OCR lines",
+          path_params=(Param("ref", str, required=True, max_length=1024),)),
+    Route("POST", "/faces/cluster", cluster, "Cluster faces into persons (Immich's incremental DBSCAN)",
+          body="json", params=(
+              Param("full", bool, default=False, description="recluster every face not assigned by hand"),
+              Param("minFaces", int, minimum=1, maximum=1000, nullable=True),
+              Param("maxDistance", float, minimum=0.0, maximum=2.0, nullable=True, description="cosine distance"),
+          )),
+    Route("GET", "/persons", list_persons, "Persons with face counts, largest first", params=(OFFSET, LIMIT)),
+    Route("GET", "/persons/{id}", get_person, "A person with sample faces",
+          params=(Param("sample", int, default=12, minimum=0, maximum=500),), path_params=(_id(),)),
+    Route("POST", "/persons/{id}/name", name_person, "Name a person (empty string clears the name)",
+          body="json", params=(Param("name", str, max_length=200, default=None),), path_params=(_id(),)),
+    Route("POST", "/persons/merge", merge_persons, "Merge persons into a target person", body="json",
+          params=(_id("targetId"), Param("sourceIds", "ids", required=True, max_length=1000))),
+    Route("POST", "/persons/split", split_person, "Move the given faces to a new person", body="json",
+          params=(Param("faceIds", "ids", required=True, max_length=10000), Param("name", str, max_length=200))),
+    Route("DELETE", "/persons/{id}", delete_person, "Delete a person; its faces become unassigned",
+          path_params=(_id(),)),
+    Route("GET", "/faces/unassigned", unassigned_faces, "Faces without a person", params=(OFFSET, LIMIT)),
+    Route("POST", "/faces/{id}/assign", assign_face, "Assign a face to a person by hand (null: unassign)",
+          body="json", params=(Param("personId", int, minimum=1, maximum=MAX_INT, nullable=True),),
+          path_params=(_id(),)),
+    Route("GET", "/persons/{id}/thumbnail", person_thumbnail, "The person's representative face (JPEG)",
+          path_params=(_id(),), produces="image/jpeg"),
+    Route("POST", "/search/face", search_face, "Faces in an image and their nearest stored faces and persons",
+          body="multipart", params=(Param("image", "image", required=True), K, MIN_SIM,
+                                    Param("model", **MODEL_NAME), _FACE_MIN_SCORE)),
+    Route("POST", "/search/face/by-id", search_face_by_id, "Nearest faces and persons of a stored face",
+          body="json", params=(_id("faceId"), K, MIN_SIM)),
+    Route("POST", "/search/text", search_text, "Images matching a text (CLIP)", body="json",
+          params=(_TEXT_QUERY, K, Param("minSimilarity", float, default=-1.0, minimum=-1.0, maximum=1.0),
+                  Param("model", **MODEL_NAME), _LANGUAGE, _INCLUDE_HIDDEN)),
+    Route("POST", "/search/ocr", search_ocr, "Images whose OCR text contains a substring (FTS5 trigram)",
+          body="json", params=(_TEXT_QUERY, LIMIT, OFFSET, _INCLUDE_HIDDEN)),
+    Route("POST", "/search/hybrid", search_hybrid, "Images ranked by OCR match plus CLIP similarity",
+          body="json", params=(_TEXT_QUERY, K, Param("ocrWeight", float, default=0.5, minimum=0.0, maximum=1.0),
+                               Param("model", **MODEL_NAME), _LANGUAGE)),
+    Route("POST", "/duplicates/check", duplicates_check, "Is this exact file (imohash) already stored?",
+          body="multipart", params=(Param("image", "image", required=True),)),
+    Route("POST", "/duplicates/find", duplicates_find, "Group near duplicates (CLIP cosine) and exact ones",
+          body="json", params=(Param("threshold", float, minimum=0.0, maximum=1.0, nullable=True,
+                                     description="CLIP cosine similarity, default IMMICH_TRT_DUPLICATE_THRESHOLD"),)),
+    Route("GET", "/duplicates/groups", duplicates_groups, "Duplicate groups with the suggested keeper",
+          params=(OFFSET, LIMIT, Param("includeResolved", bool, default=False))),
+    Route("POST", "/duplicates/resolve", duplicates_resolve, "Keep one asset of a group and hide the others",
+          body="json", params=(_id("groupId"), Param("keep", int, minimum=1, maximum=MAX_INT, nullable=True),
+                               Param("undo", bool, default=False, description="undo the group's resolution"))),
+    Route("GET", "/status", status, "Store counts and the OpenSearch mirror's backlog"),
+    Route("GET", "/openapi.json", openapi, "This document"),
+)
+
+_ERRORS = {
+    "400": "invalid input (the detail names the field)",
+    "401": "missing or wrong API key",
+    "403": "not a loopback client and no API key configured",
+    "404": "unknown id",
+    "409": "not allowed in the current state",
+    "413": "request body too large",
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.0.3 description of :data:`ROUTES`."""
+    from .. import __version__
+
+    error = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}
+    paths: dict[str, dict] = {}
+    for route in ROUTES:
+        op: dict[str, Any] = {"summary": route.summary, "operationId": route.handler.__name__}
+        parameters = [
+            {"name": p.name, "in": "path", "required": True, "schema": p.schema()} for p in route.path_params
+        ]
+        if route.body is None:
+            parameters += [
+                {"name": p.name, "in": "query", "required": p.required, "schema": p.schema()} for p in route.params
+            ]
+        else:
+            media = "application/json" if route.body == "json" else "multipart/form-data"
+            schema = {
+                "type": "object",
+                "properties": {p.name: p.schema() for p in route.params},
+                "additionalProperties": False,
+            }
+            required = [p.name for p in route.params if p.required]
+            if required:
+                schema["required"] = required
+            op["requestBody"] = {"required": bool(required), "content": {media: {"schema": schema}}}
+        if parameters:
+            op["parameters"] = parameters
+        ok = (
+            {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
+            if route.produces == "image/jpeg"
+            else {"application/json": {"schema": {"type": "object"}}}
+        )
+        op["responses"] = {"200": {"description": "OK", "content": ok}} | {
+            code: {"description": text, "content": error} for code, text in _ERRORS.items()
+        }
+        paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "immich-trt sidecar", "version": __version__},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}, {}],
+        "paths": paths,
+    }
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+def is_loopback(remote: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything else
+    (including an unknown peer)."""
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme is
+    case-insensitive, RFC 7235), else None."""
+    scheme, _, token = header.partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def make_auth_middleware(api_key: str | None):
+    """``/v1`` guard (see the module docstring). The key is compared in constant time."""
+    expected = api_key.encode() if api_key else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
+            from ..server.app import HTTPError
+
+            if expected is not None:
+                token = bearer_token(request.headers.get("Authorization", "")) or ""
+                if not hmac.compare_digest(token.encode(), expected):
+                    raise HTTPError(401, "missing or wrong API key (Authorization: Bearer <IMMICH_TRT_API_KEY>)",
+                                    "unauthorized")
+            elif not is_loopback(request.remote):
+                raise HTTPError(403, "the sidecar serves loopback clients only unless IMMICH_TRT_API_KEY is set",
+                                "forbidden")
+        return await handler(request)
+
+    return auth
+
+
+def add_routes(app: web.Application) -> None:
+    """Register :data:`ROUTES` under ``/v1``."""
+    for route in ROUTES:
+        app.router.add_route(route.method, PREFIX + route.path, _handler(route))
+
+
+__all__ = ["ROUTES", "SIDECAR", "MIRROR", "add_routes", "make_auth_middleware", "openapi_document", "NotFound"]

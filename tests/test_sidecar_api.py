@@ -1,0 +1,345 @@
+"""The sidecar's /v1 API in-process: ingestion with the real models (PP-OCRv5, test
+pack), real SQLite, and the HTTP layer's validation, auth and OpenAPI document."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from imohash import hashfile
+from PIL import Image
+
+from conftest import GOLDEN, SHARED_DATA, requires_data
+from immich_trt.models.testpack import bright_square_image
+from immich_trt.server.app import create_app
+from immich_trt.sidecar.routes import ROUTES, openapi_document
+from immich_trt.testing import offline_settings
+
+
+def encode(array_rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array_rgb).save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+def faces_image(squares: list[tuple[int, int]], value: int = 255, size: int = 640) -> bytes:
+    """A black image with 32 px squares of grey ``value``: the test pack's faces."""
+    return encode(bright_square_image(size, size, [(x, y, 32) for x, y in squares], value=value)[:, :, ::-1].copy())
+
+
+def ingest_form(image: bytes, **fields) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("image", image, filename="blob", content_type="application/octet-stream")
+    for name, value in fields.items():
+        form.add_field(name, value if isinstance(value, str) else json.dumps(value))
+    return form
+
+
+@pytest.fixture
+def settings(model_cache: Path, tmp_path: Path):
+    return offline_settings(
+        model_cache, runtime="onnxruntime", model_ttl=0, engines_dir=tmp_path / "engines", data_dir=tmp_path / "data"
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    return await aiohttp_client(create_app(settings))
+
+
+async def ok(response) -> dict:
+    body = await response.read()
+    assert response.status == 200, body[:500]
+    return json.loads(body)
+
+
+def db(settings) -> sqlite3.Connection:
+    return sqlite3.connect(settings.data_dir / "sidecar.db")
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+@requires_data
+async def test_ingest_runs_every_task_once_and_is_idempotent(client, settings) -> None:
+    path = SHARED_DATA / "ocr" / "ch_en_num.jpg"
+    data = path.read_bytes()
+    first = await ok(await client.post("/v1/ingest", data=ingest_form(data, assetId="a-1", filename=path.name)))
+    assert first["created"] is True
+    assert first["ran"] == ["clip", "faces", "ocr"] and first["skipped"] == []
+    assert first["imohash"] == hashfile(str(path), hexdigest=True)
+    golden = json.loads((GOLDEN / "immich_ml_3.1.0_ocr.json").read_text())
+    texts = json.loads(golden["responses"]["ocr"]["ocr/ch_en_num.jpg"]["body"])["ocr"]["text"]
+    assert first["ocrLines"] == len(texts) == 14
+
+    counts = lambda: [db(settings).execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: E731
+                      for t in ("assets", "faces", "ocr_lines", "asset_tasks")]
+    before = counts()
+    again = await ok(await client.post("/v1/ingest", data=ingest_form(data, assetId="a-1")))
+    assert again == {**first, "created": False, "ran": [], "skipped": ["clip", "faces", "ocr"], "ocrLines": 0,
+                     "clip": False, "faces": 0}
+    assert counts() == before
+
+    asset = await ok(await client.get("/v1/assets/a-1"))
+    assert asset["refs"] == ["a-1"] and asset["filenames"] == ["ch_en_num.jpg"]
+    assert [line["text"] for line in asset["ocr"]] == texts  # Immich's exact answer, stored
+    assert asset["tasks"] == {"clip": ["ViT-B-32__openai"], "faces": ["buffalo_l"], "ocr": ["PP-OCRv5_mobile"]}
+    by_hash = await ok(await client.get(f"/v1/assets/{first['imohash']}"))
+    assert by_hash["id"] == asset["id"]
+
+
+async def test_ingest_generated_faces_then_cluster_search_and_thumbnail(client) -> None:
+    # the same face (white square) in three images, a fourth image without faces
+    images = [faces_image([(96, 96)]), faces_image([(320, 160)]), faces_image([(160, 448), (448, 448)]),
+              faces_image([])]
+    results = [await ok(await client.post("/v1/ingest", data=ingest_form(img, ocr=False))) for img in images]
+    assert [r["faces"] for r in results] == [1, 1, 2, 0]
+
+    stats = await ok(await client.post("/v1/faces/cluster", json={}))
+    assert stats["newPersons"] == 1 and stats["assigned"] == 4
+    listing = await ok(await client.get("/v1/persons"))
+    assert listing["total"] == 1 and listing["items"][0]["faceCount"] == 4
+    person = listing["items"][0]
+
+    thumb = await client.get(f"/v1/persons/{person['id']}/thumbnail")
+    assert thumb.status == 200 and thumb.content_type == "image/jpeg"
+    assert Image.open(io.BytesIO(await thumb.read())).size[0] <= 160
+
+    named = await ok(await client.post(f"/v1/persons/{person['id']}/name", json={"name": "Square"}))
+    assert named["name"] == "Square"
+
+    found = await ok(await client.post("/v1/search/face", data=ingest_form(faces_image([(224, 224)]))))
+    assert len(found["faces"]) == 1
+    hits = found["faces"][0]
+    assert hits["persons"][0]["personId"] == person["id"] and hits["persons"][0]["personName"] == "Square"
+    assert hits["results"][0]["similarity"] > 0.999
+
+    by_id = await ok(await client.post("/v1/search/face/by-id", json={"faceId": hits["results"][0]["faceId"]}))
+    assert len(by_id["results"]) == 3  # the other three faces, not itself
+
+
+@requires_data
+async def test_ocr_search_finds_words_of_the_real_images(client) -> None:
+    golden = json.loads((GOLDEN / "immich_ml_3.1.0_ocr.json").read_text())["responses"]["ocr"]
+    names = ["ocr/en.jpg", "ocr/ch_en_num.jpg", "ocr/text_rec.jpg"]
+    ids = {}
+    for name in names:
+        result = await ok(await client.post(
+            "/v1/ingest", data=ingest_form((SHARED_DATA / name).read_bytes(), assetId=name, clip=False, faces=False)
+        ))
+        ids[name] = result["assetId"]
+    for name, query in (("ocr/text_rec.jpg", "韩国小馆"), ("ocr/ch_en_num.jpg", "破损就赔")):
+        texts = json.loads(golden[name]["body"])["ocr"]["text"]
+        assert any(query in t for t in texts)
+        found = await ok(await client.post("/v1/search/ocr", json={"query": query}))
+        assert [item["assetId"] for item in found["items"]] == [ids[name]]
+        line = found["items"][0]["lines"][0]
+        assert query in line["text"] and len(line["polygon"]) == 8
+        assert all(0.0 <= v <= 1.0 for v in line["polygon"])
+    # an English word: every stored line containing it, case-insensitively
+    english = [t for t in json.loads(golden["ocr/en.jpg"]["body"])["ocr"]["text"] if len(t) >= 5][0]
+    word = english[:5].upper()
+    found = await ok(await client.post("/v1/search/ocr", json={"query": word}))
+    assert ids["ocr/en.jpg"] in [item["assetId"] for item in found["items"]]
+
+
+@requires_data
+async def test_duplicates_byte_identical_and_reencoded(client) -> None:
+    path = SHARED_DATA / "photos" / "prairie_falcon.jpg"
+    data = path.read_bytes()
+    reencoded = encode(np.asarray(Image.open(path).convert("RGB")), "JPEG", quality=90)
+    other = (SHARED_DATA / "photos" / "silver_fir.jpg").read_bytes()
+    for ref, image in (("orig", data), ("copy", data), ("re", reencoded), ("other", other)):
+        await ok(await client.post("/v1/ingest", data=ingest_form(image, assetId=ref, faces=False, ocr=False)))
+
+    check = await ok(await client.post("/v1/duplicates/check", data=ingest_form(data)))
+    assert check["duplicate"] is True and sorted(check["asset"]["refs"]) == ["copy", "orig"]
+    check = await ok(await client.post("/v1/duplicates/check", data=ingest_form(b"\xff\xd8 not stored")))
+    assert check["duplicate"] is False
+
+    found = await ok(await client.post("/v1/duplicates/find", json={}))
+    assert found["groups"] >= 1
+    groups = (await ok(await client.get("/v1/duplicates/groups")))["items"]
+    member_refs = [sorted(r for m in g["members"] for r in m["refs"]) for g in groups]
+    assert ["copy", "orig", "re"] in member_refs  # same bytes and the re-encoded copy together
+    assert not any("other" in refs for refs in member_refs)
+    group = next(g for g in groups if sorted(r for m in g["members"] for r in m["refs"]) == ["copy", "orig", "re"])
+    resolved = await ok(await client.post("/v1/duplicates/resolve", json={"groupId": group["id"]}))
+    assert resolved["resolved"] is True
+    hidden = {m["id"] for m in resolved["members"] if m["hidden"]}
+    assert resolved["keeper"] not in hidden and len(hidden) == len(resolved["members"]) - 1
+    undone = await ok(await client.post("/v1/duplicates/resolve", json={"groupId": group["id"], "undo": True}))
+    assert not any(m["hidden"] for m in undone["members"])
+
+
+async def test_text_search_ranks_stored_assets(client) -> None:
+    ids = set()
+    for value in (255, 200, 150):
+        r = await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(96, 96)], value), ocr=False)))
+        ids.add(r["assetId"])
+    found = await ok(await client.post("/v1/search/text", json={"query": "a white square", "k": 10}))
+    sims = [hit["similarity"] for hit in found["results"]]
+    assert {hit["assetId"] for hit in found["results"]} == ids
+    assert sims == sorted(sims, reverse=True)
+    hybrid = await ok(await client.post("/v1/search/hybrid", json={"query": "square"}))
+    assert {hit["assetId"] for hit in hybrid["results"]} <= ids
+
+
+async def test_record_mode_stores_predict_results_by_imohash(aiohttp_client, settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, record=True)))
+    image = faces_image([(96, 96)])
+    form = aiohttp.FormData()
+    entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}},
+               "facial-recognition": {"detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
+                                      "recognition": {"modelName": "buffalo_l"}}}
+    form.add_field("entries", json.dumps(entries))
+    form.add_field("image", image, filename="blob")
+    response = await ok(await client.post("/predict", data=form))
+    assert len(response["facial-recognition"]) == 1
+    for _ in range(50):  # recorded in the background
+        stored = await client.get(f"/v1/assets/imohash:{_imohash(image)}")
+        if stored.status == 200:
+            break
+        await __import__("asyncio").sleep(0.05)
+    asset = await ok(stored)
+    assert asset["tasks"] == {"clip": ["ViT-B-32__openai"], "faces": ["buffalo_l"]}
+    assert asset["faces"][0]["box"] == response["facial-recognition"][0]["boundingBox"]
+
+
+def _imohash(data: bytes) -> str:
+    from immich_trt.sidecar.ingest import imohash_of
+
+    return imohash_of(data)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "method, path, kwargs, status, fragment",
+    [
+        ("POST", "/v1/faces/cluster", {"data": b"{not json"}, 400, "not valid JSON"),
+        ("POST", "/v1/faces/cluster", {"json": [1, 2]}, 400, "JSON object"),
+        ("POST", "/v1/faces/cluster", {"json": {"full": "yes"}}, 400, "full must be a boolean"),
+        ("POST", "/v1/faces/cluster", {"json": {"bogus": 1}}, 400, "unknown field(s): bogus"),
+        ("POST", "/v1/search/text", {"json": {}}, 400, "query is required"),
+        ("POST", "/v1/search/text", {"json": {"query": "x", "k": 0}}, 400, "k must be >= 1"),
+        ("POST", "/v1/search/text", {"json": {"query": "x", "k": True}}, 400, "k must be an integer"),
+        ("POST", "/v1/search/text", {"json": {"query": "x", "model": "../../etc"}}, 400, "unknown clip model"),
+        ("POST", "/v1/search/text", {"json": {"query": "x" * 257}}, 400, "longer than 256"),
+        ("POST", "/v1/search/ocr", {"json": {"query": "abc", "limit": 10**6}}, 400, "limit must be <= 500"),
+        ("POST", "/v1/search/face/by-id", {"json": {"faceId": 2**70}}, 400, "faceId must be"),
+        ("POST", "/v1/search/face/by-id", {"json": {"faceId": 12345}}, 404, "12345"),
+        ("GET", "/v1/persons/abc", {}, 400, "id must be an integer"),
+        ("GET", "/v1/persons/99999999999999999999999", {}, 400, "id must be <="),
+        ("GET", "/v1/persons/77", {}, 404, "77"),
+        ("GET", "/v1/persons?limit=-1", {}, 400, "limit must be >= 1"),
+        ("DELETE", "/v1/persons/5", {}, 404, "5"),
+        ("POST", "/v1/persons/merge", {"json": {"targetId": 1, "sourceIds": ["a"]}}, 400, "list of integers"),
+        ("POST", "/v1/persons/split", {"json": {"faceIds": []}}, 400, "faceIds must not be empty"),
+        ("POST", "/v1/ingest", {"json": {"image": "x"}}, 400, "multipart"),
+        ("POST", "/v1/ingest", {"data": ingest_form(b"")}, 400, "image is empty"),
+        ("POST", "/v1/ingest", {"data": ingest_form(b"not an image")}, 400, "cannot be decoded"),
+        ("POST", "/v1/ingest", {"data": ingest_form(b"\x89PNG\r\n\x1a\n", faceModel="../x")}, 400,
+         "unknown facial-recognition model"),
+        ("POST", "/v1/ingest", {"data": ingest_form(b"x", clip=False, faces=False, ocr=False)}, 400, "no task"),
+        ("POST", "/v1/duplicates/find", {"json": {"threshold": 1.5}}, 400, "threshold must be <= 1.0"),
+        ("POST", "/v1/duplicates/resolve", {"json": {"groupId": 3}}, 404, "3"),
+        ("GET", "/v1/assets/nothing-here", {}, 404, "nothing-here"),
+        ("GET", "/v1/persons/1/thumbnail", {}, 404, "1"),
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx(client, method, path, kwargs, status, fragment) -> None:
+    response = await client.request(method, path, **kwargs)
+    body = await response.json()
+    assert response.status == status, body
+    assert fragment in body["detail"]
+    assert (await client.get("/ping")).status == 200
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+async def test_api_key_is_required_when_set(aiohttp_client, settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, api_key="s3cret-key")))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                    {"Authorization": "Bearer s3cret-key-and-more"}, {"Authorization": "Basic s3cret-key"}):
+        response = await client.get("/v1/persons", headers=headers)
+        assert response.status == 401
+        assert "API key" in (await response.json())["detail"]
+    for scheme in ("Bearer", "bearer"):  # the scheme is case-insensitive (RFC 7235)
+        assert (await client.get("/v1/persons", headers={"Authorization": f"{scheme} s3cret-key"})).status == 200
+    # Immich's own routes never need the key
+    assert (await client.get("/ping")).status == 200
+
+
+def test_loopback_detection() -> None:
+    from immich_trt.sidecar.routes import is_loopback
+
+    for address in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert is_loopback(address), address
+    for address in ("192.0.2.2", "10.0.0.1", "::ffff:10.0.0.1", "fd00::2", "", None, "not-an-ip"):
+        assert not is_loopback(address), address
+
+
+def _non_loopback_address() -> str | None:
+    import socket
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    for line in out.splitlines():
+        address = line.split()[3].split("/")[0]
+        if not address.startswith("127."):
+            return address
+    try:  # fall back to the address the host name resolves to
+        address = socket.gethostbyname(socket.gethostname())
+        return None if address.startswith("127.") else address
+    except OSError:
+        return None
+
+
+def test_non_loopback_clients_are_refused_without_a_key(model_cache: Path, tmp_path: Path) -> None:
+    """A real server bound to every interface, reached over the host's own non-loopback
+    address: /v1 answers 403 there and 200 over loopback; /ping works on both."""
+    import urllib.error
+    import urllib.request
+
+    from immich_trt.testing import LiveServer
+
+    address = _non_loopback_address()
+    assert address is not None, "this host has no non-loopback IPv4 address to test with"
+    with LiveServer(model_cache, tmp_path, env={"IMMICH_HOST": "0.0.0.0", "IMMICH_TRT_RUNTIME": "onnxruntime"}) as s:
+        with urllib.request.urlopen(f"{s.url}/v1/persons", timeout=10) as response:
+            assert response.status == 200
+        remote = f"http://{address}:{s.port}"
+        with urllib.request.urlopen(f"{remote}/ping", timeout=10) as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{remote}/v1/persons", timeout=10)
+        assert refused.value.code == 403
+        assert "loopback" in json.loads(refused.value.read())["detail"]
+
+
+# ----------------------------------------------------------------------------- openapi
+
+
+async def test_openapi_describes_every_route(client) -> None:
+    document = await ok(await client.get("/v1/openapi.json"))
+    assert document == json.loads(json.dumps(openapi_document()))
+    described = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
+    assert described == {(r.method, "/v1" + r.path) for r in ROUTES}
+    registered = {
+        (route.method, route.resource.canonical)
+        for route in client.app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith("/v1") and route.method != "HEAD"
+    }
+    assert registered == described
