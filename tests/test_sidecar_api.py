@@ -213,7 +213,7 @@ async def test_record_mode_stores_predict_results_by_imohash(aiohttp_client, set
 
 
 def _imohash(data: bytes) -> str:
-    from immich_trt.sidecar.ingest import imohash_of
+    from immich_trt.sidecar.duplicates import imohash_of
 
     return imohash_of(data)
 
@@ -229,14 +229,16 @@ def _imohash(data: bytes) -> str:
         ("POST", "/v1/faces/cluster", {"json": {"full": "yes"}}, 400, "full must be a boolean"),
         ("POST", "/v1/faces/cluster", {"json": {"bogus": 1}}, 400, "unknown field(s): bogus"),
         ("POST", "/v1/search/text", {"json": {}}, 400, "query is required"),
+        ("POST", "/v1/search/ocr", {"json": {"query": " \t "}}, 400, "query must match"),
+        ("POST", "/v1/search/text", {"json": {"query": "x", "model": "RN50__cc12m"}}, 503, "Failed to load model"),
         ("POST", "/v1/search/text", {"json": {"query": "x", "k": 0}}, 400, "k must be >= 1"),
         ("POST", "/v1/search/text", {"json": {"query": "x", "k": True}}, 400, "k must be an integer"),
-        ("POST", "/v1/search/text", {"json": {"query": "x", "model": "../../etc"}}, 400, "unknown clip model"),
+        ("POST", "/v1/search/text", {"json": {"query": "x", "model": "../../etc"}}, 400, "unknown model '../../etc'"),
         ("POST", "/v1/search/text", {"json": {"query": "x" * 257}}, 400, "longer than 256"),
         ("POST", "/v1/search/ocr", {"json": {"query": "abc", "limit": 10**6}}, 400, "limit must be <= 500"),
         ("POST", "/v1/search/face/by-id", {"json": {"faceId": 2**70}}, 400, "faceId must be"),
         ("POST", "/v1/search/face/by-id", {"json": {"faceId": 12345}}, 404, "12345"),
-        ("GET", "/v1/persons/abc", {}, 400, "id must be an integer"),
+        ("GET", "/v1/persons/abc", {}, 404, "Not Found"),
         ("GET", "/v1/persons/99999999999999999999999", {}, 400, "id must be <="),
         ("GET", "/v1/persons/77", {}, 404, "77"),
         ("GET", "/v1/persons?limit=-1", {}, 400, "limit must be >= 1"),
@@ -247,7 +249,7 @@ def _imohash(data: bytes) -> str:
         ("POST", "/v1/ingest", {"data": ingest_form(b"")}, 400, "image is empty"),
         ("POST", "/v1/ingest", {"data": ingest_form(b"not an image")}, 400, "cannot be decoded"),
         ("POST", "/v1/ingest", {"data": ingest_form(b"\x89PNG\r\n\x1a\n", faceModel="../x")}, 400,
-         "unknown facial-recognition model"),
+         "unknown faceModel '../x'"),
         ("POST", "/v1/ingest", {"data": ingest_form(b"x", clip=False, faces=False, ocr=False)}, 400, "no task"),
         ("POST", "/v1/duplicates/find", {"json": {"threshold": 1.5}}, 400, "threshold must be <= 1.0"),
         ("POST", "/v1/duplicates/resolve", {"json": {"groupId": 3}}, 404, "3"),
@@ -343,3 +345,33 @@ async def test_openapi_describes_every_route(client) -> None:
         if route.resource is not None and route.resource.canonical.startswith("/v1") and route.method != "HEAD"
     }
     assert registered == described
+
+
+# ----------------------------------------------------------------------------- mirror
+
+
+async def test_server_mirrors_writes_to_opensearch_and_survives_an_outage(aiohttp_client, settings) -> None:
+    import asyncio
+
+    from fake_opensearch import FakeOpenSearch
+
+    with FakeOpenSearch() as fake:
+        fake.down()  # OpenSearch is down when the server starts: start-up must not block or fail
+        client = await aiohttp_client(create_app(dataclasses.replace(settings, opensearch_url=fake.url)))
+        first = await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(96, 96)]), ocr=False)))
+        await asyncio.sleep(0.5)
+        status = await ok(await client.get("/v1/status"))
+        assert status["outbox"] >= 2  # the asset and its face wait in the outbox
+
+        fake.up()
+        second = await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(320, 96)]), ocr=False)))
+        for _ in range(200):  # the write wakes the mirror; backoff may delay the first retry
+            status = await ok(await client.get("/v1/status"))
+            if status["outbox"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert status["outbox"] == 0, status
+        assert fake.count("immich-trt-assets") == 2 and fake.count("immich-trt-faces") == 2
+        docs = fake.docs["immich-trt-assets"]
+        assert set(docs) == {str(first["assetId"]), str(second["assetId"])}
+        assert docs[str(first["assetId"])]["imohash"] == first["imohash"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image
 
 from ..config import Settings
@@ -115,7 +116,16 @@ async def metrics_route(request: web.Request) -> web.Response:
 async def read_form(request: web.Request) -> dict[str, str | bytes]:
     """Form fields by name: ``image`` as raw bytes (any filename or content type),
     everything else as text. Multipart and urlencoded bodies; the last value of a
-    repeated field wins (Starlette ``FormData.get``)."""
+    repeated field wins (Starlette ``FormData.get``). A body that cannot be parsed is a
+    400 ``There was an error parsing the body``, as FastAPI answers."""
+    try:
+        return await _read_form(request)
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        log.info("Unparsable form body on %s: %s", request.path, type(exc).__name__)
+        raise HTTPError(400, "There was an error parsing the body", "bad_form") from None
+
+
+async def _read_form(request: web.Request) -> dict[str, str | bytes]:
     fields: dict[str, str | bytes] = {}
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
@@ -308,6 +318,7 @@ async def _sidecar_lifespan(app: web.Application):
         from ..sidecar.opensearch import Mirror
 
         mirror = Mirror(sidecar, app[SETTINGS])
+        sidecar.listeners.append(mirror.notify)
         await mirror.start()
         app[MIRROR] = mirror
     yield

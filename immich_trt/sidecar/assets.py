@@ -95,13 +95,19 @@ def save_results(store: Store, results: AssetResults) -> Saved:
             )
             asset_id = int(cursor.lastrowid)
         ref = results.ref or f"imohash:{results.imohash}"
+        before = conn.execute("SELECT asset, filename FROM asset_refs WHERE ref = ?", (ref,)).fetchone()
         conn.execute(
             "INSERT INTO asset_refs (ref, asset, filename, created_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (ref) DO UPDATE SET asset = excluded.asset, filename = coalesce(excluded.filename, filename)",
             (ref, asset_id, results.filename, now),
         )
         done = tasks_done(store, asset_id)
-        changed = created
+        # a new ref (or a ref moved from other content) changes the mirrored refs
+        changed = created or before is None or before["asset"] != asset_id or (
+            results.filename is not None and before["filename"] != results.filename
+        )
+        if before is not None and before["asset"] != asset_id:
+            store.touch("asset", before["asset"])
         clip_added = False
         if results.clip is not None and results.clip[0] not in done.get("clip", set()):
             model, embedding = results.clip

@@ -15,12 +15,12 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 import orjson
-from imohash import hashfileobject
 from PIL import Image
 
 from .. import contract
 from ..config import clean_name
 from .assets import AssetResults, FaceResult, OcrLine, find_asset, tasks_done
+from .duplicates import imohash_of
 from .errors import BadRequest
 from .service import Sidecar
 
@@ -32,12 +32,6 @@ Decode = Callable[[bytes], Awaitable[Image.Image]]
 THUMBNAIL_SIZE = 160  # px, longest side of a stored face crop
 THUMBNAIL_MARGIN = 0.25  # of the box size, added on each side
 THUMBNAIL_QUALITY = 85
-
-
-def imohash_of(data: bytes) -> str:
-    """imohash 1.1.0 (default sample size and threshold) of ``data``: 32 hex characters,
-    equal to ``imohash.hashfile`` of a file holding these bytes."""
-    return hashfileobject(BytesIO(data), hexdigest=True)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -23,11 +24,12 @@ from PIL import Image
 
 from .. import contract
 from ..config import Settings, clean_name
-from ..models.registry import resolve
+from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS, resolve
 from ..server.entries import parse_entries
 from . import duplicates, persons, search
 from .errors import BadRequest, NotFound, SidecarError
-from .ingest import IngestOptions, imohash_of, ingest_bytes
+from .duplicates import imohash_of
+from .ingest import IngestOptions, ingest_bytes
 from .service import Sidecar
 
 log = logging.getLogger("immich_trt.sidecar")
@@ -54,10 +56,14 @@ class Param:
     max_length: int | None = None
     nullable: bool = False
     description: str = ""
+    min_length: int | None = None  # strings
+    exclusive_minimum: bool = False  # numbers: value > minimum
+    enum: tuple[str, ...] | None = None  # strings: the accepted values
+    pattern: str | None = None  # strings: a regular expression the value must contain a match of
 
     def schema(self) -> dict[str, Any]:
         if self.kind == "image":
-            return {"type": "string", "format": "binary", "description": self.description}
+            return {"type": "string", "format": "binary", "minLength": 1, "description": self.description}
         if self.kind == "ids":
             out: dict[str, Any] = {
                 "type": "array",
@@ -70,12 +76,18 @@ class Param:
             out = {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[self.kind]}
         if self.minimum is not None:
             out["minimum"] = self.minimum
+            if self.exclusive_minimum:
+                out["exclusiveMinimum"] = True
         if self.maximum is not None:
             out["maximum"] = self.maximum
         if self.kind is str and self.max_length is not None:
             out["maxLength"] = self.max_length
-        if self.kind is str and self.required:
-            out["minLength"] = 1
+        if self.kind is str and self.min_length is not None:
+            out["minLength"] = self.min_length
+        if self.enum is not None:
+            out["enum"] = list(self.enum)
+        if self.pattern is not None:
+            out["pattern"] = self.pattern
         if self.nullable:
             out["nullable"] = True
         if self.default is not None:
@@ -109,8 +121,13 @@ class Param:
                 raise BadRequest(f"{name} must be a string")
             if self.max_length is not None and len(value) > self.max_length:
                 raise BadRequest(f"{name} is longer than {self.max_length} characters")
-            if self.required and not value:
-                raise BadRequest(f"{name} must not be empty")
+            if self.min_length is not None and len(value) < self.min_length:
+                raise BadRequest(f"{name} must not be empty" if self.min_length == 1 else
+                                 f"{name} is shorter than {self.min_length} characters")
+            if self.enum is not None and value not in self.enum:
+                raise BadRequest(f"unknown {name} {value!r}")
+            if self.pattern is not None and re.search(self.pattern, value) is None:
+                raise BadRequest(f"{name} must match {self.pattern!r}")
         elif kind == "ids":
             if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
                 raise BadRequest(f"{name} must be a list of integers")
@@ -121,6 +138,8 @@ class Param:
             if self.required and not value:
                 raise BadRequest(f"{name} must not be empty")
         if kind in (int, float):
+            if self.minimum is not None and self.exclusive_minimum and value <= self.minimum:
+                raise BadRequest(f"{name} must be > {self.minimum}")
             if self.minimum is not None and value < self.minimum:
                 raise BadRequest(f"{name} must be >= {self.minimum}")
             if self.maximum is not None and value > self.maximum:
@@ -130,9 +149,9 @@ class Param:
 
 def _parse_text(name: str, kind: Any, value: str) -> Any:
     if kind is bool:
-        if value.lower() in ("true", "1"):
+        if value == "true":
             return True
-        if value.lower() in ("false", "0"):
+        if value == "false":
             return False
         raise BadRequest(f"{name} must be true or false")
     try:
@@ -149,7 +168,9 @@ K = Param("k", int, default=20, minimum=1, maximum=1000, description="number of 
 OFFSET = Param("offset", int, default=0, minimum=0, maximum=MAX_INT)
 LIMIT = Param("limit", int, default=50, minimum=1, maximum=500)
 MIN_SIM = Param("minSimilarity", float, default=0.0, minimum=-1.0, maximum=1.0, description="cosine similarity")
-MODEL_NAME = dict(kind=str, max_length=200)
+CLIP_NAMES = tuple(sorted([*OPENCLIP_MODELS, *MCLIP_MODELS]))
+FACE_NAMES = tuple(sorted(INSIGHTFACE_MODELS))
+OCR_NAMES = tuple(sorted(PADDLE_MODELS))
 
 
 # ----------------------------------------------------------------------------- routes
@@ -203,10 +224,7 @@ async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
             raise BadRequest("body must be multipart/form-data")
         from ..server.app import read_form
 
-        try:
-            supplied = await read_form(request)
-        except ValueError as exc:
-            raise BadRequest(f"malformed multipart body: {exc}") from None
+        supplied = await read_form(request)
     else:
         supplied = dict(request.query)
     known = {p.name: p for p in route.params}
@@ -242,8 +260,14 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
             sidecar = request.app[SIDECAR]
             call = Call(request, args, sidecar, sidecar.settings, request.app)
             result = await route.handler(call)
+            if route.method != "GET":
+                sidecar.changed()
         except SidecarError as exc:
             raise HTTPError(exc.status, exc.message, f"sidecar_{exc.status}") from exc
+        except HTTPError as exc:
+            if exc.reason == "load_failed":  # a model that cannot be obtained: the service is unavailable
+                raise HTTPError(503, exc.detail, "load_failed") from exc
+            raise
         if isinstance(result, web.StreamResponse):
             return result
         return json_response(result)
@@ -497,7 +521,9 @@ async def status(call: Call) -> dict:
 
 MIRROR = web.AppKey("mirror", object)
 
-_TEXT_QUERY = Param("query", str, required=True, max_length=256, description="search text")
+_TEXT_QUERY = Param(
+    "query", str, required=True, min_length=1, max_length=256, pattern=r"\S", description="search text, not blank"
+)
 _LANGUAGE = Param("language", str, max_length=35, description="BCP-47/Weblate code, as Immich's search")
 _INCLUDE_HIDDEN = Param("includeHidden", bool, default=False, description="include assets hidden by a duplicate resolution")
 _FACE_MIN_SCORE = Param("faceMinScore", float, default=contract.FACE_MIN_SCORE, minimum=0.0, maximum=1.0)
@@ -511,9 +537,9 @@ ROUTES: tuple[Route, ...] = (
               Param("clip", bool, default=True), Param("faces", bool, default=True),
               Param("ocr", bool, default=True),
               Param("duplicates", bool, default=False, description="answer the asset's near duplicates too"),
-              Param("clipModel", **MODEL_NAME, description=f"default {contract.CLIP_MODEL}"),
-              Param("faceModel", **MODEL_NAME, description=f"default {contract.FACE_MODEL}"),
-              Param("ocrModel", **MODEL_NAME, description=f"default {contract.OCR_MODEL}"),
+              Param("clipModel", str, enum=CLIP_NAMES, description=f"default {contract.CLIP_MODEL}"),
+              Param("faceModel", str, enum=FACE_NAMES, description=f"default {contract.FACE_MODEL}"),
+              Param("ocrModel", str, enum=OCR_NAMES, description=f"default {contract.OCR_MODEL}"),
               _FACE_MIN_SCORE,
           )),
     Route("GET", "/assets/{ref}", get_asset, "An asset by its ref (assetId, path or imohash), with faces and OCR lines",
@@ -522,13 +548,14 @@ ROUTES: tuple[Route, ...] = (
           body="json", params=(
               Param("full", bool, default=False, description="recluster every face not assigned by hand"),
               Param("minFaces", int, minimum=1, maximum=1000, nullable=True),
-              Param("maxDistance", float, minimum=0.0, maximum=2.0, nullable=True, description="cosine distance"),
+              Param("maxDistance", float, minimum=0.0, exclusive_minimum=True, maximum=2.0, nullable=True,
+                    description="cosine distance"),
           )),
     Route("GET", "/persons", list_persons, "Persons with face counts, largest first", params=(OFFSET, LIMIT)),
     Route("GET", "/persons/{id}", get_person, "A person with sample faces",
           params=(Param("sample", int, default=12, minimum=0, maximum=500),), path_params=(_id(),)),
     Route("POST", "/persons/{id}/name", name_person, "Name a person (empty string clears the name)",
-          body="json", params=(Param("name", str, max_length=200, default=None),), path_params=(_id(),)),
+          body="json", params=(Param("name", str, required=True, max_length=200),), path_params=(_id(),)),
     Route("POST", "/persons/merge", merge_persons, "Merge persons into a target person", body="json",
           params=(_id("targetId"), Param("sourceIds", "ids", required=True, max_length=1000))),
     Route("POST", "/persons/split", split_person, "Move the given faces to a new person", body="json",
@@ -543,21 +570,22 @@ ROUTES: tuple[Route, ...] = (
           path_params=(_id(),), produces="image/jpeg"),
     Route("POST", "/search/face", search_face, "Faces in an image and their nearest stored faces and persons",
           body="multipart", params=(Param("image", "image", required=True), K, MIN_SIM,
-                                    Param("model", **MODEL_NAME), _FACE_MIN_SCORE)),
+                                    Param("model", str, enum=FACE_NAMES), _FACE_MIN_SCORE)),
     Route("POST", "/search/face/by-id", search_face_by_id, "Nearest faces and persons of a stored face",
           body="json", params=(_id("faceId"), K, MIN_SIM)),
     Route("POST", "/search/text", search_text, "Images matching a text (CLIP)", body="json",
           params=(_TEXT_QUERY, K, Param("minSimilarity", float, default=-1.0, minimum=-1.0, maximum=1.0),
-                  Param("model", **MODEL_NAME), _LANGUAGE, _INCLUDE_HIDDEN)),
+                  Param("model", str, enum=CLIP_NAMES), _LANGUAGE, _INCLUDE_HIDDEN)),
     Route("POST", "/search/ocr", search_ocr, "Images whose OCR text contains a substring (FTS5 trigram)",
           body="json", params=(_TEXT_QUERY, LIMIT, OFFSET, _INCLUDE_HIDDEN)),
     Route("POST", "/search/hybrid", search_hybrid, "Images ranked by OCR match plus CLIP similarity",
           body="json", params=(_TEXT_QUERY, K, Param("ocrWeight", float, default=0.5, minimum=0.0, maximum=1.0),
-                               Param("model", **MODEL_NAME), _LANGUAGE)),
+                               Param("model", str, enum=CLIP_NAMES), _LANGUAGE)),
     Route("POST", "/duplicates/check", duplicates_check, "Is this exact file (imohash) already stored?",
           body="multipart", params=(Param("image", "image", required=True),)),
     Route("POST", "/duplicates/find", duplicates_find, "Group near duplicates (CLIP cosine) and exact ones",
-          body="json", params=(Param("threshold", float, minimum=0.0, maximum=1.0, nullable=True,
+          body="json", params=(Param("threshold", float, minimum=0.0, exclusive_minimum=True, maximum=1.0,
+                                     nullable=True,
                                      description="CLIP cosine similarity, default IMMICH_TRT_DUPLICATE_THRESHOLD"),)),
     Route("GET", "/duplicates/groups", duplicates_groups, "Duplicate groups with the suggested keeper",
           params=(OFFSET, LIMIT, Param("includeResolved", bool, default=False))),
@@ -575,6 +603,7 @@ _ERRORS = {
     "404": "unknown id",
     "409": "not allowed in the current state",
     "413": "request body too large",
+    "503": "a model cannot be loaded (not in the cache and not downloadable)",
 }
 
 
@@ -673,7 +702,11 @@ def make_auth_middleware(api_key: str | None):
 def add_routes(app: web.Application) -> None:
     """Register :data:`ROUTES` under ``/v1``."""
     for route in ROUTES:
-        app.router.add_route(route.method, PREFIX + route.path, _handler(route))
+        path = route.path
+        for param in route.path_params:  # integer ids only match digits: /persons/merge is not /persons/{id}
+            if param.kind is int:
+                path = path.replace("{%s}" % param.name, "{%s:\\d+}" % param.name)
+        app.router.add_route(route.method, PREFIX + path, _handler(route))
 
 
 __all__ = ["ROUTES", "SIDECAR", "MIRROR", "add_routes", "make_auth_middleware", "openapi_document", "NotFound"]

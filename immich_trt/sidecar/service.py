@@ -36,6 +36,7 @@ class Sidecar:
         self.clip: dict[str, VectorIndex] = {}
         self.faces: dict[str, VectorIndex] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sidecar-store")
+        self.listeners: list[Callable[[], None]] = []  # called by changed() (the mirror's wake-up)
 
     async def start(self) -> None:
         """Open the store (migrating it) and rebuild the indices."""
@@ -63,6 +64,11 @@ class Sidecar:
         if self.store is None:
             raise RuntimeError("sidecar store is not open")
         return await self._run(fn, self.store, *args, **kwargs)
+
+    def changed(self) -> None:
+        """Tell the listeners that the store was written (call after a write)."""
+        for listener in self.listeners:
+            listener()
 
     # ---- indices ----
     def clip_index(self, model: str) -> VectorIndex:
@@ -95,6 +101,7 @@ class Sidecar:
     async def save(self, results: AssetResults) -> Saved:
         """Store one asset's results and add its new vectors to the indices."""
         saved = await self.call(save_results, results)
+        self.changed()
         if saved.clip_added and results.clip is not None:
             model, embedding = results.clip
             self.clip_index(model).add([saved.asset_id], embedding[None])
