@@ -171,7 +171,7 @@ def cmd_opensearch(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.opensearch_url:
         print("OPENSEARCH_URL is not set", file=sys.stderr)
         return 2
-    return asyncio.run(reindex_command(settings))
+    return asyncio.run(reindex_command(settings, recreate=args.recreate))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
     search = sub.add_parser("opensearch", help="OpenSearch mirror maintenance")
     osub = search.add_subparsers(dest="opensearch_command", required=True)
-    osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
+    reindex = osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
+    reindex.add_argument("--recreate", action="store_true", help="delete the indices first (mapping changes, stale documents)")
     return parser
 
 

@@ -446,6 +446,9 @@ async def drain_once(
 def make_client(url: str, timeout_s: float = 30.0) -> OpenSearch:
     """An opensearch-py client for ``url`` (``https://user:password@host:9200`` carries
     basic auth) with a request timeout and no transport retries."""
+    # the client logs every failed request with a traceback at WARNING; the mirror
+    # reports failures itself (status(), one log line per failed pass)
+    logging.getLogger("opensearch").setLevel(logging.ERROR)
     return OpenSearch(hosts=[url], timeout=timeout_s, max_retries=0, retry_on_timeout=False)
 
 
