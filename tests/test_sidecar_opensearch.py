@@ -461,3 +461,10 @@ async def test_real_cluster_templates_drain_and_count(tmp_path):
             mirror.client.indices.delete_index_template(name=index_name(prefix, entity), params={"ignore": 404})
         await mirror.stop()
         await sidecar.stop()
+
+
+def test_messages_never_show_the_opensearch_password() -> None:
+    from immich_trt.sidecar.opensearch import redact_url
+
+    assert redact_url("https://admin:s3cret@search.lan:9200") == "https://admin:***@search.lan:9200"
+    assert redact_url("http://search.lan:9200") == "http://search.lan:9200"

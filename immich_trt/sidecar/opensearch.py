@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit, urlunsplit
 import random
 import time
 from typing import Any, Awaitable, Callable
@@ -443,6 +444,15 @@ async def drain_once(
     return result
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user-info replaced by ``***`` (for messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def make_client(url: str, timeout_s: float = 30.0) -> OpenSearch:
     """An opensearch-py client for ``url`` (``https://user:password@host:9200`` carries
     basic auth) with a request timeout and no transport retries."""
@@ -620,7 +630,7 @@ async def reindex_command(settings: Settings, recreate: bool = False) -> int:
         try:
             result = await mirror.reindex()
         except OpenSearchException as exc:
-            print(f"OpenSearch at {settings.opensearch_url} failed: {exc}")
+            print(f"OpenSearch at {redact_url(settings.opensearch_url)} failed: {exc}")
             return 1
         touched = ", ".join(f"{n} {entity}" for entity, n in result["touched"].items())
         print(
