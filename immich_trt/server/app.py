@@ -197,7 +197,8 @@ def _record(app: web.Application, data: bytes, image: Image.Image, response: dic
     async def run() -> None:
         try:
             await record_prediction(
-                app[SIDECAR], data, image, response, outputs, [(e.task, e.type, e.name) for e in entries]
+                app[SIDECAR], data, image, response, outputs, [(e.task, e.type, e.name) for e in entries],
+                app[STATE]["ctx"].run,
             )
         except Exception as exc:
             log.error("Recording a /predict result failed: %s: %s", type(exc).__name__, exc)

@@ -9,7 +9,7 @@ its faces survive a re-ingest), and only new tasks are written.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,6 @@ class AssetResults:
     clip: tuple[str, np.ndarray] | None = None  # (model, float32[D])
     faces: tuple[str, list[FaceResult]] | None = None  # (model, faces)
     ocr: tuple[str, list[OcrLine]] | None = None  # (model, lines)
-    done: dict[str, set[str]] = field(default_factory=dict)  # filled by save_results: tasks already stored
 
 
 @dataclass
@@ -155,7 +154,6 @@ def save_results(store: Store, results: AssetResults) -> Saved:
             changed = True
         if changed:
             store.touch("asset", asset_id)
-    results.done = done
     return Saved(asset_id, created, face_ids, clip_added)
 
 

@@ -28,6 +28,8 @@ from .service import Sidecar
 Infer = Callable[[Image.Image, dict], Awaitable[tuple[dict[str, Any], dict[tuple, Any]]]]
 #: ``bytes -> PIL image`` (runs on the request executor); raises for undecodable bytes.
 Decode = Callable[[bytes], Awaitable[Image.Image]]
+#: ``(fn, *args) -> fn(*args)`` on the request executor (``ModelContext.run``).
+Run = Callable[..., Awaitable[Any]]
 
 THUMBNAIL_SIZE = 160  # px, longest side of a stored face crop
 THUMBNAIL_MARGIN = 0.25  # of the box size, added on each side
@@ -125,16 +127,12 @@ def results_from_outputs(
     return results
 
 
-def _entry_key(value: Any) -> Any:
-    """The ``(type, task)`` keys of ``run_inference`` outputs use str enums; compare as str."""
-    return tuple(str(getattr(v, "value", v)) for v in value)
-
-
 async def ingest_bytes(
     sidecar: Sidecar,
     data: bytes,
     decode: Decode,
     infer: Infer,
+    run: Run,
     options: IngestOptions,
     ref: str | None = None,
     filename: str | None = None,
@@ -158,12 +156,11 @@ async def ingest_bytes(
         return {task for task, model in tasks.items() if model not in done.get(task, set())}
 
     todo = await sidecar.call(pending)
-    image = await decode(data) if todo else None
     if todo:
-        assert image is not None
-        response, raw = await infer(image, options.entries(todo))
-        outputs = {_entry_key(key): value for key, value in raw.items()}
-        results = results_from_outputs(image, len(data), imohash, response, outputs, tasks)
+        image = await decode(data)
+        response, outputs = await infer(image, options.entries(todo))
+        # face crops are cropped and JPEG-encoded here: off the event loop
+        results = await run(results_from_outputs, image, len(data), imohash, response, outputs, tasks)
     else:
         results = AssetResults(imohash=imohash, size=len(data), width=0, height=0)
     results.ref, results.filename = ref, filename
@@ -201,13 +198,13 @@ async def record_prediction(
     response: dict[str, Any],
     outputs: dict[tuple, Any],
     entries: list[tuple[str, str, str]],
+    run: Run,
 ) -> dict[str, Any] | None:
     """Store the results of one ``/predict`` call (``IMMICH_TRT_RECORD=1``), keyed by
     the imohash of the image bytes; ``None`` when the call had no complete task."""
     models = recorded_tasks(entries)
     if not models:
         return None
-    raw = {_entry_key(key): value for key, value in outputs.items()}
-    results = results_from_outputs(image, len(data), imohash_of(data), response, raw, models)
+    results = await run(results_from_outputs, image, len(data), imohash_of(data), response, outputs, models)
     saved = await sidecar.save(results)
     return {"assetId": saved.asset_id, "faces": len(saved.face_ids), "clip": saved.clip_added}

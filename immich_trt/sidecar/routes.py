@@ -22,9 +22,10 @@ import orjson
 from aiohttp import web
 from PIL import Image
 
-from .. import contract
-from ..config import Settings, clean_name
-from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS, resolve
+from .. import __version__, contract
+from ..config import Settings
+from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
+from ..server.app import STATE, HTTPError, decode_pil, json_response, read_form, run_inference
 from ..server.entries import parse_entries
 from . import duplicates, persons, search
 from .errors import BadRequest, NotFound, SidecarError
@@ -35,6 +36,7 @@ from .service import Sidecar
 log = logging.getLogger("immich_trt.sidecar")
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
+MIRROR = web.AppKey("mirror", object)  # the OpenSearch Mirror, when configured
 PREFIX = "/v1"
 MAX_INT = 2**63 - 1
 
@@ -194,11 +196,13 @@ class Route:
 class Call:
     """A validated request: ``args`` by parameter name, ``sidecar``, ``app``."""
 
-    request: web.Request
     args: dict[str, Any]
     sidecar: Sidecar
-    settings: Settings
-    app: web.Application = field(repr=False, default=None)  # type: ignore[assignment]
+    app: web.Application = field(repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        return self.sidecar.settings
 
 
 async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
@@ -222,8 +226,6 @@ async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
     elif route.body == "multipart":
         if not request.content_type.startswith("multipart/"):
             raise BadRequest("body must be multipart/form-data")
-        from ..server.app import read_form
-
         supplied = await read_form(request)
     else:
         supplied = dict(request.query)
@@ -253,12 +255,10 @@ async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
 
 def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        from ..server.app import HTTPError, json_response
-
         try:
             args = await _read_args(request, route)
             sidecar = request.app[SIDECAR]
-            call = Call(request, args, sidecar, sidecar.settings, request.app)
+            call = Call(args, sidecar, request.app)
             result = await route.handler(call)
             if route.method != "GET":
                 sidecar.changed()
@@ -278,19 +278,7 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
 # ----------------------------------------------------------------------------- model I/O
 
 
-def _model(name: str | None, task: str, type_: str, default: str) -> str:
-    """A known Immich model name (cleaned), else :class:`BadRequest`."""
-    name = name or default
-    try:
-        resolve(name, type_, task)
-    except ValueError:
-        raise BadRequest(f"unknown {task} model {name!r}") from None
-    return clean_name(name)
-
-
 async def _decode(call: Call, data: bytes) -> Image.Image:
-    from ..server.app import STATE, decode_pil
-
     try:
         image = await call.app[STATE]["ctx"].run(decode_pil, data)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
@@ -301,8 +289,6 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
 
 
 async def _infer(call: Call, payload: Image.Image | str, entries: dict) -> tuple[dict[str, Any], dict]:
-    from ..server.app import run_inference
-
     without_deps, with_deps = parse_entries(orjson.dumps(entries).decode())
     outputs: dict = {}
     response = await run_inference(call.app, payload, without_deps, with_deps, outputs)
@@ -320,9 +306,9 @@ async def _text_embedding(call: Call, query: str, model: str, language: str | No
 async def ingest(call: Call) -> dict:
     a = call.args
     options = IngestOptions(
-        clip=_model(a["clipModel"], "clip", "visual", contract.CLIP_MODEL) if a["clip"] else None,
-        faces=_model(a["faceModel"], "facial-recognition", "detection", contract.FACE_MODEL) if a["faces"] else None,
-        ocr=_model(a["ocrModel"], "ocr", "detection", contract.OCR_MODEL) if a["ocr"] else None,
+        clip=(a["clipModel"] or contract.CLIP_MODEL) if a["clip"] else None,
+        faces=(a["faceModel"] or contract.FACE_MODEL) if a["faces"] else None,
+        ocr=(a["ocrModel"] or contract.OCR_MODEL) if a["ocr"] else None,
         face_min_score=a["faceMinScore"],
     )
     result = await ingest_bytes(
@@ -330,6 +316,7 @@ async def ingest(call: Call) -> dict:
         a["image"],
         lambda data: _decode(call, data),
         lambda image, entries: _infer(call, image, entries),
+        call.app[STATE]["ctx"].run,
         options,
         ref=a["assetId"],
         filename=a["filename"],
@@ -362,8 +349,7 @@ async def get_asset(call: Call) -> dict:
         summary = asset_summary(store, asset_id)
         summary["tasks"] = {task: sorted(models) for task, models in tasks_done(store, asset_id).items()}
         summary["faces"] = [
-            {"id": r["id"], "box": {"x1": r["x1"], "y1": r["y1"], "x2": r["x2"], "y2": r["y2"]},
-             "score": r["score"], "personId": r["person"], "model": r["model"]}
+            persons.face_dict(r)
             for r in store.conn.execute("SELECT * FROM faces WHERE asset = ? ORDER BY id", (asset_id,))
         ]
         summary["ocr"] = [
@@ -426,7 +412,7 @@ async def person_thumbnail(call: Call) -> web.Response:
 
 async def search_face(call: Call) -> dict:
     a = call.args
-    model = _model(a["model"], "facial-recognition", "detection", contract.FACE_MODEL)
+    model = a["model"] or contract.FACE_MODEL
     image = await _decode(call, a["image"])
     response, _ = await _infer(call, image, contract.face_entries(model, a["faceMinScore"]))
     faces = []
@@ -450,7 +436,7 @@ async def search_face_by_id(call: Call) -> dict:
 
 async def search_text(call: Call) -> dict:
     a = call.args
-    model = _model(a["model"], "clip", "textual", contract.CLIP_MODEL)
+    model = a["model"] or contract.CLIP_MODEL
     embedding = await _text_embedding(call, a["query"], model, a["language"])
     results = await call.sidecar.call(
         search.search_clip, call.sidecar.clip, embedding, model, a["k"], a["minSimilarity"], a["includeHidden"]
@@ -465,7 +451,7 @@ async def search_ocr(call: Call) -> dict:
 
 async def search_hybrid(call: Call) -> dict:
     a = call.args
-    model = _model(a["model"], "clip", "textual", contract.CLIP_MODEL)
+    model = a["model"] or contract.CLIP_MODEL
     embedding = await _text_embedding(call, a["query"], model, a["language"])
     results = await call.sidecar.call(
         search.search_hybrid, call.sidecar.clip, a["query"], embedding, model, a["k"], a["ocrWeight"]
@@ -519,7 +505,6 @@ async def status(call: Call) -> dict:
     return result
 
 
-MIRROR = web.AppKey("mirror", object)
 
 _TEXT_QUERY = Param(
     "query", str, required=True, min_length=1, max_length=256, pattern=r"\S", description="search text, not blank"
@@ -609,8 +594,6 @@ _ERRORS = {
 
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.0.3 description of :data:`ROUTES`."""
-    from .. import __version__
-
     error = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}
     paths: dict[str, dict] = {}
     for route in ROUTES:
@@ -684,8 +667,6 @@ def make_auth_middleware(api_key: str | None):
     @web.middleware
     async def auth(request: web.Request, handler):
         if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
-            from ..server.app import HTTPError
-
             if expected is not None:
                 token = bearer_token(request.headers.get("Authorization", "")) or ""
                 if not hmac.compare_digest(token.encode(), expected):

@@ -5,7 +5,8 @@ holds L2-normalised ``float32`` rows keyed by integer ids (face ids, asset ids) 
 answers k-nearest-neighbour queries with one matrix-vector product.
 
 Size: a query costs ``N * D`` multiply-adds and the matrix ``N * D * 4`` bytes. At
-``D = 512``, 100 000 rows take 205 MB and a query about 10 ms on one core; up to that
+``D = 512``, 100 000 rows take 205 MB and a query 18 ms (measured on a 2-core AMD EPYC,
+numpy 1.26, mostly the stable argsort); up to that
 size brute force is the right tool. Beyond it, the OpenSearch mirror (``knn_vector``
 fields) is the scale-out path.
 """
@@ -38,9 +39,6 @@ class VectorIndex:
 
     def __len__(self) -> int:
         return len(self._ids)
-
-    def __contains__(self, key: int) -> bool:
-        return bool(np.any(self._ids == key))
 
     @property
     def ids(self) -> np.ndarray:
