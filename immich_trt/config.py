@@ -108,6 +108,9 @@ class Settings:
     triton_instances: int = 1  # model instances per Triton model (CPU target)
     ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
+    max_image_pixels: int = 89_478_485  # width x height above which an image is refused unread (PIL's default bound)
+    preprocess: str = "cpu"  # "cpu": numpy/PIL/cv2 in the server; "gpu": DALI + TensorRT ensembles in Triton
+    trt_precision: str = "fp16"  # TensorRT engines: "fp16", "fp32" or "int8"
     # ---- sidecar (immich_trt/sidecar) ----
     sidecar: bool = True  # serve the /v1 routes
     data_dir: Path = Path("~/.local/share/immich_trt").expanduser()  # SQLite store
@@ -149,6 +152,15 @@ class Settings:
         protocol = env.get("IMMICH_TRT_TRITON_PROTOCOL", defaults.triton_protocol).strip().lower()
         if protocol not in {"http", "grpc"}:
             raise ValueError(f"IMMICH_TRT_TRITON_PROTOCOL must be 'http' or 'grpc', not {protocol!r}")
+        preprocess = (env.get("IMMICH_TRT_PREPROCESS") or defaults.preprocess).strip().lower()
+        if preprocess not in {"cpu", "gpu"}:
+            raise ValueError(f"IMMICH_TRT_PREPROCESS must be 'cpu' or 'gpu', not {preprocess!r}")
+        precision = (env.get("IMMICH_TRT_PRECISION") or defaults.trt_precision).strip().lower()
+        if precision not in {"fp16", "fp32", "int8"}:
+            raise ValueError(f"IMMICH_TRT_PRECISION must be 'fp16', 'fp32' or 'int8', not {precision!r}")
+        max_pixels = int(env.get("IMMICH_TRT_MAX_IMAGE_PIXELS") or defaults.max_image_pixels)
+        if max_pixels <= 0:
+            raise ValueError("IMMICH_TRT_MAX_IMAGE_PIXELS must be a positive number of pixels")
         cache = ml("CACHE_FOLDER")
         return cls(
             cache_folder=Path(cache).expanduser() if cache else defaults.cache_folder,
@@ -184,6 +196,9 @@ class Settings:
             triton_instances=int(env.get("IMMICH_TRT_TRITON_INSTANCES") or defaults.triton_instances),
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
+            max_image_pixels=max_pixels,
+            preprocess=preprocess,
+            trt_precision=precision,
             sidecar=_bool(env.get("IMMICH_TRT_SIDECAR") or "true"),
             data_dir=Path(env.get("IMMICH_TRT_DATA_DIR") or defaults.data_dir).expanduser(),
             api_key=env.get("IMMICH_TRT_API_KEY") or None,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..config import Settings, clean_name
-from ..runtime.base import ModelSpec, Runtime
+from ..runtime.base import ModelSpec, Runtime, RuntimeUnavailableError
 from .registry import ModelTask, ModelType, cache_dir
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ class InferenceModel(ABC):
             await self.ctx.run(self.prepare_files)
             for spec in self.specs():
                 await self.ctx.runtime.load(spec)
-        except ModelLoadError:
-            raise
+        except (ModelLoadError, RuntimeUnavailableError):
+            raise  # an unreachable backend is retryable, not a broken model
         except Exception as exc:
             raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
 

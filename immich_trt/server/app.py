@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
@@ -24,7 +25,7 @@ from ..models import build_model
 from ..models.base import ModelContext
 from ..models.cache import FailedToLoad, ModelCache
 from ..runtime import make_runtime
-from ..runtime.base import Runtime
+from ..runtime.base import Runtime, RuntimeUnavailableError
 from .entries import InferenceEntry, InvalidEntries, parse_entries
 from .metrics import Metrics
 
@@ -42,11 +43,12 @@ MISSING_ENTRIES = {"detail": [{"type": "missing", "loc": ["body", "entries"], "m
 class HTTPError(Exception):
     """An error answered as ``{"detail": ...}`` JSON with ``status``."""
 
-    def __init__(self, status: int, detail: Any, reason: str = "") -> None:
+    def __init__(self, status: int, detail: Any, reason: str = "", headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.reason = reason or str(status)
+        self.headers = headers or {}
 
 
 def json_response(content: Any, status: int = 200) -> web.Response:
@@ -56,16 +58,49 @@ def json_response(content: Any, status: int = 200) -> web.Response:
     )
 
 
-def decode_pil(data: bytes) -> Image.Image:
+#: ``PIL.Image.info`` key holding the encoded bytes a decoded image came from (the GPU
+#: path sends them to Triton, where DALI decodes them again on the GPU).
+ENCODED = "immich_trt.encoded"
+
+
+class ImageTooLarge(ValueError):
+    """The image header announces more pixels than ``IMMICH_TRT_MAX_IMAGE_PIXELS``
+    (a decompression bomb, or simply too large); nothing was decoded."""
+
+    @classmethod
+    def of(cls, width: int, height: int, limit: int) -> "ImageTooLarge":
+        return cls(
+            f"Image has {width * height} pixels ({width}x{height}); the limit is {limit} (IMMICH_TRT_MAX_IMAGE_PIXELS)"
+        )
+
+
+def decode_pil(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode an encoded image to RGB, as immich-ml ``decode_pil``.
 
-    ``Image.open`` + ``load()``, converted to RGB when the mode differs. EXIF
-    orientation is not applied. Raises ``PIL.UnidentifiedImageError``/``OSError``.
+    ``Image.open`` + ``load()``, converted to RGB when the mode differs; animated images
+    give their first frame. EXIF orientation is not applied. ``image.info[ENCODED]``
+    keeps ``data`` (no copy).
+
+    ``max_pixels`` bounds ``width * height`` as read from the header, before any pixel
+    is decoded, so a tiny file announcing a huge image allocates nothing.
+
+    Raises :class:`ImageTooLarge`; for bytes Pillow cannot decode, whatever Pillow
+    raises (``PIL.UnidentifiedImageError``, ``OSError`` for truncated data,
+    ``SyntaxError``/``ValueError``/``EOFError`` for malformed headers...).
     """
-    image = Image.open(BytesIO(data))
+    with warnings.catch_warnings():
+        # our own bound replaces Pillow's warning; its hard error (2x its bound) still applies
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(BytesIO(data))
+        except Image.DecompressionBombError as exc:  # over twice Pillow's own bound
+            raise ImageTooLarge(str(exc)) from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLarge.of(image.width, image.height, max_pixels)
     image.load()
     if image.mode != "RGB":
         image = image.convert("RGB")
+    image.info[ENCODED] = data
     return image
 
 
@@ -78,6 +113,7 @@ async def error_middleware(request: web.Request, handler):
     except HTTPError as exc:
         metrics.errors.labels(str(exc.status), exc.reason).inc()
         response = json_response({"detail": exc.detail}, status=exc.status)
+        response.headers.update(exc.headers)
     except web.HTTPException as exc:
         metrics.errors.labels(str(exc.status), "http").inc()
         metrics.requests.labels(route, str(exc.status)).inc()
@@ -168,11 +204,22 @@ async def predict(request: web.Request) -> web.Response:
             image = image.encode()
         payload: Image.Image | str
         if image is not None:
-            payload = await ctx.run(decode_pil, image)
+            try:
+                payload = await ctx.run(decode_pil, image, app[SETTINGS].max_image_pixels)
+            except ImageTooLarge as exc:
+                raise HTTPError(413, str(exc), "image_too_large") from None
+            except Exception as exc:  # Pillow raises many types for bytes it cannot decode
+                # Immich's code for an undecodable image is a plain 500; one log line, no traceback
+                log.info("Undecodable image (%d bytes): %s: %s", len(image), type(exc).__name__, exc)
+                metrics.errors.labels("500", "undecodable_image").inc()
+                return web.Response(status=500, text="Internal Server Error")
             if payload.width == 0 or payload.height == 0:
                 raise HTTPError(400, "Image has zero width or height", "zero_size")
         elif isinstance(text, (str, bytes)) and text != "":
-            payload = text if isinstance(text, str) else text.decode()
+            try:
+                payload = text if isinstance(text, str) else text.decode()
+            except UnicodeDecodeError:  # a file part that is not UTF-8 text, as a plain field would be
+                raise HTTPError(400, "There was an error parsing the body", "bad_form") from None
         else:
             raise HTTPError(400, "Either image or text must be provided", "no_input")
 
@@ -237,10 +284,17 @@ async def run_inference(
             inputs.append(outputs[dep])
         try:
             await cache.load(model)
+            started = time.perf_counter()
+            output = await model.predict(*inputs, **entry.options)
         except FailedToLoad as exc:
             raise HTTPError(500, str(exc), "load_failed") from exc
-        started = time.perf_counter()
-        output = await model.predict(*inputs, **entry.options)
+        except RuntimeUnavailableError as exc:
+            # Triton restarting, hung past the per-call timeout or unreachable: fail fast
+            # with a status a client may retry (Immich moves on to its next URL).
+            log.warning("Inference backend unavailable for %s %s: %s", entry.task, entry.type, exc)
+            raise HTTPError(
+                503, "Inference backend unavailable, retry later", "runtime_unavailable", {"Retry-After": "1"}
+            ) from exc
         metrics.inference_latency.labels(entry.task, entry.type).observe(time.perf_counter() - started)
         outputs[model.identity] = output
         response[entry.task] = output
