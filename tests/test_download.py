@@ -18,9 +18,22 @@ from immich_trt.testing import UNREACHABLE, offline_settings
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def fake_hub(repo_id: str, files: dict[str, bytes], log: list[str]) -> web.Application:
+async def cut_midway(request: web.Request, data: bytes, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Announce ``len(data)`` bytes, send half of them, then close the socket."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = len(data)
+    await response.prepare(request)
+    await response.write(data[: len(data) // 2])
+    await asyncio.sleep(0.05)
+    request.transport.close()
+    return response
+
+
+def fake_hub(repo_id: str, files: dict[str, bytes], log: list[str], cut: dict[str, int] | None = None) -> web.Application:
     """The Hugging Face endpoints snapshot_download uses: revision info, the file tree,
-    and HEAD/GET on resolve URLs (with X-Repo-Commit and ETag)."""
+    and HEAD/GET on resolve URLs (with X-Repo-Commit and ETag). The next ``cut[path]``
+    GETs of a path are cut off halfway."""
+    cut = {} if cut is None else cut
 
     async def info(request: web.Request) -> web.Response:
         if f"{request.match_info['ns']}/{request.match_info['name']}" != repo_id:
@@ -43,6 +56,9 @@ def fake_hub(repo_id: str, files: dict[str, bytes], log: list[str]) -> web.Appli
         headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(files[path]).hexdigest()}"'}
         if request.method == "HEAD":
             return web.Response(headers={**headers, "Content-Length": str(len(files[path]))})
+        if cut.get(path, 0) > 0:
+            cut[path] -= 1
+            return await cut_midway(request, files[path], headers)
         return web.Response(body=files[path], headers=headers)
 
     app = web.Application()
@@ -52,12 +68,18 @@ def fake_hub(repo_id: str, files: dict[str, bytes], log: list[str]) -> web.Appli
     return app
 
 
-def file_server(files: dict[str, bytes], log: list[str]) -> web.Application:
-    async def get(request: web.Request) -> web.Response:
+def file_server(files: dict[str, bytes], log: list[str], cut: dict[str, int] | None = None) -> web.Application:
+    """GET ``/<path>`` of ``files``; the next ``cut[path]`` GETs are cut off halfway."""
+    cut = {} if cut is None else cut
+
+    async def get(request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
         log.append(path)
         if path not in files:
             raise web.HTTPNotFound()
+        if cut.get(path, 0) > 0:
+            cut[path] -= 1
+            return await cut_midway(request, files[path])
         return web.Response(body=files[path])
 
     app = web.Application()
@@ -111,6 +133,38 @@ async def test_download_url_verifies_sha256_atomically(aiohttp_server, tmp_path:
     await asyncio.to_thread(download_url, url, dest, hashlib.sha256(payload).hexdigest())
     assert dest.read_bytes() == payload
     assert [p.name for p in dest.parent.iterdir()] == ["model.onnx"]
+
+
+async def test_a_download_cut_midway_leaves_no_file_and_succeeds_on_retry(aiohttp_server, tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    cut = {"rec/model.onnx": 0}
+    server = await aiohttp_server(file_server({"rec/model.onnx": payload}, [], cut))
+    url = str(server.make_url("/rec/model.onnx"))
+    dest = tmp_path / "recognition" / "model.onnx"
+    # with a known checksum and without one (the length announced by the server is checked)
+    for sha256, message in ((hashlib.sha256(payload).hexdigest(), "incomplete"), (None, "incomplete")):
+        cut["rec/model.onnx"] = 1
+        with pytest.raises(DownloadError, match=message):
+            await asyncio.to_thread(download_url, url, dest, sha256)
+        assert list(dest.parent.iterdir()) == []  # no partial or temporary file
+        await asyncio.to_thread(download_url, url, dest, sha256)  # the next attempt is whole
+        assert dest.read_bytes() == payload
+        dest.unlink()
+
+
+async def test_a_hub_download_cut_midway_is_never_used_and_is_fetched_again(aiohttp_server, tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 4096
+    files = {"config.json": b"{}", "visual/model.onnx": payload}
+    cut = {"visual/model.onnx": 100}  # every attempt of the first download is cut (huggingface_hub resumes)
+    server = await aiohttp_server(fake_hub("immich-app/ViT-B-32__openai", files, [], cut))
+    endpoint = str(server.make_url("")).rstrip("/")
+    dest = tmp_path / "clip" / "ViT-B-32__openai"
+    with pytest.raises(DownloadError):
+        await asyncio.to_thread(hf_snapshot, "immich-app/ViT-B-32__openai", dest, endpoint)
+    assert not (dest / "visual" / "model.onnx").exists()  # the partial file is kept aside, never used
+    cut["visual/model.onnx"] = 0
+    await asyncio.to_thread(hf_snapshot, "immich-app/ViT-B-32__openai", dest, endpoint)
+    assert (dest / "visual" / "model.onnx").read_bytes() == payload
 
 
 async def test_ocr_models_download_rapidocr_urls(aiohttp_server, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ so a crash or a failed download never leaves a partial ``model.onnx``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -77,8 +78,9 @@ def _atomic_target(dest: Path) -> tuple[int, str]:
 def download_url(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` through a temporary file, verifying ``sha256``.
 
-    Raises :class:`DownloadError` on network errors, HTTP errors or a checksum
-    mismatch; ``dest`` is then untouched.
+    Raises :class:`DownloadError` on network errors, HTTP errors, a body shorter than
+    its ``Content-Length`` (a connection cut midway) or a checksum mismatch; ``dest`` is
+    then untouched.
     """
     fd, tmp = _atomic_target(dest)
     try:
@@ -86,11 +88,16 @@ def download_url(url: str, dest: Path, sha256: str | None = None, timeout: float
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
+                    expected = response.headers.get("Content-Length")
+                    received = 0
                     while chunk := response.read(CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
-            except (urllib.error.URLError, OSError) as exc:
+                        received += len(chunk)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise DownloadError(f"download of {url} failed: {exc}") from exc
+        if expected is not None and expected.isdigit() and received != int(expected):
+            raise DownloadError(f"download of {url} failed: incomplete, {received} of {expected} bytes")
         if sha256 is not None and digest.hexdigest() != sha256.lower():
             raise DownloadError(f"checksum mismatch for {url}: expected {sha256}, got {digest.hexdigest()}")
         os.replace(tmp, dest)
@@ -135,6 +142,10 @@ def hf_snapshot(repo_id: str, local_dir: Path, endpoint: str | None = None) -> P
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, KeyError, AssertionError) as exc:
         raise DownloadError(f"download of Hugging Face repository {repo_id} failed: {exc}") from exc
+    except Exception as exc:  # the hub client's own transport errors (e.g. a connection cut midway)
+        raise DownloadError(
+            f"download of Hugging Face repository {repo_id} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return local_dir
 
 
