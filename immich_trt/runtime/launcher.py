@@ -1,4 +1,6 @@
-"""Launches the Triton Inference Server bundled in the ``nvidia-pytriton`` wheel.
+"""Launches the Triton Inference Server bundled in the ``nvidia-pytriton`` wheel, or a
+full installation (``IMMICH_TRT_TRITON_SERVER``, e.g. ``/opt/tritonserver`` in NVIDIA's
+image, for TensorRT and DALI models).
 
 Used when no ``TRITON_URL`` is given. The server runs on free loopback ports in
 explicit model-control mode over the repository under ``engines/``, with the python
@@ -35,16 +37,39 @@ class TritonLaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class TritonInstallation:
-    """Files of the Triton server shipped in the ``nvidia-pytriton`` wheel."""
+    """Files of a Triton server: the one shipped in the ``nvidia-pytriton`` wheel
+    (python backend only), or a full installation such as ``/opt/tritonserver`` in
+    NVIDIA's Triton image (TensorRT, DALI, python backends): ``backends`` is then its
+    backend directory and ``stub`` is ``None``."""
 
     binary: Path
     python_backend: Path
-    stub: Path
-    libs: Path
+    stub: Path | None
+    libs: Path | None
+    backends: Path | None = None
 
     @classmethod
-    def find(cls) -> "TritonInstallation":
-        """Locate the wheel's files. Raises :class:`TritonLaunchError` if absent."""
+    def at(cls, root: Path) -> "TritonInstallation":
+        """A full installation under ``root`` (``bin/tritonserver``, ``backends/``).
+        Raises :class:`TritonLaunchError` if its server binary is missing."""
+        root = Path(root)
+        found = cls(
+            binary=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python" / "libtriton_python.so",
+            stub=None,
+            libs=root / "lib" if (root / "lib").is_dir() else None,
+            backends=root / "backends",
+        )
+        if not found.binary.exists():
+            raise TritonLaunchError(f"no Triton server at {found.binary} (IMMICH_TRT_TRITON_SERVER)")
+        return found
+
+    @classmethod
+    def find(cls, root: Path | None = None) -> "TritonInstallation":
+        """The installation under ``root`` when given, else the wheel's files.
+        Raises :class:`TritonLaunchError` if absent."""
+        if root is not None:
+            return cls.at(root)
         try:
             import pytriton  # noqa: PLC0415
         except ImportError as exc:
@@ -116,12 +141,14 @@ class TritonLauncher:
         start_timeout_s: float = 120.0,
         exit_timeout_s: int = 5,
         on_restart: Callable[[], Awaitable[None]] | None = None,
+        server_root: Path | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.work_dir = Path(work_dir)
         self.start_timeout_s = start_timeout_s
         self.exit_timeout_s = exit_timeout_s
         self.on_restart = on_restart
+        self.server_root = server_root  # a full Triton installation; None = the wheel's
         self.http_port = self.grpc_port = self.metrics_port = 0
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -140,7 +167,11 @@ class TritonLauncher:
 
     def _backend_dir(self, install: TritonInstallation) -> Path:
         """``<work>/backends/python/``: links to the wheel's python backend files
-        (library, ``triton_python_backend_utils.py``...) plus the stub for this Python."""
+        (library, ``triton_python_backend_utils.py``...) plus the stub for this Python;
+        a full installation's own backend directory as it is."""
+        if install.backends is not None:
+            return install.backends
+        assert install.stub is not None
         backend = self.work_dir / "backends" / "python"
         backend.mkdir(parents=True, exist_ok=True)
         for src in install.python_backend.parent.iterdir():
@@ -157,7 +188,7 @@ class TritonLauncher:
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         # Without the interpreter's LIBDIR the stub loads the system libpython.
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(install.libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p
+            p for p in (str(install.libs or ""), libdir, env.get("LD_LIBRARY_PATH", "")) if p
         )
         env["IMMICH_TRT_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
         return env
@@ -170,7 +201,7 @@ class TritonLauncher:
             self._watchdog = asyncio.create_task(self._watch())
 
     async def _spawn(self) -> None:
-        install = TritonInstallation.find()
+        install = TritonInstallation.find(self.server_root)
         self.repository.mkdir(parents=True, exist_ok=True)
         backends = self._backend_dir(install)
         if not self.http_port:

@@ -68,6 +68,7 @@ class TritonRuntime(Runtime):
                 Path(self._work_dir.name),
                 start_timeout_s=self.settings.triton_start_timeout_s,
                 on_restart=self._reload_all,
+                server_root=self.settings.triton_server,
             )
             try:
                 await self.launcher.start()
