@@ -157,6 +157,8 @@ class TritonRuntime(Runtime):
                 if not await self._client.is_model_ready(spec.name):
                     await self._client.load_model(spec.name)
             except InferenceServerException as exc:
+                if not await self._live():  # e.g. restarting after a crash: retryable
+                    raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
                 raise InferenceError(f"Triton could not load '{spec.name}': {exc.message()}") from exc
             except (OSError, asyncio.TimeoutError) as exc:
                 raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
