@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Build the Triton model repository under engines/ (same as `immich-trt build-engines`)."""
+"""Build the Triton model repository under engines/ (same as `immich-trt build-engines`).
+
+`python build_engines.py --target cpu` writes python-backend models running onnxruntime;
+`python build_engines.py --target tensorrt [--precision fp16|fp32|int8] [--gpus 0,1]
+[--model NAME] [--output DIR] [--force]` builds TensorRT engines on this machine's GPU.
+"""
 
 import sys
 

@@ -85,9 +85,38 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
+    """``--target cpu``: the python-backend repository. ``--target tensorrt``: TensorRT
+    engines and their configs, then a summary table. Errors a user can act on print one
+    line each and return 1: no TensorRT or GPU (nothing built), or a model TensorRT
+    refuses (the others are still built)."""
+    out = Path(args.output) if args.output else settings.engines_dir
+    if args.target == "tensorrt":
+        from .gpu.tensorrt import (
+            EngineBuildError,
+            NoGPUError,
+            TensorRTUnavailableError,
+            build_tensorrt_models,
+            summary_table,
+        )
+        from .models.base import ModelLoadError
+
+        gpus = args.gpus.split(",") if args.gpus is not None else None
+        try:
+            results = build_tensorrt_models(
+                settings, out, only=args.model, precision=args.precision, gpus=gpus, force=args.force
+            )
+        except (TensorRTUnavailableError, NoGPUError, EngineBuildError, ModelLoadError, ValueError, OSError) as exc:
+            print(f"build-engines: {exc}", file=sys.stderr)
+            return 1
+        print(summary_table(results))
+        count = {status: sum(r.status == status for r in results) for status in ("built", "cached", "failed")}
+        print(f"{len(results)} TensorRT model(s) in {out}: " + ", ".join(f"{n} {s}" for s, n in count.items()))
+        for result in results:
+            if result.status == "failed":
+                print(f"build-engines: {result.name}: {result.error}", file=sys.stderr)
+        return 1 if count["failed"] else 0
     from .runtime.repository import build_repository
 
-    out = Path(args.output) if args.output else settings.engines_dir
     written = build_repository(settings, out, only=args.model)
     for name in written:
         print(name)
@@ -179,9 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the /predict server (the default command)")
     build = sub.add_parser("build-engines", help="write the Triton model repository for the cached models")
-    build.add_argument("--target", choices=["cpu"], default="cpu", help="cpu: python-backend models running onnxruntime")
+    build.add_argument(
+        "--target",
+        choices=["cpu", "tensorrt"],
+        default="cpu",
+        help="cpu: python-backend models running onnxruntime; tensorrt: TensorRT plans (needs TensorRT and the GPU)",
+    )
     build.add_argument("--output", help="model repository folder (default: IMMICH_TRT_ENGINES_DIR)")
     build.add_argument("--model", action="append", help="only this Triton model name (repeatable)")
+    build.add_argument(
+        "--precision",
+        choices=["fp16", "fp32", "int8"],
+        help="tensorrt: engine precision (default: IMMICH_TRT_PRECISION)",
+    )
+    build.add_argument(
+        "--gpus",
+        metavar="IDS",
+        help="tensorrt: comma-separated GPU ids, one instance group each (default: MACHINE_LEARNING_DEVICE_IDS)",
+    )
+    build.add_argument("--force", action="store_true", help="tensorrt: rebuild engines whose cache key matches")
     models = sub.add_parser("models", help="inspect or fetch the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="list the ONNX files in the cache")

@@ -1,0 +1,1 @@
+"""The NVIDIA GPU target: TensorRT engines, DALI preprocessing and Triton ensembles."""

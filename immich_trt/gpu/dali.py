@@ -1,0 +1,530 @@
+"""DALI preprocessing pipelines of the GPU target, served by Triton's DALI backend.
+
+Three pipelines take the encoded request bytes (JPEG, PNG, WebP) and produce the tensor
+the CPU path computes with Pillow/OpenCV, for the TensorRT model behind them in an
+ensemble (per sample; Triton adds the batch axis):
+
+- ``clip_visual``: ``encoded`` UINT8 [-1] -> ``image`` FP32 [3, S, S];
+- ``face_detection``: ``encoded`` -> ``input.1`` FP32 [3, 640, 640] and
+  ``det_scale`` FP32 [1];
+- ``ocr_detection``: ``encoded``, ``resize_hw`` INT32 [2] and ``bucket_hw`` INT32 [2]
+  (height, width; computed by the server) -> ``image_u8`` UINT8 [H, W, 3].
+
+Each graph exists for two devices: ``"gpu"`` decodes with nvJPEG (``decoders.image``
+on ``device="mixed"``) and resizes/normalises on the GPU, for Triton; ``"cpu"`` is the
+same graph on the CPU, which checks it against the reference on machines without a GPU
+(:func:`run_cpu`). Geometry (sizes, crop anchors, ``det_scale``) is computed on the CPU
+from the file header (``peek_image_shape``) with the reference's float64 operations in
+the reference's order, so it is exact.
+
+Reference reproduced (``immich_trt.models``) and how:
+
+- decode: RGB, EXIF orientation not applied (as ``decode_pil``).
+- CLIP, ``clip_preprocess``: ``resize_pil`` (shorter side to S, the other
+  ``int(long / short * S)``, PIL BICUBIC) done as Pillow does it, a horizontal pass
+  rounded to uint8 then a vertical pass (``INTERP_CUBIC`` with antialiasing is Pillow's
+  Keys a = -0.5 kernel widened by the downscale factor; one 2-D pass instead differs by
+  up to 16 grey levels); ``crop_pil``'s anchor ``int(W/2 - S/2)`` (``slice``);
+  ``(x/255 - mean)/std`` as ``(x - 255 mean)/(255 std)``; CHW.
+- SCRFD, ``letterbox`` + ``detection_blob``: the new size as ``letterbox``; bilinear
+  without antialiasing in one 2-D pass (``cv2.resize`` INTER_LINEAR keeps a
+  fixed-point intermediate); zeros at the bottom/right up to the input size;
+  ``(x - 127.5)/128``, RGB, CHW; ``det_scale = new_height / height`` as float32.
+- OCR, ``det_resize`` + ``pad_to_bucket``: PIL LANCZOS to ``resize_hw``, horizontal then
+  vertical pass (``INTERP_LANCZOS3``, antialiased); zeros up to ``bucket_hw``.
+
+Measured (DALI 2.4.0 CPU operators against the reference on the 33 images of the
+project's photo and OCR sets that DALI decodes; ``tests/test_dali_parity.py``):
+
+- decode: bit-exact against Pillow for JPEG, PNG and WebP; HEIC/AVIF are not decoded
+  (:func:`image_format` tells which bytes to keep on the CPU path).
+- CLIP ``image``: max |diff| 0.135 (9 grey levels, at image borders, where Pillow
+  renormalises its truncated kernel and DALI repeats the edge pixel; 4 px in, <= 2),
+  mean |diff| <= 0.0005; test-model embeddings: cosine >= 0.9999995.
+- SCRFD ``input.1``: max |diff| 1/128 (one grey level of cv2's fixed-point rounding),
+  mean <= 0.0007; ``det_scale`` and letterbox geometry exact; test-model boxes equal
+  on photos and bright-square JPEGs.
+- OCR ``image_u8``: max |diff| 5 grey levels (borders), mean <= 0.014; PP-OCRv5 texts
+  identical on all 16 OCR images at Immich's recognition score 0.8 (two images differ
+  in one line read below it), box corners within 2 px.
+
+Not measurable without a GPU: nvJPEG's decode may differ from libjpeg-turbo by a grey
+level or two (IDCT, chroma upsampling) and the GPU resampling kernels are separate
+code; the same tests' tolerances apply there. Serialising a "gpu" pipeline needs CUDA
+(:func:`serialize`). DALI is imported lazily: importing this module never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..models.face import DET_INPUT_SIZE
+from ..models.ocr import DET_INPUT_U8
+from ..runtime.repository import _write_if_changed
+
+CLIP_VISUAL = "clip_visual"
+FACE_DETECTION = "face_detection"
+OCR_DETECTION = "ocr_detection"
+KINDS = (CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION)
+
+#: Tensor names of the GPU contract.
+ENCODED_INPUT = "encoded"
+CLIP_IMAGE = "image"
+SCRFD_INPUT = "input.1"
+DET_SCALE = "det_scale"
+RESIZE_HW = "resize_hw"
+BUCKET_HW = "bucket_hw"
+#: Output names per kind, in pipeline order (the DALI backend maps outputs by position).
+OUTPUT_NAMES = {CLIP_VISUAL: (CLIP_IMAGE,), FACE_DETECTION: (SCRFD_INPUT, DET_SCALE), OCR_DETECTION: (DET_INPUT_U8,)}
+
+#: insightface's detector blob: ``(x - 127.5) / 128`` (``cv2.dnn.blobFromImage`` in
+#: :func:`immich_trt.models.face.detection_blob`).
+SCRFD_MEAN = 127.5
+SCRFD_STD = 128.0
+
+_DALI_MISSING = "NVIDIA DALI is not installed (pip install nvidia-dali-cuda120==2.4.0)"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a DALI model: Triton ``data_type`` and per-sample ``dims``
+    (no batch axis; -1 = variable)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+def image_format(encoded: bytes) -> str | None:
+    """``"jpeg"``, ``"png"`` or ``"webp"`` when the bytes start with that format's
+    signature: the formats whose DALI decode was checked bit-exact against Pillow.
+    None otherwise (HEIC, AVIF, TIFF...): keep those on the CPU path, since one file
+    DALI cannot decode fails its whole batch."""
+    head = bytes(encoded[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown DALI pipeline kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def clip_params(size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """Parameters of the ``clip_visual`` pipeline: crop side ``size`` and the per-channel
+    ``mean``/``std`` of 0..1 values (``preprocess_cfg.json``, as ``ClipVisualEncoder``)."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std need 3 values (RGB)")
+    return {"size": int(size), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def _face_input_size(params: Mapping[str, Any]) -> tuple[int, int]:
+    width, height = params.get("input_size", DET_INPUT_SIZE)
+    return int(width), int(height)
+
+
+def io_specs(kind: str, params: Mapping[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of a pipeline, in the order of the pipeline's outputs.
+
+    ``params``: ``clip_visual`` needs :func:`clip_params`; ``face_detection`` takes
+    ``input_size`` (width, height), default :data:`DET_INPUT_SIZE`; ``ocr_detection``
+    none. Raises ``ValueError`` for an unknown kind."""
+    _check_kind(kind)
+    encoded = TensorSpec(ENCODED_INPUT, "TYPE_UINT8", (-1,))
+    if kind == CLIP_VISUAL:
+        size = int(params["size"])
+        return [encoded], [TensorSpec(CLIP_IMAGE, "TYPE_FP32", (3, size, size))]
+    if kind == FACE_DETECTION:
+        width, height = _face_input_size(params)
+        return [encoded], [
+            TensorSpec(SCRFD_INPUT, "TYPE_FP32", (3, height, width)),
+            TensorSpec(DET_SCALE, "TYPE_FP32", (1,)),
+        ]
+    return (
+        [encoded, TensorSpec(RESIZE_HW, "TYPE_INT32", (2,)), TensorSpec(BUCKET_HW, "TYPE_INT32", (2,))],
+        [TensorSpec(DET_INPUT_U8, "TYPE_UINT8", (-1, -1, 3))],
+    )
+
+
+# ------------------------------------------------------------------------- graphs
+
+
+def _dali():
+    try:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.math as dmath
+        import nvidia.dali.types as types
+    except ImportError as exc:
+        raise RuntimeError(_DALI_MISSING) from exc
+    return fn, types, dmath
+
+
+def _check_device(device: str) -> None:
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', not {device!r}")
+
+
+def _encoded_image(device: str):
+    """External input ``encoded`` -> (RGB uint8 HWC image on ``device``, its height and
+    width as float64 CPU scalars read from the header)."""
+    fn, types, _ = _dali()
+    encoded = fn.external_source(name=ENCODED_INPUT, device="cpu", dtype=types.UINT8, ndim=1)
+    shape = fn.peek_image_shape(encoded, adjust_orientation=False)
+    image = fn.decoders.image(
+        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB, adjust_orientation=False
+    )
+    height = fn.cast(shape[0], dtype=types.FLOAT64)
+    width = fn.cast(shape[1], dtype=types.FLOAT64)
+    return image, height, width
+
+
+def _f64(value: float):
+    _, types, _ = _dali()
+    return types.Constant(float(value), dtype=types.FLOAT64)
+
+
+def _as_f64(node):
+    """A boolean or integer DALI node as float64 (0.0/1.0 for booleans)."""
+    fn, types, _ = _dali()
+    return fn.cast(node, dtype=types.FLOAT64)
+
+
+def _to_f32(node):
+    fn, types, _ = _dali()
+    return fn.cast(node, dtype=types.FLOAT)
+
+
+def _pil_resize(image, new_width, new_height, height, interp):
+    """Resize as Pillow's ``Image.resize``: horizontal pass to ``new_width`` rounded to
+    uint8, then vertical pass to ``new_height`` (antialiased, filter support widened by
+    the downscale factor). Sizes are float CPU scalars."""
+    fn, _, _ = _dali()
+    wide = fn.resize(image, resize_x=new_width, resize_y=height, interp_type=interp, antialias=True)
+    return fn.resize(wide, resize_x=new_width, resize_y=new_height, interp_type=interp, antialias=True)
+
+
+def clip_geometry(height, width, size: int):
+    """``(new_width, new_height, left, top)`` float64 DALI scalars of
+    ``crop_pil(resize_pil(image, size), size)`` for an image ``height x width``
+    (float64 DALI scalars): the same float64 operations as the reference, so exact."""
+    _, _, dmath = _dali()
+    size64 = _f64(size)
+    portrait = _as_f64(width < height)
+    landscape = _f64(1.0) - portrait
+    new_width = portrait * size64 + landscape * dmath.floor(width / height * size64)
+    new_height = portrait * dmath.floor(height / width * size64) + landscape * size64
+    half = _f64(size / 2)
+    left = dmath.floor(new_width / _f64(2.0) - half)
+    top = dmath.floor(new_height / _f64(2.0) - half)
+    return new_width, new_height, left, top
+
+
+def letterbox_geometry(height, width, input_size: tuple[int, int]):
+    """``(new_width, new_height, det_scale)`` float64 DALI scalars of
+    :func:`immich_trt.models.face.letterbox` into ``input_size`` (width, height), with
+    its float64 operations in its order, so exact."""
+    _, _, dmath = _dali()
+    in_w, in_h = input_size
+    im_ratio = height / width
+    taller = _as_f64(im_ratio > _f64(float(in_h) / in_w))
+    wider = _f64(1.0) - taller
+    new_height = taller * _f64(in_h) + wider * dmath.floor(_f64(in_w) * im_ratio)
+    new_width = taller * dmath.floor(_f64(in_h) / im_ratio) + wider * _f64(in_w)
+    return new_width, new_height, new_height / height
+
+
+def clip_visual_graph(device: str, params: Mapping[str, Any]) -> list:
+    """``encoded`` -> ``image`` float32 [3, S, S], as ``clip_preprocess`` (module docstring)."""
+    fn, types, _ = _dali()
+    size = int(params["size"])
+    mean = np.asarray(params["mean"], dtype=np.float64) * 255.0
+    std = np.asarray(params["std"], dtype=np.float64) * 255.0
+    image, height, width = _encoded_image(device)
+    new_width, new_height, left, top = clip_geometry(height, width, size)
+    resized = _pil_resize(image, _to_f32(new_width), _to_f32(new_height), _to_f32(height), types.INTERP_CUBIC)
+    anchor = fn.cast(fn.stack(top, left), dtype=types.INT32)
+    crop = fn.slice(
+        resized,
+        anchor,
+        types.Constant(np.array([size, size], dtype=np.int32)),
+        axes=[0, 1],
+        normalized_anchor=False,
+        normalized_shape=False,
+    )
+    normalised = fn.crop_mirror_normalize(
+        crop, dtype=types.FLOAT, output_layout="CHW", mean=mean.tolist(), std=std.tolist()
+    )
+    return [normalised]
+
+
+def face_detection_graph(device: str, params: Mapping[str, Any]) -> list:
+    """``encoded`` -> ``input.1`` float32 [3, h, w] and ``det_scale`` float32 [1], as
+    ``letterbox`` + ``detection_blob`` (module docstring)."""
+    fn, types, _ = _dali()
+    in_w, in_h = _face_input_size(params)
+    image, height, width = _encoded_image(device)
+    new_width, new_height, det_scale = letterbox_geometry(height, width, (in_w, in_h))
+    resized = fn.resize(
+        image,
+        resize_x=_to_f32(new_width),
+        resize_y=_to_f32(new_height),
+        interp_type=types.INTERP_LINEAR,
+        antialias=False,
+    )
+    canvas = fn.pad(resized, axes=[0, 1], shape=[in_h, in_w], fill_value=0)
+    blob = fn.crop_mirror_normalize(
+        canvas, dtype=types.FLOAT, output_layout="CHW", mean=[SCRFD_MEAN] * 3, std=[SCRFD_STD] * 3
+    )
+    return [blob, fn.reshape(_to_f32(det_scale), shape=[1])]
+
+
+def ocr_detection_graph(device: str, params: Mapping[str, Any]) -> list:
+    """``encoded``, ``resize_hw``, ``bucket_hw`` -> ``image_u8`` uint8 [H, W, 3], as
+    ``det_resize`` (to ``resize_hw``) + zero padding to ``bucket_hw``."""
+    fn, types, _ = _dali()
+    image, height, _ = _encoded_image(device)
+    resize_hw = fn.external_source(name=RESIZE_HW, device="cpu", dtype=types.INT32, ndim=1)
+    bucket_hw = fn.external_source(name=BUCKET_HW, device="cpu", dtype=types.INT32, ndim=1)
+    resized = _pil_resize(
+        image, _to_f32(resize_hw[1]), _to_f32(resize_hw[0]), _to_f32(height), types.INTERP_LANCZOS3
+    )
+    return [fn.pad(resized, axes=[0, 1], shape=bucket_hw, fill_value=0)]
+
+
+GRAPHS = {CLIP_VISUAL: clip_visual_graph, FACE_DETECTION: face_detection_graph, OCR_DETECTION: ocr_detection_graph}
+
+
+def build_pipeline(
+    kind: str,
+    params: Mapping[str, Any],
+    device: str = "gpu",
+    batch_size: int = 8,
+    num_threads: int = 4,
+    device_id: int = 0,
+    **pipeline_options: Any,
+):
+    """The (unbuilt) ``nvidia.dali.Pipeline`` of ``kind`` for ``device`` ("gpu" or
+    "cpu"; "cpu" pipelines have ``device_id=None``). Output dtypes and ranks are
+    declared, so DALI and Triton's DALI backend check them. Defining the graph needs no
+    GPU; building or serialising a "gpu" pipeline does.
+
+    Raises ``ValueError`` for an unknown kind or device, ``RuntimeError`` without DALI."""
+    _check_kind(kind)
+    _check_device(device)
+    _dali()
+    from nvidia.dali import Pipeline
+
+    _, outputs = io_specs(kind, params)
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        output_dtype=[_dali_type(spec.data_type) for spec in outputs],
+        output_ndim=[len(spec.dims) for spec in outputs],
+        **pipeline_options,
+    )
+    with pipe:
+        pipe.set_outputs(*GRAPHS[kind](device, params))
+    return pipe
+
+
+def _dali_type(triton_type: str):
+    _, types, _ = _dali()
+    return {"TYPE_UINT8": types.UINT8, "TYPE_FP32": types.FLOAT, "TYPE_INT32": types.INT32}[triton_type]
+
+
+def cuda_device_count() -> int:
+    """GPUs DALI can use here (0 without CUDA or without DALI)."""
+    try:
+        import nvidia.dali.backend as backend
+
+        return int(backend.GetCUDADeviceCount())
+    except Exception:
+        return 0
+
+
+# -------------------------------------------------------------------- Triton model
+
+
+def serialize(
+    kind: str,
+    params: Mapping[str, Any],
+    device: str = "gpu",
+    max_batch_size: int = 8,
+    num_threads: int = 4,
+    device_id: int = 0,
+) -> bytes:
+    """The pipeline serialised for Triton's DALI backend (``1/model.dali``).
+
+    DALI instantiates the pipeline to serialise it, so a "gpu" pipeline needs CUDA and a
+    GPU (run it where the engines are built); a "cpu" one serialises anywhere. The
+    backend runs each instance on its own GPU whatever ``device_id`` says here.
+    Raises ``RuntimeError`` without DALI or, for "gpu", without a usable GPU."""
+    pipe = build_pipeline(kind, params, device, max_batch_size, num_threads, device_id)
+    try:
+        return pipe.serialize()
+    except RuntimeError as exc:
+        if device == "gpu" and cuda_device_count() == 0:
+            raise RuntimeError(
+                "serialising a GPU DALI pipeline needs CUDA and a GPU (DALI builds the pipeline to serialise it); "
+                "build the GPU repository on the GPU host"
+            ) from exc
+        raise
+
+
+def dali_config_pbtxt(
+    name: str,
+    kind: str,
+    params: Mapping[str, Any],
+    max_batch_size: int,
+    device: str = "gpu",
+    device_ids: Sequence[str | int] = ("0",),
+    preferred_batch_sizes: Sequence[int] = (),
+    max_queue_delay_us: int = 100,
+    num_threads: int = 4,
+) -> str:
+    """``config.pbtxt`` of a DALI-backend model: the tensors of :func:`io_specs` (outputs
+    in pipeline order, which is how the backend maps them), ``encoded`` with
+    ``allow_ragged_batch`` (encoded images of different lengths batch together),
+    ``dynamic_batching``, one ``KIND_GPU`` instance group per device id ("gpu") or one
+    ``KIND_CPU`` group ("cpu"), and the pipeline's ``num_threads``.
+    Raises ``ValueError`` if ``max_batch_size < 1``."""
+    _check_device(device)
+    if max_batch_size < 1:
+        raise ValueError("a DALI model needs max_batch_size >= 1 (the batch axis is the sample axis)")
+    inputs, outputs = io_specs(kind, params)
+
+    def tensor(spec: TensorSpec) -> str:
+        ragged = " allow_ragged_batch: true" if spec.name == ENCODED_INPUT else ""
+        dims = ", ".join(str(d) for d in spec.dims)
+        return f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ]{ragged} }}'
+
+    lines = [f'name: "{name}"', 'backend: "dali"', f"max_batch_size: {max_batch_size}"]
+    lines += ["input [", ",\n".join(tensor(s) for s in inputs), "]"]
+    lines += ["output [", ",\n".join(tensor(s) for s in outputs), "]"]
+    preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
+    batching = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ] " if preferred else ""
+    lines.append(f"dynamic_batching {{ {batching}max_queue_delay_microseconds: {max_queue_delay_us} }}")
+    if device == "gpu":
+        groups = ", ".join(f"{{ kind: KIND_GPU count: 1 gpus: [ {int(i)} ] }}" for i in device_ids)
+    else:
+        groups = "{ kind: KIND_CPU count: 1 }"
+    lines.append(f"instance_group [ {groups} ]")
+    lines.append(f'parameters: {{ key: "num_threads" value: {{ string_value: "{num_threads}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_dali_model(
+    folder: Path,
+    kind: str,
+    params: Mapping[str, Any],
+    max_batch_size: int,
+    device: str = "gpu",
+    device_ids: Sequence[str | int] = ("0",),
+    preferred_batch_sizes: Sequence[int] = (),
+    max_queue_delay_us: int = 100,
+    num_threads: int = 4,
+) -> Path:
+    """Write ``<folder>/1/model.dali`` (:func:`serialize`) and ``<folder>/config.pbtxt``
+    (:func:`dali_config_pbtxt`); the model name is ``folder.name``. Returns ``folder``.
+    Raises as :func:`serialize` (a "gpu" model needs a GPU to be written)."""
+    folder = Path(folder)
+    first_id = int(next(iter(device_ids), 0))
+    data = serialize(kind, params, device, max_batch_size, num_threads, first_id)
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    target = folder / "1" / "model.dali"
+    tmp = target.with_suffix(".dali.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    config = dali_config_pbtxt(
+        folder.name,
+        kind,
+        params,
+        max_batch_size,
+        device=device,
+        device_ids=device_ids,
+        preferred_batch_sizes=preferred_batch_sizes,
+        max_queue_delay_us=max_queue_delay_us,
+        num_threads=num_threads,
+    )
+    _write_if_changed(folder / "config.pbtxt", config)
+    return folder
+
+
+# ----------------------------------------------------------------------- CPU runs
+
+#: Pipeline options for step-by-step runs: no prefetching, no asynchronous executor.
+SYNCHRONOUS = {"prefetch_queue_depth": 1, "exec_async": False, "exec_pipelined": False}
+
+
+def cpu_pipeline(kind: str, params: Mapping[str, Any], batch_size: int = 1, num_threads: int = 2):
+    """A built "cpu" pipeline for :func:`feed_and_run`, synchronous and without
+    prefetching (each run consumes exactly the batch fed before it; batches of up to
+    ``batch_size`` images). Raises ``RuntimeError`` without DALI."""
+    pipe = build_pipeline(kind, params, "cpu", batch_size, num_threads, **SYNCHRONOUS)
+    pipe.build()
+    return pipe
+
+
+def feed_and_run(
+    pipe,
+    kind: str,
+    encoded: Sequence[bytes],
+    resize_hw: Sequence[tuple[int, int]] | None = None,
+    bucket_hw: Sequence[tuple[int, int]] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Run a built pipeline (:func:`cpu_pipeline`, or a deserialised "cpu" one) on one
+    batch of ``len(encoded)`` images; see :func:`run_cpu` for the arguments and result.
+    A file DALI cannot decode fails the whole batch (``RuntimeError``) and leaves the
+    pipeline unusable: check :func:`image_format` first."""
+    if not encoded:
+        return []
+    if kind == OCR_DETECTION:
+        if resize_hw is None or len(resize_hw) != len(encoded):
+            raise ValueError("ocr_detection needs one resize_hw (height, width) per image")
+        bucket_hw = resize_hw if bucket_hw is None else bucket_hw
+        if len(bucket_hw) != len(encoded):
+            raise ValueError("ocr_detection needs one bucket_hw (height, width) per image")
+        sizes = np.asarray(resize_hw, dtype=np.int32).reshape(-1, 2)
+        buckets = np.asarray(bucket_hw, dtype=np.int32).reshape(-1, 2)
+        if (sizes < 1).any() or (buckets < sizes).any():
+            raise ValueError("resize_hw must be >= 1 and bucket_hw >= resize_hw")
+        pipe.feed_input(RESIZE_HW, list(sizes))
+        pipe.feed_input(BUCKET_HW, list(buckets))
+    pipe.feed_input(ENCODED_INPUT, [np.frombuffer(data, dtype=np.uint8) for data in encoded])
+    outputs = pipe.run()
+    names = OUTPUT_NAMES[kind]
+    return [{name: np.array(out[i]) for name, out in zip(names, outputs)} for i in range(len(encoded))]
+
+
+def run_cpu(
+    kind: str,
+    params: Mapping[str, Any],
+    encoded: Sequence[bytes],
+    resize_hw: Sequence[tuple[int, int]] | None = None,
+    bucket_hw: Sequence[tuple[int, int]] | None = None,
+    num_threads: int = 2,
+) -> list[dict[str, np.ndarray]]:
+    """Run the "cpu" variant of a pipeline on encoded images (one batch) and return, per
+    image, ``{output name: numpy array}`` without the batch axis (``image`` float32
+    [3, S, S]; ``input.1`` float32 [3, h, w] and ``det_scale`` float32 [1];
+    ``image_u8`` uint8 [H, W, 3]).
+
+    ``ocr_detection`` needs ``resize_hw`` per image ((height, width), as the server's
+    :func:`immich_trt.models.ocr.det_resize_shape` swapped) and takes ``bucket_hw``
+    (default: ``resize_hw``, no padding). Raises ``RuntimeError`` without DALI or when
+    an image cannot be decoded, ``ValueError`` for missing or invalid OCR sizes."""
+    if not encoded:
+        return []
+    pipe = cpu_pipeline(kind, params, len(encoded), num_threads)
+    return feed_and_run(pipe, kind, encoded, resize_hw, bucket_hw)
