@@ -86,31 +86,40 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
     """``--target cpu``: the python-backend repository. ``--target tensorrt``: TensorRT
-    engines and their configs, then a summary table. Errors a user can act on print one
-    line each and return 1: no TensorRT or GPU (nothing built), or a model TensorRT
-    refuses (the others are still built)."""
+    engines, DALI preprocessing models and the ensembles that chain them, then a summary
+    table. ``--target standin``: the GPU target's repository with python-backend
+    stand-ins of the same names and tensors (checks the wiring on any machine). Errors a
+    user can act on print one line each and return 1: no TensorRT or GPU (nothing
+    built), or a model TensorRT refuses (the others are still built)."""
     out = Path(args.output) if args.output else settings.engines_dir
-    if args.target == "tensorrt":
-        from .gpu.tensorrt import (
-            EngineBuildError,
-            NoGPUError,
-            TensorRTUnavailableError,
-            build_tensorrt_models,
-            summary_table,
-        )
+    if args.target in ("tensorrt", "standin"):
+        from .gpu.ensemble import build_gpu_repository, write_standin_repository
+        from .gpu.tensorrt import EngineBuildError, NoGPUError, TensorRTUnavailableError, summary_table
         from .models.base import ModelLoadError
 
         gpus = args.gpus.split(",") if args.gpus is not None else None
         try:
-            results = build_tensorrt_models(
-                settings, out, only=args.model, precision=args.precision, gpus=gpus, force=args.force
-            )
-        except (TensorRTUnavailableError, NoGPUError, EngineBuildError, ModelLoadError, ValueError, OSError) as exc:
+            if args.target == "standin":
+                written = write_standin_repository(settings, out, only=args.model)
+            else:
+                written = build_gpu_repository(
+                    settings, out, only=args.model, precision=args.precision, gpus=gpus, force=args.force
+                )
+        except (TensorRTUnavailableError, NoGPUError, EngineBuildError, ModelLoadError, ValueError, OSError,
+                RuntimeError) as exc:
             print(f"build-engines: {exc}", file=sys.stderr)
             return 1
+        if args.target == "standin":
+            for name in [*written.models, *written.preprocess, *written.ensembles]:
+                print(name)
+            print(f"{len(written.models)} stand-in model(s), {len(written.preprocess)} preprocessing model(s), "
+                  f"{len(written.ensembles)} ensemble(s) in {out}")
+            return 0
+        results = written.models
         print(summary_table(results))
         count = {status: sum(r.status == status for r in results) for status in ("built", "cached", "failed")}
         print(f"{len(results)} TensorRT model(s) in {out}: " + ", ".join(f"{n} {s}" for s, n in count.items()))
+        print(f"{len(written.preprocess)} DALI preprocessing model(s), {len(written.ensembles)} ensemble(s)")
         for result in results:
             if result.status == "failed":
                 print(f"build-engines: {result.name}: {result.error}", file=sys.stderr)
@@ -210,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-engines", help="write the Triton model repository for the cached models")
     build.add_argument(
         "--target",
-        choices=["cpu", "tensorrt"],
+        choices=["cpu", "tensorrt", "standin"],
         default="cpu",
-        help="cpu: python-backend models running onnxruntime; tensorrt: TensorRT plans (needs TensorRT and the GPU)",
+        help="cpu: python-backend models running onnxruntime; tensorrt: TensorRT plans, DALI preprocessing and "
+        "ensembles (needs TensorRT, DALI and the GPU); standin: the tensorrt layout with python-backend stand-ins",
     )
     build.add_argument("--output", help="model repository folder (default: IMMICH_TRT_ENGINES_DIR)")
     build.add_argument("--model", action="append", help="only this Triton model name (repeatable)")
@@ -276,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     command = args.command or "serve"
     if command == "serve":
+        from .gpu.ensemble import check_gpu_settings
+
+        try:
+            check_gpu_settings(settings)
+        except ValueError as exc:
+            print(f"immich-trt: {exc}", file=sys.stderr)
+            return 2
         return cmd_serve(args, settings)
     if command == "build-engines":
         return cmd_build_engines(args, settings)

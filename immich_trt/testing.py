@@ -44,6 +44,29 @@ def prepare_ocr_cache(cache_folder: Path) -> Path:
     return Path(cache_folder)
 
 
+def triton_installation_from_wheel(root: Path) -> Path:
+    """Lay out ``root`` like a full Triton installation (``bin/tritonserver``, ``lib/``,
+    ``backends/python/``: the layout of ``/opt/tritonserver`` in NVIDIA's image) with
+    links to the nvidia-pytriton wheel's files, for ``IMMICH_TRT_TRITON_SERVER`` on a
+    machine without NVIDIA's image. Returns ``root``."""
+    from .runtime.launcher import TritonInstallation
+
+    wheel = TritonInstallation.find()
+    root = Path(root)
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "bin" / "tritonserver").symlink_to(wheel.binary)
+    if wheel.libs is not None:
+        (root / "lib").symlink_to(wheel.libs)
+    python = root / "backends" / "python"
+    python.mkdir(parents=True)
+    for src in wheel.python_backend.parent.iterdir():
+        if not src.name.startswith("__"):
+            (python / src.name).symlink_to(src)
+    assert wheel.stub is not None
+    (python / wheel.stub.name).symlink_to(wheel.stub)
+    return root
+
+
 class LiveServer:
     """``python -m immich_trt serve`` in a subprocess on a free loopback port.
 

@@ -199,18 +199,9 @@ async def test_a_full_triton_installation_is_launched_from_its_root(settings, sp
     ``backends/`` (the layout of /opt/tritonserver in NVIDIA's image), laid out here from
     the wheel's own files, is launched with its backend directory as it is."""
     from immich_trt.runtime.launcher import TritonInstallation
+    from immich_trt.testing import triton_installation_from_wheel
 
-    wheel = TritonInstallation.find()
-    root = tmp_path / "tritonserver"
-    (root / "bin").mkdir(parents=True)
-    (root / "bin" / "tritonserver").symlink_to(wheel.binary)
-    (root / "lib").symlink_to(wheel.libs)
-    python = root / "backends" / "python"
-    python.mkdir(parents=True)
-    for src in wheel.python_backend.parent.iterdir():
-        if not src.name.startswith("__"):
-            (python / src.name).symlink_to(src)
-    (python / wheel.stub.name).symlink_to(wheel.stub)
+    root = triton_installation_from_wheel(tmp_path / "tritonserver")
     runtime = TritonRuntime(dataclasses.replace(settings, triton_server=root, engines_dir=tmp_path / "engines"))
     await runtime.start()
     try:

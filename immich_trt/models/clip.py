@@ -148,9 +148,22 @@ class ClipVisualEncoder(_ClipModel):
     def preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
         return {"image": clip_preprocess(image, self.size, self.mean, self.std)}
 
+    def specs(self) -> list[ModelSpec]:
+        if self.ctx.settings.preprocess == "gpu":  # the ensemble (and with it the model)
+            from ..gpu.ensemble import gpu_specs
+
+            return gpu_specs(self.ctx.settings, self._spec())
+        return [self._spec()]
+
     async def _predict(self, image: Image.Image) -> str:
         if not isinstance(image, Image.Image):
             raise TypeError("clip visual needs an image")
+        if self.ctx.settings.preprocess == "gpu":  # encoded bytes -> DALI -> model, in Triton
+            from ..gpu.ensemble import CLIP_EMBEDDING, infer_ensemble
+
+            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, outputs=[CLIP_EMBEDDING])
+            if out is not None:
+                return serialize_np(out[CLIP_EMBEDDING][0])
         return await self._embed(await self.ctx.run(self.preprocess, image))
 
 

@@ -269,6 +269,13 @@ class FaceDetector(_FaceModel):
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.model_file, max_batch_size=0)
 
+    def specs(self) -> list[ModelSpec]:
+        if self.ctx.settings.preprocess == "gpu":  # the ensemble (and with it the model)
+            from ..gpu.ensemble import gpu_specs
+
+            return gpu_specs(self.ctx.settings, self._spec())
+        return [self._spec()]
+
     def prepare_files(self) -> None:
         graph = load_onnx(self.model_file).graph
         initializers = {i.name for i in graph.initializer}
@@ -289,6 +296,17 @@ class FaceDetector(_FaceModel):
         if not isinstance(image, Image.Image):
             raise TypeError("face detection needs an image")
         assert self.layout is not None
+        if self.ctx.settings.preprocess == "gpu":  # encoded bytes -> DALI letterbox -> model, in Triton
+            from ..gpu.ensemble import DET_SCALE, exact_det_scale, infer_ensemble
+
+            names = self.layout.output_names
+            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, outputs=[*names, DET_SCALE])
+            if out is not None:
+                det_scale = exact_det_scale(out[DET_SCALE], image.height)
+                input_hw = (self.input_size[1], self.input_size[0])
+                return await self.ctx.run(
+                    scrfd_postprocess, [out[name] for name in names], self.layout, input_hw, det_scale, self.min_score
+                )
         blob, det_scale = await self.ctx.run(self._preprocess, image)
         out = await self.ctx.runtime.infer(self.triton_name, {self.input_name: blob}, self.layout.output_names)
         outputs = [out[name] for name in self.layout.output_names]

@@ -591,6 +591,13 @@ class TextDetector(_PaddleModel):
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=4)
 
+    def specs(self) -> list[ModelSpec]:
+        if self.ctx.settings.preprocess == "gpu":  # the ensemble (and with it the model)
+            from ..gpu.ensemble import gpu_specs
+
+            return gpu_specs(self.ctx.settings, self._spec())
+        return [self._spec()]
+
     def prepare_files(self) -> None:
         """The uint8-input copy the runtime serves (normalisation inside the graph)."""
         dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
@@ -612,6 +619,13 @@ class TextDetector(_PaddleModel):
     async def _predict(self, image: Image.Image) -> dict[str, np.ndarray]:
         w, h = image.size
         resize_w, resize_h = det_resize_shape(w, h, self.max_resolution)
+        if self.ctx.settings.preprocess == "gpu" and min(w, h) >= 32 and min(resize_w, resize_h) > 0:
+            from ..gpu.ensemble import infer_ensemble, ocr_detection_inputs
+
+            sizes = ocr_detection_inputs((resize_h, resize_w), self.shape_buckets)
+            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, sizes)
+            if out is not None:  # encoded bytes -> DALI resize + pad -> model, in Triton
+                return await self.ctx.run(self._postprocess, next(iter(out.values())), (resize_h, resize_w), (h, w))
         tensor = await self.ctx.run(self._preprocess, image)
         if tensor is None:
             return empty_detection()

@@ -133,6 +133,11 @@ def cached_specs(settings: Settings, only: list[str] | None = None) -> list[Mode
     from ..models.base import ModelContext
     from ..models.registry import ModelTask, ModelType, resolve
 
+    import dataclasses
+
+    # the served models themselves, whatever IMMICH_TRT_PREPROCESS says (gpu mode's specs
+    # name its ensembles)
+    settings = dataclasses.replace(settings, preprocess="cpu")
     ctx = ModelContext(settings=settings, runtime=None)  # type: ignore[arg-type]
     specs: dict[str, ModelSpec] = {}
     for path in sorted(Path(settings.cache_folder).glob("*/*/*/model.onnx")):

@@ -149,7 +149,9 @@ class TritonRuntime(Runtime):
             self._specs[spec.name] = spec
             if spec.name in self._ready_models:
                 return
-            if self.launcher is not None:
+            if self.launcher is not None and self.settings.preprocess == "cpu":
+                # CPU target: python-backend models written on first use. The GPU target's
+                # repository is prebuilt (build-engines --target tensorrt) and never rewritten.
                 await asyncio.get_running_loop().run_in_executor(
                     None, write_model, self.repository, spec, self.settings
                 )

@@ -1,0 +1,652 @@
+"""Triton ensembles of the GPU target, and the server's side of them.
+
+For the three models whose preprocessing runs on the GPU, the repository built by
+``build-engines --target tensorrt`` holds, next to the TensorRT model ``<base>`` (its
+name is the model's ``triton_name``, e.g. ``clip__ViT-B-32__openai__visual``):
+
+* ``<base>__preprocess``: the DALI pipeline (``encoded`` bytes -> the model's input);
+* ``<base>__ensemble``: ``platform: "ensemble"``, ``<base>__preprocess`` then ``<base>``.
+
+==================  ==========================================  =====================================
+kind                ensemble inputs (per request, batch of 1)   ensemble outputs
+==================  ==========================================  =====================================
+``clip_visual``     ``encoded`` UINT8 [1, n]                    ``embedding`` FP32 [1, D]
+``face_detection``  ``encoded`` UINT8 [1, n]                    the detector's outputs (9 for SCRFD,
+                                                                same names) + ``det_scale`` FP32 [1, 1]
+``ocr_detection``   ``encoded`` UINT8 [1, n], ``resize_hw`` and  the detector's probability map, same
+                    ``bucket_hw`` INT32 [1, 2] (height, width)  name, FP32 [1, 1, H_bucket, W_bucket]
+==================  ==========================================  =====================================
+
+The ensemble's tensors are derived from the composing models' own ``config.pbtxt`` (read
+back after they are written), so they always agree with what the TensorRT builder and the
+DALI writer produced: ``max_batch_size`` is the smaller of the two (0 when either model
+is unbatched; an unbatched ensemble's dims then carry the batch axis), and the link
+``<base>__preprocess`` -> ``<base>`` is checked (data type, rank, fixed dims) before
+anything is written. In explicit model-control mode, loading ``<base>__ensemble`` loads
+both composing models (Triton 2.51, checked by the tests).
+
+Server side (``IMMICH_TRT_PREPROCESS=gpu``): :func:`gpu_specs` makes the model load
+``<base>__ensemble`` by name from a Triton given by ``TRITON_URL`` (nothing is written
+on demand: the repository is prebuilt); :func:`infer_ensemble` sends the request's
+encoded bytes (``image.info[ENCODED]``). An image without them, of a format DALI does
+not decode as Pillow (AVIF, HEIC, TIFF...), or whose size differs from the bytes'
+header (e.g. resized after decoding) goes through the CPU preprocessing and ``<base>``
+directly, which the ensemble load has loaded: the same result as the CPU path, at no
+re-encoding cost.
+
+Without a GPU, :func:`write_standin_repository` writes the same names, tensor contracts
+and batching with python-backend stand-ins: ``<base>`` runs the ONNX file with
+onnxruntime as the CPU target does, and ``<base>__preprocess`` runs the reference
+preprocessing of :mod:`immich_trt.models` (:func:`reference_preprocess`); its
+ensembles are those of the GPU repository, served by any Triton, e.g. the one of the
+``nvidia-pytriton`` wheel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sysconfig
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from ..config import Settings
+from ..models.registry import ModelTask, ModelType
+from ..runtime.base import InferenceError, ModelSpec
+from .dali import (  # the preprocessing contract (importing it never needs DALI)
+    BUCKET_HW,
+    CLIP_VISUAL,
+    DET_SCALE,
+    ENCODED_INPUT,
+    FACE_DETECTION,
+    KINDS,
+    OCR_DETECTION,
+    OUTPUT_NAMES,
+    RESIZE_HW,
+    TensorSpec,
+    clip_params,
+    image_format,
+    io_specs,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..runtime.base import Runtime
+
+log = logging.getLogger(__name__)
+
+#: The CLIP ensemble's output, whatever the model calls its own (FP32 [D]).
+CLIP_EMBEDDING = "embedding"
+#: The preprocessing output that feeds the model, per kind (the others, ``det_scale``,
+#: are ensemble outputs).
+PREPROCESSED = {kind: names[0] for kind, names in OUTPUT_NAMES.items()}
+
+#: Smallest ``max_batch_size`` of a preprocessing model: it batches concurrent requests
+#: (decode and resize on the GPU) even when the model behind it runs one at a time.
+PREPROCESS_MAX_BATCH_SIZE = 8
+
+_KIND_BY_TASK_TYPE = {
+    (ModelTask.SEARCH, ModelType.VISUAL): CLIP_VISUAL,
+    (ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION): FACE_DETECTION,
+    (ModelTask.OCR, ModelType.DETECTION): OCR_DETECTION,
+}
+
+
+# ----------------------------------------------------------------------------- names
+
+
+class GpuRepository(NamedTuple):
+    """What :func:`build_gpu_repository` wrote."""
+
+    models: Any  # what the models' builder returned (the TensorRT builder: its BuildResults)
+    preprocess: list[str]  # ``<base>__preprocess`` names
+    ensembles: list[str]  # ``<base>__ensemble`` names
+
+
+class GpuPathNames(NamedTuple):
+    """Triton model names of one GPU-preprocessed model."""
+
+    base: str  # the TensorRT (or CPU-target) model, e.g. ``clip__ViT-B-32__openai__visual``
+    preprocess: str  # ``<base>__preprocess``
+    ensemble: str  # ``<base>__ensemble``
+
+
+def gpu_path_names(base: str) -> GpuPathNames:
+    """The names of the preprocessing model and the ensemble served for model ``base``."""
+    return GpuPathNames(base, f"{base}__preprocess", f"{base}__ensemble")
+
+
+def gpu_kind(base: str) -> str | None:
+    """:data:`CLIP_VISUAL`, :data:`FACE_DETECTION` or :data:`OCR_DETECTION` for a model
+    name ``<task>__<model>__<type>``; ``None`` for models that keep CPU preprocessing
+    (CLIP textual, ArcFace recognition, OCR recognition)."""
+    parts = base.split("__")
+    if len(parts) < 3:
+        return None
+    try:
+        return _KIND_BY_TASK_TYPE.get((ModelTask(parts[0]), ModelType(parts[-1])))
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------- config.pbtxt
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """What an ensemble needs to know of a composing model: its tensors' ``dims`` are
+    without the batch axis when ``max_batch_size`` > 0 (as in ``config.pbtxt``)."""
+
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def full_dims(self, tensor: TensorSpec) -> tuple[int, ...]:
+        """The tensor's shape as a request carries it (batch axis included)."""
+        return ((-1,) + tensor.dims) if self.max_batch_size > 0 else tensor.dims
+
+    def output(self, name: str) -> TensorSpec:
+        for tensor in self.outputs:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"model '{self.name}' has no output '{name}'")
+
+
+def read_model_io(folder: Path) -> ModelIO:
+    """Parse ``<folder>/config.pbtxt`` (Triton's ``ModelConfig`` text format).
+
+    Raises ``FileNotFoundError`` if it is missing, ``ValueError`` if it does not parse or
+    declares no inputs or outputs (an ensemble cannot be wired to an auto-completed one)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(folder) / "config.pbtxt"
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(path.read_text(encoding="utf-8"), config)
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if not config.input or not config.output:
+        raise ValueError(f"{path} declares no inputs or no outputs; an ensemble needs both")
+
+    def tensors(items) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims)) for t in items)
+
+    name = config.name or Path(folder).name
+    return ModelIO(name, config.max_batch_size, tensors(config.input), tensors(config.output))
+
+
+def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) == len(b) and all(x == y or x < 0 or y < 0 for x, y in zip(a, b))
+
+
+def _tensor_line(name: str, data_type: str, dims: Sequence[int]) -> str:
+    return f'  {{ name: "{name}" data_type: {data_type} dims: [ {", ".join(str(d) for d in dims)} ] }}'
+
+
+def _map(kind: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    return [f'      {kind} {{ key: "{key}" value: "{value}" }}' for key, value in pairs]
+
+
+def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str:
+    """``config.pbtxt`` of ``<base>__ensemble``: ``preprocess`` (``<base>__preprocess``)
+    then ``model`` (``<base>``), for a kind of :data:`KINDS`.
+
+    Ensemble inputs are the preprocessing model's; outputs are the model's (the first
+    renamed :data:`CLIP_EMBEDDING` for CLIP) plus :data:`DET_SCALE` for faces. The
+    preprocessing output :data:`PREPROCESSED` ``[kind]`` feeds the model's single input.
+    Raises ``ValueError`` if the two models do not fit together."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown GPU preprocessing kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if len(model.inputs) != 1:
+        raise ValueError(f"'{model.name}' has {len(model.inputs)} inputs; a preprocessed model has exactly one")
+    try:
+        produced = preprocess.output(PREPROCESSED[kind])
+        scale = preprocess.output(DET_SCALE) if kind == FACE_DETECTION else None
+    except KeyError as exc:
+        raise ValueError(f"{exc.args[0]} (the {kind} preprocessing contract)") from None
+    consumed = model.inputs[0]
+    link_from, link_to = preprocess.full_dims(produced), model.full_dims(consumed)
+    if produced.data_type != consumed.data_type or not _compatible(link_from, link_to):
+        raise ValueError(
+            f"'{preprocess.name}' output '{produced.name}' ({produced.data_type} {list(link_from)}) cannot feed "
+            f"'{model.name}' input '{consumed.name}' ({consumed.data_type} {list(link_to)})"
+        )
+    batch = min(preprocess.max_batch_size, model.max_batch_size)
+
+    def line(owner: ModelIO, tensor: TensorSpec, name: str) -> str:
+        full = owner.full_dims(tensor)  # an unbatched ensemble's dims carry the batch axis
+        return _tensor_line(name, tensor.data_type, full[1:] if batch > 0 else full)
+
+    # (the model's output, the ensemble's name for it)
+    if kind == CLIP_VISUAL:
+        exported = [(model.outputs[0], CLIP_EMBEDDING)]
+    else:
+        exported = [(tensor, tensor.name) for tensor in model.outputs]
+    passed_on = [produced.name] + ([DET_SCALE] if scale is not None else [])
+    lines = [
+        f'name: "{gpu_path_names(model.name).ensemble}"',
+        'platform: "ensemble"',
+        f"max_batch_size: {batch}",
+        "input [",
+        ",\n".join(line(preprocess, tensor, tensor.name) for tensor in preprocess.inputs),
+        "]",
+        "output [",
+        ",\n".join(
+            [line(model, tensor, name) for tensor, name in exported]
+            + ([line(preprocess, scale, DET_SCALE)] if scale is not None else [])
+        ),
+        "]",
+        "ensemble_scheduling {",
+        "  step [",
+        "    {",
+        f'      model_name: "{preprocess.name}"',
+        "      model_version: -1",
+        *_map("input_map", [(tensor.name, tensor.name) for tensor in preprocess.inputs]),
+        *_map("output_map", [(name, name) for name in passed_on]),
+        "    },",
+        "    {",
+        f'      model_name: "{model.name}"',
+        "      model_version: -1",
+        *_map("input_map", [(consumed.name, produced.name)]),
+        *_map("output_map", [(tensor.name, name) for tensor, name in exported]),
+        "    }",
+        "  ]",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Settings | None = None) -> list[str]:
+    """Write ``<base>__ensemble/config.pbtxt`` (and its empty version folder ``1/``) for
+    every spec of a GPU-preprocessed kind, from the ``config.pbtxt`` of ``<base>`` and
+    ``<base>__preprocess`` already in ``repository``. Returns the ensemble names.
+
+    ``settings`` is accepted so that every writer of the repository takes the same
+    arguments; the ensembles depend only on the composing models. Raises
+    ``FileNotFoundError`` for a missing composing config, ``ValueError`` (see
+    :func:`ensemble_config_pbtxt`)."""
+    from ..runtime.repository import _write_if_changed
+
+    written = []
+    for spec in specs:
+        kind = gpu_kind(spec.name)
+        if kind is None:
+            continue
+        names = gpu_path_names(spec.name)
+        text = ensemble_config_pbtxt(
+            kind, read_model_io(Path(repository) / names.preprocess), read_model_io(Path(repository) / names.base)
+        )
+        folder = Path(repository) / names.ensemble
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        _write_if_changed(folder / "config.pbtxt", text)
+        written.append(names.ensemble)
+    return written
+
+
+# ------------------------------------------------------------------ repository builder
+
+#: ``build_engines(settings, repository, *, only, precision, gpus, force)``: writes the
+#: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder).
+EngineBuilder = Callable[..., Any]
+#: ``write_preprocess(folder, kind, params, max_batch_size)``: writes one preprocessing
+#: model (``config.pbtxt`` and its version folder) into ``folder`` (default: DALI).
+PreprocessWriter = Callable[[Path, str, dict, int], Any]
+
+
+def _tensorrt_builder(*args: Any, **kwargs: Any) -> Any:
+    from .tensorrt import build_tensorrt_models
+
+    return build_tensorrt_models(*args, **kwargs)
+
+
+def _dali_writer(folder: Path, kind: str, params: dict, max_batch_size: int) -> Any:
+    from .dali import write_dali_model
+
+    return write_dali_model(folder, kind, params, max_batch_size)
+
+
+def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
+    """The parameters of the preprocessing of model ``base`` (read from its files in the
+    model cache), as given to the preprocessing writers:
+
+    * ``clip_visual``: ``{"size": S, "mean": [3 floats], "std": [3 floats]}``
+      (``visual/preprocess_cfg.json``);
+    * ``face_detection``: ``{"input_size": [width, height]}`` (640x640 unless the
+      detector was exported for a fixed size);
+    * ``ocr_detection``: ``{}`` (sizes come with each request).
+
+    Raises ``ValueError`` for a model that is not GPU-preprocessed."""
+    from ..models import build_model
+    from ..models.base import ModelContext
+    from ..models.registry import resolve
+
+    kind = gpu_kind(base)
+    if kind is None:
+        raise ValueError(f"'{base}' has no GPU preprocessing")
+    if kind == OCR_DETECTION:
+        return {}
+    parts = base.split("__")
+    task, name, model_type = parts[0], "__".join(parts[1:-1]), parts[-1]
+    source, _ = resolve(name, model_type, task)
+    ctx = ModelContext(settings=dataclasses.replace(settings, preprocess="cpu"), runtime=None)  # type: ignore[arg-type]
+    model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
+    model.prepare_files()
+    if kind == CLIP_VISUAL:
+        return clip_params(model.size, model.mean, model.std)
+    return {"input_size": [int(v) for v in model.input_size]}
+
+
+def build_gpu_repository(
+    settings: Settings,
+    repository: Path,
+    only: list[str] | None = None,
+    precision: str | None = None,
+    gpus: Sequence[str] | None = None,
+    force: bool = False,
+    *,
+    build_engines: EngineBuilder | None = None,
+    write_preprocess: PreprocessWriter | None = None,
+) -> GpuRepository:
+    """Write the GPU target for every cached model (or only the named ones): the models
+    (``build_engines``, default :func:`immich_trt.gpu.tensorrt.build_tensorrt_models`,
+    called as ``build_engines(settings, repository, only=, precision=, gpus=, force=)``),
+    then ``<base>__preprocess`` for CLIP visual, face detection and OCR detection
+    (``write_preprocess``, default :func:`immich_trt.gpu.dali.write_dali_model`, with
+    :func:`preprocess_params` and ``max_batch_size`` = the model's, at least
+    :data:`PREPROCESS_MAX_BATCH_SIZE`), then the ensembles (:func:`write_ensembles`,
+    whose ``max_batch_size`` is then the model's).
+
+    Derived model files are kept beside their configs (``engines_dir = repository``).
+    Returns what was written (:class:`GpuRepository`). Raises what the writers raise,
+    ``ValueError`` if the models do not fit together."""
+    from ..runtime.repository import cached_specs
+
+    repository = Path(repository)
+    repository.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.replace(settings, engines_dir=repository, preprocess="cpu")
+    build_engines = build_engines or _tensorrt_builder
+    write_preprocess = write_preprocess or _dali_writer
+    models = build_engines(settings, repository, only=only, precision=precision, gpus=gpus, force=force)
+    specs = [spec for spec in cached_specs(settings, only) if gpu_kind(spec.name) is not None]
+    preprocess = []
+    for spec in specs:
+        names = gpu_path_names(spec.name)
+        batch = read_model_io(repository / names.base).max_batch_size
+        write_preprocess(
+            repository / names.preprocess,
+            gpu_kind(spec.name),
+            preprocess_params(settings, spec.name),
+            max(batch, PREPROCESS_MAX_BATCH_SIZE),
+        )
+        preprocess.append(names.preprocess)
+    return GpuRepository(models, preprocess, write_ensembles(repository, specs, settings))
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+def reference_preprocess(
+    kind: str,
+    params: Mapping[str, Any],
+    data: bytes,
+    resize_hw: Sequence[int] | None = None,
+    bucket_hw: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """The CPU reference of a preprocessing model, for one encoded image (no batch axis):
+
+    * ``clip_visual``: ``{"image": float32[3, S, S]}`` (``clip_preprocess``);
+    * ``face_detection``: ``{"input.1": float32[3, h, w], "det_scale": float32[1]}``
+      (``to_bgr`` + ``letterbox`` + ``detection_blob``);
+    * ``ocr_detection``: ``{"image_u8": uint8[Hb, Wb, 3]}``: PIL LANCZOS resize to
+      ``resize_hw`` (as ``det_resize``), zero-padded bottom/right to ``bucket_hw``.
+
+    ``data`` is decoded as the server does (``decode_pil``). Raises ``ValueError`` for a
+    bucket smaller than the resized image, PIL's errors for undecodable bytes."""
+    from PIL import Image
+
+    from ..server.app import decode_pil
+
+    image = decode_pil(bytes(data))
+    if kind == CLIP_VISUAL:
+        from ..models.clip import clip_preprocess
+
+        mean, std = np.array(params["mean"], np.float32), np.array(params["std"], np.float32)
+        return {PREPROCESSED[kind]: clip_preprocess(image, int(params["size"]), mean, std)[0]}
+    if kind == FACE_DETECTION:
+        from ..models.face import detection_blob, letterbox, to_bgr
+
+        canvas, det_scale = letterbox(to_bgr(image), tuple(params["input_size"]))
+        return {PREPROCESSED[kind]: detection_blob(canvas)[0], DET_SCALE: np.array([det_scale], np.float32)}
+    if kind == OCR_DETECTION:
+        if resize_hw is None or bucket_hw is None:
+            raise ValueError("OCR detection preprocessing needs resize_hw and bucket_hw")
+        (h, w), (bh, bw) = (int(v) for v in resize_hw), (int(v) for v in bucket_hw)
+        if bh < h or bw < w or h <= 0 or w <= 0:
+            raise ValueError(f"bucket {bh}x{bw} cannot hold a {h}x{w} resized image")
+        pixels = np.zeros((bh, bw, 3), np.uint8)
+        pixels[:h, :w] = np.asarray(image.resize((w, h), resample=Image.Resampling.LANCZOS), dtype=np.uint8)
+        return {PREPROCESSED[kind]: pixels}
+    raise ValueError(f"unknown GPU preprocessing kind {kind!r}")
+
+
+#: ``model.py`` of a stand-in: this installation's paths first (the backend stub ignores
+#: PYTHONPATH, see :mod:`immich_trt.runtime.triton_python_model`), then the class below.
+_STANDIN_MODEL_PY = '''"""Python-backend stand-in for a DALI preprocessing model (immich_trt.gpu.ensemble)."""
+
+import sys
+
+for _path in ({package_root!r}, {site_packages!r}):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from immich_trt.gpu.ensemble import PreprocessStandin as TritonPythonModel  # noqa: E402,F401
+'''
+
+
+def write_standin_preprocess(folder: Path, kind: str, params: dict, max_batch_size: int) -> Path:
+    """Write a python-backend ``<base>__preprocess`` running :func:`reference_preprocess`,
+    with the DALI model's tensors (``immich_trt.gpu.dali.io_specs``; same signature as
+    the DALI writer). Returns ``folder``."""
+    from ..runtime.repository import _write_if_changed
+
+    folder = Path(folder)
+    inputs, outputs = io_specs(kind, params)
+    lines = [f'name: "{folder.name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
+    lines += ["input [", ",\n".join(_tensor_line(t.name, t.data_type, t.dims) for t in inputs), "]"]
+    lines += ["output [", ",\n".join(_tensor_line(t.name, t.data_type, t.dims) for t in outputs), "]"]
+    lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
+    for key, value in (("kind", kind), ("params", json.dumps(params, sort_keys=True))):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{escaped}" }} }}')
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    _write_if_changed(folder / "config.pbtxt", "\n".join(lines) + "\n")
+    source = _STANDIN_MODEL_PY.format(
+        package_root=str(Path(__file__).resolve().parents[2]), site_packages=sysconfig.get_paths()["purelib"]
+    )
+    _write_if_changed(folder / "1" / "model.py", source)
+    return folder
+
+
+class PreprocessStandin:
+    """``TritonPythonModel`` of the stand-ins: each request's rows (one encoded image
+    each) through :func:`reference_preprocess`, stacked on the batch axis."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.kind = params["kind"]
+        self.params = json.loads(params["params"])
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        responses = []
+        for request in requests:
+            try:
+                feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+                rows = [
+                    reference_preprocess(
+                        self.kind,
+                        self.params,
+                        feed[ENCODED_INPUT][i].tobytes(),
+                        feed[RESIZE_HW][i] if RESIZE_HW in feed else None,
+                        feed[BUCKET_HW][i] if BUCKET_HW in feed else None,
+                    )
+                    for i in range(feed[ENCODED_INPUT].shape[0])
+                ]
+                tensors = [pb_utils.Tensor(name, np.stack([row[name] for row in rows])) for name in self.outputs]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            except Exception as exc:
+                message = f"preprocessing failed: {type(exc).__name__}: {exc}"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+        return responses
+
+    def finalize(self) -> None:
+        pass
+
+
+def write_standin_models(
+    settings: Settings, repository: Path, *, only: list[str] | None = None, **_: Any
+) -> list[str]:
+    """Write every cached model (or only the named ones) as the CPU target's
+    python-backend model (``immich_trt.runtime.repository``: onnxruntime on the ONNX
+    file) with the batching of its TensorRT model (``max_batch_size`` of
+    ``immich_trt.gpu.tensorrt.engine_layout``): the same names and tensor contracts as
+    the plans. Same call as the TensorRT builder; returns the names written."""
+    from ..runtime.repository import _write_if_changed, cached_specs, config_pbtxt, model_py_source, onnx_io
+    from .tensorrt import engine_layout
+
+    written = []
+    for spec in cached_specs(settings, only):
+        batch = engine_layout(spec, settings).max_batch_size
+        inputs, outputs = onnx_io(Path(spec.onnx_path))
+        if batch > 0:  # a batch-1 export batched as its engine is: a symbolic first axis
+            inputs, outputs = ([(n, dtype, ["batch", *dims[1:]]) for n, dtype, dims in t] for t in (inputs, outputs))
+        folder = Path(repository) / spec.name
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        text = config_pbtxt(dataclasses.replace(spec, max_batch_size=batch), inputs, outputs, settings)
+        _write_if_changed(folder / "config.pbtxt", text)
+        _write_if_changed(folder / "1" / "model.py", model_py_source())
+        written.append(spec.name)
+    return written
+
+
+def write_standin_repository(settings: Settings, repository: Path, only: list[str] | None = None) -> GpuRepository:
+    """The GPU target's repository with python-backend stand-ins, for machines without a
+    GPU: :func:`build_gpu_repository` with :func:`write_standin_models` in place of the
+    TensorRT builder and :func:`write_standin_preprocess` in place of the DALI writer.
+    Same names, tensor contracts and batching, hence the same ensembles, as on a GPU;
+    the answers are the CPU path's exactly. Serve it with any Triton that has the python
+    backend (``TRITON_URL``, or ``IMMICH_TRT_TRITON_SERVER``). Returns what was written (``models``: the
+    names of every model)."""
+    return build_gpu_repository(
+        settings, repository, only, build_engines=write_standin_models, write_preprocess=write_standin_preprocess
+    )
+
+
+# ------------------------------------------------------------------------ server side
+
+
+def check_gpu_settings(settings: Settings) -> None:
+    """Raise ``ValueError`` when ``IMMICH_TRT_PREPROCESS=gpu`` cannot work: the GPU path
+    needs a Triton server with the DALI and TensorRT backends serving the prebuilt
+    repository, either launched by us from a full installation
+    (``IMMICH_TRT_TRITON_SERVER``, e.g. ``/opt/tritonserver`` in NVIDIA's image) or given
+    by ``TRITON_URL`` (the Triton of the nvidia-pytriton wheel and the in-process
+    onnxruntime runtime have neither backend)."""
+    if settings.preprocess != "gpu":
+        return
+    if settings.runtime != "triton":
+        raise ValueError(
+            f"IMMICH_TRT_PREPROCESS=gpu needs IMMICH_TRT_RUNTIME=triton (not {settings.runtime!r}): "
+            "GPU preprocessing runs in Triton ensembles"
+        )
+    if not settings.triton_url and settings.triton_server is None:
+        raise ValueError(
+            "IMMICH_TRT_PREPROCESS=gpu needs a Triton with the DALI and TensorRT backends serving the repository "
+            "of `immich-trt build-engines --target tensorrt`: IMMICH_TRT_TRITON_SERVER=/opt/tritonserver "
+            "(launched by us) or TRITON_URL"
+        )
+
+
+def gpu_specs(settings: Settings, spec: ModelSpec) -> list[ModelSpec]:
+    """What a GPU-preprocessed model loads in ``gpu`` mode: ``<base>__ensemble``, by name
+    (its composing models load with it). Raises ``ValueError`` (:func:`check_gpu_settings`)."""
+    check_gpu_settings(settings)
+    return [ModelSpec(gpu_path_names(spec.name).ensemble, spec.onnx_path, max_batch_size=0)]
+
+
+def encoded_bytes(image: Image.Image) -> bytes | None:
+    """The encoded bytes ``image`` was decoded from (``image.info[ENCODED]``, set by
+    ``decode_pil``) when the DALI pipelines decode them as Pillow does (JPEG, PNG,
+    WebP: ``immich_trt.gpu.dali.image_format``); ``None`` when absent, of another format
+    (AVIF, HEIC, TIFF...), or when their header's size differs from the image's (PIL
+    copies ``info`` into resized or rotated copies)."""
+    from PIL import Image as PILImage
+
+    from ..server.app import ENCODED
+
+    data = image.info.get(ENCODED)
+    if not isinstance(data, (bytes, bytearray, memoryview)) or image_format(data) is None:
+        return None
+    try:
+        with PILImage.open(BytesIO(data)) as header:
+            if header.size != image.size:
+                return None
+    except Exception:
+        return None
+    return bytes(data)
+
+
+async def infer_ensemble(
+    runtime: Runtime,
+    base: str,
+    image: Image.Image,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """Run ``<base>__ensemble`` on the image's encoded bytes (``encoded`` UINT8 [1, n])
+    plus ``inputs``; returns the requested outputs, or ``None`` when the caller is to
+    take the CPU path: the image has no usable encoded bytes (:func:`encoded_bytes`), or
+    the ensemble refused them (an :class:`InferenceError`, logged as a warning: e.g. a
+    file Pillow decodes and nvJPEG does not, which fails its whole DALI batch).
+    Raises :class:`RuntimeUnavailableError` when Triton cannot be reached."""
+    data = encoded_bytes(image)
+    if data is None:
+        log.debug("No encoded bytes for a %dx%d image; '%s' preprocesses on the CPU", image.width, image.height, base)
+        return None
+    name = gpu_path_names(base).ensemble
+    feed = {ENCODED_INPUT: np.frombuffer(data, dtype=np.uint8)[None], **(inputs or {})}
+    try:
+        return await runtime.infer(name, feed, outputs)
+    except InferenceError as exc:
+        log.warning("%s; preprocessing this %dx%d image on the CPU instead", exc, image.width, image.height)
+        return None
+
+
+def exact_det_scale(det_scale: np.ndarray, height: int) -> float:
+    """The float64 ``det_scale = new_height / height`` of ``letterbox`` from the float32
+    one the ensemble returns: ``new_height`` is an integer, recovered by rounding, so the
+    boxes divide by exactly the CPU path's number."""
+    return round(float(np.asarray(det_scale).reshape(-1)[0]) * height) / height
+
+
+def ocr_detection_inputs(resize_hw: tuple[int, int], shape_buckets: bool) -> dict[str, np.ndarray]:
+    """``resize_hw`` and ``bucket_hw`` INT32 [1, 2] for the OCR detection ensemble: the
+    detector input size (``det_resize_shape``, as height, width) and its padded size
+    (the :data:`DET_BUCKETS` ladder of ``pad_to_bucket`` when buckets are on)."""
+    from ..models.ocr import DET_BUCKETS, bucket
+
+    h, w = resize_hw
+    padded = (bucket(h, DET_BUCKETS, 512), bucket(w, DET_BUCKETS, 512)) if shape_buckets else (h, w)
+    return {RESIZE_HW: np.array([[h, w]], np.int32), BUCKET_HW: np.array([padded], np.int32)}
