@@ -265,9 +265,17 @@ class TritonLauncher:
             process = self.process
             if process is None:
                 return
-            code = await process.wait()
+            # not process.wait(): it also waits for the output pipe to close, and backend
+            # stubs that outlive a killed server keep it open
+            while process.returncode is None:
+                await asyncio.sleep(0.2)
+            code = process.returncode
             if self._stopping:
                 return
+            try:  # the stubs of the dead server (its process group), hung or not
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.restarts += 1
             log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
             self._remove_shared_memory()
