@@ -621,3 +621,19 @@ async def test_gpu_mode_through_a_launched_full_triton_never_rewrites_the_reposi
             assert stats["inference_stats"]["success"]["count"] == 1, name  # really the GPU path
     after = {p: p.read_bytes() for p in repo.rglob("config.pbtxt")}
     assert after == before
+
+
+def test_only_rgb_and_greyscale_images_keep_their_bytes_for_the_gpu_path() -> None:
+    """CMYK, palette, alpha and 16-bit images keep the CPU path: a GPU decoder's colour
+    conversion need not match Pillow's ``convert("RGB")``."""
+    from immich_trt.server.app import ENCODED
+
+    base = Image.new("RGB", (40, 30), (200, 100, 50))
+    cases = {"RGB": ("JPEG", True), "L": ("JPEG", True), "CMYK": ("JPEG", False), "P": ("PNG", False),
+             "RGBA": ("PNG", False), "I;16": ("PNG", False)}  # fmt: skip
+    for mode, (fmt, kept) in cases.items():
+        buffer = io.BytesIO()
+        (base.convert(mode) if mode != "I;16" else Image.new("I;16", (40, 30), 1000)).save(buffer, format=fmt)
+        image = decode_pil(buffer.getvalue())
+        assert image.mode == "RGB"
+        assert (ENCODED in image.info) is kept, mode

@@ -79,7 +79,7 @@ def decode_pil(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
     ``Image.open`` + ``load()``, converted to RGB when the mode differs; animated images
     give their first frame. EXIF orientation is not applied. ``image.info[ENCODED]``
-    keeps ``data`` (no copy).
+    keeps ``data`` (no copy) for RGB and greyscale images.
 
     ``max_pixels`` bounds ``width * height`` as read from the header, before any pixel
     is decoded, so a tiny file announcing a huge image allocates nothing.
@@ -98,9 +98,13 @@ def decode_pil(data: bytes, max_pixels: int | None = None) -> Image.Image:
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ImageTooLarge.of(image.width, image.height, max_pixels)
     image.load()
+    original_mode = image.mode
     if image.mode != "RGB":
         image = image.convert("RGB")
-    image.info[ENCODED] = data
+    if original_mode in ("RGB", "L"):
+        # other modes (CMYK, palette, alpha, 16-bit) keep the CPU path: a GPU decoder's
+        # colour conversion need not match Pillow's convert("RGB")
+        image.info[ENCODED] = data
     return image
 
 
