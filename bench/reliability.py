@@ -831,7 +831,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     load = parser.add_argument_group("load")
     load.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     load.add_argument("--duration", type=float, default=180.0, help="measured seconds after the warm-up (default 180)")
-    load.add_argument("--warmup", type=float, default=20.0, help="warm-up seconds, not measured (default 20)")
+    load.add_argument(
+        "--warmup", type=float, default=60.0,
+        help="warm-up seconds, not measured (default 60: the OCR stubs' onnxruntime arenas settle in 30-40 s)",
+    )
     load.add_argument("--max-requests", type=int, default=100_000, help="at most this many requests (default 100000)")
     load.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, s (default 300)")
     load.add_argument("--no-prime", action="store_true", help="no request of each task before the warm-up")
