@@ -108,6 +108,7 @@ class Settings:
     triton_server: Path | None = None  # a full Triton installation to launch (e.g. /opt/tritonserver); None = the wheel's
     triton_instances: int = 1  # model instances per Triton model (CPU target)
     ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
+    triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
     max_image_pixels: int = 89_478_485  # width x height above which an image is refused unread (PIL's default bound)
     preprocess: str = "cpu"  # "cpu": numpy/PIL/cv2 in the server; "gpu": DALI + TensorRT ensembles in Triton
@@ -198,6 +199,7 @@ class Settings:
             triton_server=Path(env["IMMICH_TRT_TRITON_SERVER"]) if env.get("IMMICH_TRT_TRITON_SERVER") else None,
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
+            triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),
             max_image_pixels=max_pixels,
             preprocess=preprocess,
             trt_precision=precision,

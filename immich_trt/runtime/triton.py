@@ -6,13 +6,25 @@ from that repository are written on first use (:mod:`.repository`, CPU target) a
 loaded in explicit model-control mode. With ``TRITON_URL`` set, the server is used as
 it is (e.g. NVIDIA's image serving TensorRT plans of the same names) and models are
 loaded through its repository API when it allows it.
+
+With ``IMMICH_TRT_TRITON_SHM`` and the local launched server, tensors travel through
+system shared memory instead of the gRPC/HTTP body (:class:`ShmPool`): each call takes
+a region from a pool (reused, grown when too small), writes its inputs there and, when
+every requested output's size can be derived from the inputs, has Triton write its
+outputs there too; otherwise outputs come back over the wire. Regions are named with
+the launcher's shared-memory prefix (so its clean-up after a crash removes them), are
+re-created after a restart of the server and are unregistered and unlinked on stop. A
+call that fails for a shared-memory reason is repeated over the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,6 +50,211 @@ NP_TO_TRITON = {
 }
 
 
+#: Triton config data types -> numpy dtypes.
+CONFIG_TO_NP = {"TYPE_" + k: v for v, k in NP_TO_TRITON.items()}
+_ALIGN = 64  # byte alignment of each tensor inside a region
+_MIN_REGION = 1 << 16
+_SHAPE_MEMO = 256  # observed input -> output shapes kept per model
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _region_size(n: int) -> int:
+    """Region size for ``n`` bytes: the next power of two (>= 64 KiB), so regions of
+    varying tensors (OCR images) are reused rather than grown every call."""
+    return max(_MIN_REGION, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+@dataclass
+class ShmRegion:
+    """One registered system shared-memory region of the pool."""
+
+    name: str
+    size: int
+    handle: object
+    generation: int
+
+    def write(self, offset: int, value: np.ndarray) -> None:
+        view = np.ndarray(value.shape, value.dtype, buffer=self.handle._mpsm_handle.buf, offset=offset)
+        view[...] = value
+
+    def read(self, offset: int, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray:
+        view = np.ndarray(tuple(shape), dtype, buffer=self.handle._mpsm_handle.buf, offset=offset)
+        return view.copy()  # the region goes back to the pool
+
+
+class ShmPool:
+    """Per-call system shared-memory regions for one Triton server (see the module
+    docstring). Used from the event loop only."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.generation = 0
+        self._free: list[ShmRegion] = []
+        self._busy: set[str] = set()
+        self._counter = itertools.count()
+        self._stale: list[str] = []  # discarded regions still registered with the server
+
+    async def acquire(self, client, size: int) -> ShmRegion:
+        """A free region of at least ``size`` bytes, registered with ``client``'s server:
+        the smallest that fits, else the largest free one grown, else a new one."""
+        while self._stale:
+            name = self._stale.pop()
+            try:
+                await client.unregister_system_shared_memory(name)
+            except Exception:
+                log.debug("unregistering shared memory %s failed", name, exc_info=True)
+        fits = [r for r in self._free if r.size >= size]
+        if fits:
+            region = min(fits, key=lambda r: r.size)
+            self._free.remove(region)
+        else:
+            if self._free:  # grow: replace the largest free region by a bigger one
+                old = max(self._free, key=lambda r: r.size)
+                self._free.remove(old)
+                await self._unregister(client, old)
+                self._destroy(old)
+            region = await self._create(client, _region_size(size))
+        self._busy.add(region.name)
+        return region
+
+    def discard(self, region: ShmRegion) -> None:
+        """Drop a region the server may still use (a call that timed out or was
+        cancelled): unlinked now, unregistered on the next :meth:`acquire`."""
+        self._busy.discard(region.name)
+        if region.generation == self.generation:
+            self._stale.append(region.name)
+        self._destroy(region)
+
+    def release(self, region: ShmRegion) -> None:
+        self._busy.discard(region.name)
+        if region.generation == self.generation:
+            self._free.append(region)
+        else:  # created for a server that has since been restarted
+            self._destroy(region)
+
+    async def _create(self, client, size: int) -> ShmRegion:
+        from tritonclient.utils import shared_memory as shm
+
+        name = f"{self.prefix}client_{next(self._counter)}"
+        handle = shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
+        region = ShmRegion(name, size, handle, self.generation)
+        try:
+            await client.register_system_shared_memory(name, "/" + name, size)
+        except BaseException:
+            self._destroy(region)
+            raise
+        return region
+
+    async def _unregister(self, client, region: ShmRegion) -> None:
+        try:
+            await client.unregister_system_shared_memory(region.name)
+        except Exception:
+            log.debug("unregistering shared memory %s failed", region.name, exc_info=True)
+
+    def _destroy(self, region: ShmRegion) -> None:
+        """Unmap and unlink (the launcher may have unlinked it already after a crash)."""
+        from tritonclient.utils import shared_memory as shm
+
+        try:
+            shm.destroy_shared_memory_region(region.handle)
+        except Exception:
+            # already unlinked: still forget it in multiprocessing's resource tracker
+            try:
+                from multiprocessing import resource_tracker
+
+                resource_tracker.unregister(region.handle._mpsm_handle._name, "shared_memory")
+            except Exception:
+                pass
+
+    async def reset(self, client) -> None:
+        """After a restart of the server: it knows none of the regions. Free ones are
+        dropped now, busy ones when released; new ones are registered on demand."""
+        self.generation += 1
+        self._stale.clear()
+        if client is not None:
+            try:  # a call between the restart and now may have registered one
+                await client.unregister_system_shared_memory()
+            except Exception:
+                log.debug("unregistering shared memory after a restart failed", exc_info=True)
+        free, self._free = self._free, []
+        for region in free:
+            self._destroy(region)
+
+    async def close(self, client) -> None:
+        """Unregister (when the server still answers) and unlink every free region;
+        regions in use are destroyed when released."""
+        self.generation += 1
+        if client is not None and self._free:
+            try:
+                await asyncio.wait_for(client.unregister_system_shared_memory(), 5)
+            except Exception:
+                log.debug("unregistering shared memory on stop failed", exc_info=True)
+        free, self._free = self._free, []
+        for region in free:
+            self._destroy(region)
+
+
+@dataclass
+class _ShmModel:
+    """What the shared-memory path knows of one model's tensors (from its config)."""
+
+    batched: bool
+    inputs: dict[str, list[int]]
+    outputs: dict[str, tuple[np.dtype, list[int]]]
+    rule: bool | None = None  # dynamic output dims == the first input's, in order; None: untested
+    memo: dict[tuple, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    @staticmethod
+    def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
+        return tuple((k, v.shape, v.dtype.str) for k, v in inputs.items())
+
+    def by_rule(self, inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, tuple[int, ...]] | None:
+        """Output shapes from the config: fixed dims as they are, dynamic ones taken in
+        order from the first input's dynamic dims (OCR detection: H, W); None if the
+        counts differ or an output is unknown."""
+        name, first = next(iter(inputs.items()))
+        batch = tuple(first.shape[:1]) if self.batched else ()
+        in_dims = self.inputs.get(name, [])
+        shape = first.shape[len(batch):]
+        if len(in_dims) != len(shape):
+            return None
+        dynamic_in = [d for d, c in zip(shape, in_dims) if c < 0]
+        shapes = {}
+        for n in names:
+            if n not in self.outputs:
+                return None
+            out = list(self.outputs[n][1])
+            dynamic = [i for i, d in enumerate(out) if d < 0]
+            if dynamic and len(dynamic) != len(dynamic_in):
+                return None
+            for i, value in zip(dynamic, dynamic_in):
+                out[i] = int(value)
+            shapes[n] = batch + tuple(out)
+        return shapes
+
+    def output_shapes(self, inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, tuple[int, ...]] | None:
+        """Full output shapes for these inputs: seen before with the same input shapes,
+        or by the rule once it held on a call over the wire; else None (unknown)."""
+        seen = self.memo.get(self._key(inputs))
+        if seen is not None and all(n in seen for n in names):
+            return {n: seen[n] for n in names}
+        fixed = all(d >= 0 for n in names if n in self.outputs for d in self.outputs[n][1])
+        if fixed or self.rule:
+            return self.by_rule(inputs, names)
+        return None
+
+    def observe(self, inputs: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
+        """Record output shapes seen over the wire; settle the rule on its first test."""
+        if len(self.memo) >= _SHAPE_MEMO:
+            self.memo.pop(next(iter(self.memo)))
+        self.memo[self._key(inputs)] = dict(shapes)
+        if self.rule is None:
+            self.rule = self.by_rule(inputs, list(shapes)) == shapes
+
+
 class TritonRuntime(Runtime):
     """Runs models on a Triton server; see the module docstring."""
 
@@ -51,6 +268,8 @@ class TritonRuntime(Runtime):
         self._specs: dict[str, ModelSpec] = {}
         self._ready_models: set[str] = set()
         self._lock = asyncio.Lock()
+        self._shm: ShmPool | None = None  # IMMICH_TRT_TRITON_SHM with the local server
+        self._shm_models: dict[str, _ShmModel | None] = {}
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -76,6 +295,8 @@ class TritonRuntime(Runtime):
                 await self.stop()
                 raise
         self._client = self._make_client()
+        if self.settings.triton_shm and self.launcher is not None:
+            self._shm = ShmPool(self.launcher.shm_prefix)
 
     def _make_client(self):
         url = self.url
@@ -90,6 +311,9 @@ class TritonRuntime(Runtime):
         return httpclient.InferenceServerClient(url, conn_limit=64)
 
     async def stop(self) -> None:
+        if self._shm is not None:
+            await self._shm.close(self._client)
+            self._shm = None
         if self._client is not None:
             try:
                 await self._client.close()
@@ -124,6 +348,8 @@ class TritonRuntime(Runtime):
         if self._client is not None:
             await self._client.close()
         self._client = self._make_client()
+        if self._shm is not None:  # the new server knows none of our regions
+            await self._shm.reset(self._client)
         names = list(self._ready_models)
         self._ready_models.clear()
         deadline = asyncio.get_running_loop().time() + self.settings.triton_start_timeout_s
@@ -147,6 +373,7 @@ class TritonRuntime(Runtime):
             raise RuntimeUnavailableError("Triton is not started")
         async with self._lock:
             self._specs[spec.name] = spec
+            self._shm_models.pop(spec.name, None)  # its config is read again on first use
             if spec.name in self._ready_models:
                 return
             if self.launcher is not None and self.settings.preprocess == "cpu":
@@ -198,33 +425,28 @@ class TritonRuntime(Runtime):
     async def _infer_once(
         self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
-        from tritonclient.utils import InferenceServerException
-
         if self._client is None:
             raise RuntimeUnavailableError("Triton is not started")
-        module = self._module()
-        infer_inputs = []
-        for key, value in inputs.items():
-            value = np.ascontiguousarray(value)
-            tensor = module.InferInput(key, list(value.shape), NP_TO_TRITON[value.dtype])
-            if self.protocol == "http":
-                tensor.set_data_from_numpy(value, binary_data=True)
-            else:
-                tensor.set_data_from_numpy(value)
-            infer_inputs.append(tensor)
-        requested = None
-        if outputs:
-            requested = [
-                module.InferRequestedOutput(o, binary_data=True) if self.protocol == "http" else module.InferRequestedOutput(o)
-                for o in outputs
-            ]
+        inputs = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        if self._shm is not None and all(v.nbytes > 0 for v in inputs.values()):
+            info = await self._shm_model(name)
+            if info is not None:
+                result = await self._infer_shm(name, info, inputs, outputs)
+                if result is not None:
+                    return result
+        return await self._infer_wire(name, inputs, outputs)
+
+    async def _call(self, name: str, infer_inputs, requested):
+        """One inference call; Triton's and the transport's errors mapped to ours."""
+        from tritonclient.utils import InferenceServerException
+
         try:
             if self.protocol == "http":
                 # tritonclient asks for gzip by default and mutates the headers it is given
                 call = self._client.infer(name, infer_inputs, outputs=requested, headers={"Accept-Encoding": "identity"})
             else:
                 call = self._client.infer(name, infer_inputs, outputs=requested)
-            result = await asyncio.wait_for(call, self.settings.infer_timeout_s)
+            return await asyncio.wait_for(call, self.settings.infer_timeout_s)
         except InferenceServerException as exc:
             if not await self._live():
                 raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
@@ -235,8 +457,136 @@ class TritonRuntime(Runtime):
             ) from exc
         except OSError as exc:
             raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
+
+    def _requested(self, module, names: Sequence[str]):
+        if self.protocol == "http":
+            return [module.InferRequestedOutput(o, binary_data=True) for o in names]
+        return [module.InferRequestedOutput(o) for o in names]
+
+    async def _infer_wire(
+        self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        module = self._module()
+        infer_inputs = []
+        for key, value in inputs.items():
+            tensor = module.InferInput(key, list(value.shape), NP_TO_TRITON[value.dtype])
+            if self.protocol == "http":
+                tensor.set_data_from_numpy(value, binary_data=True)
+            else:
+                tensor.set_data_from_numpy(value)
+            infer_inputs.append(tensor)
+        requested = self._requested(module, outputs) if outputs else None
+        result = await self._call(name, infer_inputs, requested)
         names = list(outputs) if outputs else [o["name"] for o in self._output_names(result)]
         return {o: result.as_numpy(o) for o in names}
+
+    # ------------------------------------------------------------ shared memory
+    async def _shm_model(self, name: str) -> _ShmModel | None:
+        """The model's tensor description from its Triton config (cached); None when the
+        config cannot be read or has a tensor type we do not map (then: the wire)."""
+        if name in self._shm_models:
+            return self._shm_models[name]
+        info = None
+        try:
+            if self.protocol == "grpc":
+                config = (await self._client.get_model_config(name, as_json=True))["config"]
+            else:
+                config = await self._client.get_model_config(name)
+            info = _ShmModel(
+                batched=int(config.get("max_batch_size", 0) or 0) > 0,
+                inputs={t["name"]: [int(d) for d in t.get("dims", [])] for t in config.get("input", [])},
+                outputs={
+                    t["name"]: (np.dtype(CONFIG_TO_NP[t.get("data_type", "TYPE_FP32")]), [int(d) for d in t.get("dims", [])])
+                    for t in config.get("output", [])
+                },
+            )
+        except Exception as exc:  # unknown model, odd type: the wire path reports it
+            log.debug("no shared memory for '%s': %s", name, exc)
+            return None
+        self._shm_models[name] = info
+        return info
+
+    async def _infer_shm(
+        self, name: str, info: _ShmModel, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray] | None:
+        """Inputs (and outputs when their shapes are known) through a pooled region.
+        None: a shared-memory problem; the caller repeats the call over the wire."""
+        from tritonclient.utils import triton_to_np_dtype
+
+        assert self._shm is not None
+        names = list(outputs) if outputs else list(info.outputs)
+        shapes = info.output_shapes(inputs, names)
+        offsets: dict[str, int] = {}
+        total = 0
+        for key, value in inputs.items():
+            offsets[key] = total
+            total += _aligned(value.nbytes)
+        out_offsets: dict[str, tuple[int, int]] = {}
+        if shapes is not None:
+            for n in names:
+                nbytes = int(np.prod(shapes[n], dtype=np.int64)) * info.outputs[n][0].itemsize
+                if nbytes == 0:
+                    shapes = None
+                    out_offsets.clear()
+                    break
+                out_offsets[n] = (total, nbytes)
+                total += _aligned(nbytes)
+        module = self._module()
+        pool = self._shm
+        region = await pool.acquire(self._client, total)
+        done = False  # the server is finished with the region: it can go back to the pool
+        try:
+            infer_inputs = []
+            for key, value in inputs.items():
+                region.write(offsets[key], value)
+                tensor = module.InferInput(key, list(value.shape), NP_TO_TRITON[value.dtype])
+                tensor.set_shared_memory(region.name, value.nbytes, offsets[key])
+                infer_inputs.append(tensor)
+            requested = self._requested(module, names)
+            for tensor, n in zip(requested, names):
+                if n in out_offsets:
+                    tensor.set_shared_memory(region.name, out_offsets[n][1], out_offsets[n][0])
+            try:
+                result = await self._call(name, infer_inputs, requested)
+            except InferenceError as exc:
+                done = True
+                text = str(exc).lower()
+                if "shared memory" not in text and "shm" not in text:
+                    raise
+                log.warning("Shared memory failed on '%s' (%s); repeating over the wire", name, exc)
+                if out_offsets and "should be at least" in text:
+                    info.rule = False  # outputs larger than derived: over the wire from now on
+                    info.memo.pop(info._key(inputs), None)
+                elif "unable to find" in text:  # a region this server does not know
+                    await pool.reset(self._client)
+                return None
+            done = True
+            got: dict[str, np.ndarray] = {}
+            if out_offsets:
+                for n in names:
+                    shape, datatype = self._output_meta(result, n)
+                    dtype = np.dtype(triton_to_np_dtype(datatype))
+                    offset, room = out_offsets[n]
+                    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > room:
+                        raise InferenceError(f"Triton wrote more than the region holds for '{name}' output '{n}'")
+                    got[n] = region.read(offset, dtype, shape)
+            else:
+                got = {n: result.as_numpy(n) for n in names}
+                info.observe(inputs, {n: tuple(v.shape) for n, v in got.items()})
+            return got
+        finally:
+            if done:
+                pool.release(region)
+            else:  # timed out or cancelled: the server may still write into it
+                pool.discard(region)
+
+    def _output_meta(self, result, name: str) -> tuple[list[int], str]:
+        output = result.get_output(name)
+        if output is None:
+            raise InferenceError(f"Triton returned no output '{name}'")
+        if self.protocol == "grpc":
+            return [int(d) for d in output.shape], output.datatype
+        return [int(d) for d in output["shape"]], output["datatype"]
 
     def _module(self):
         if self.protocol == "grpc":
