@@ -53,6 +53,20 @@ IMMICH_MIN_TEXT_SCORE = 0.8
 FACE_MAX_BOX_DIFF = 2.0
 
 
+#: ``PIL.Image.info`` key of the file bytes an image was decoded from (the DALI side of
+#: each comparison decodes the same bytes; the server keeps them only for RGB/grey images).
+FILE_BYTES = "test.file_bytes"
+
+
+def decoded(data: bytes) -> Image.Image:
+    """``decode_pil(data)`` as the server decodes, with the file bytes kept."""
+    from immich_trt.server.app import decode_pil
+
+    image = decode_pil(data)
+    image.info[FILE_BYTES] = data
+    return image
+
+
 def _images(folder: str) -> list[tuple[str, bytes]]:
     """``(folder/name, encoded)`` of the images of ``../shared/data/<folder>``."""
     paths = sorted((SHARED_DATA / folder).iterdir())
@@ -62,12 +76,11 @@ def _images(folder: str) -> list[tuple[str, bytes]]:
 @pytest.fixture(scope="module")
 def real_images():
     """``(name, encoded, PIL RGB image as the server decodes it)`` of every image DALI decodes."""
-    from immich_trt.server.app import decode_pil
 
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     items = [(name, data) for name, data in _images("photos") + _images("ocr") if D.image_format(data)]
-    return [(name, data, decode_pil(data)) for name, data in items]
+    return [(name, data, decoded(data)) for name, data in items]
 
 
 def _report(title: str, rows: list[tuple[str, float, float]]) -> None:
@@ -429,7 +442,6 @@ async def test_clip_embeddings_agree(
     import orjson
 
     from immich_trt.models.clip import ClipVisualEncoder
-    from immich_trt.server.app import ENCODED
 
     ctx, runtime = _context(model_cache, tmp_path)
     encoder = ClipVisualEncoder("ViT-B-32__openai", ctx)
@@ -437,7 +449,7 @@ async def test_clip_embeddings_agree(
     params = D.clip_params(encoder.size, encoder.mean, encoder.std)
 
     def dali_image(image) -> np.ndarray:
-        return cpu_pipelines(D.CLIP_VISUAL, params, image.info[ENCODED])["image"][None]
+        return cpu_pipelines(D.CLIP_VISUAL, params, image.info[FILE_BYTES])["image"][None]
 
     cosines = []
     for name, _, image in real_images:
@@ -476,21 +488,20 @@ def _square_jpegs() -> list[tuple[str, bytes]]:
 @needs_dali
 async def test_scrfd_boxes_agree(real_images, model_cache: Path, tmp_path: Path, cpu_pipelines, monkeypatch) -> None:
     from immich_trt.models.face import FaceDetector
-    from immich_trt.server.app import ENCODED, decode_pil
 
     ctx, runtime = _context(model_cache, tmp_path)
     detector = FaceDetector("buffalo_l", ctx, minScore=0.7)
     await detector.load()
 
     def dali_preprocess(image):
-        out = cpu_pipelines(D.FACE_DETECTION, {}, image.info[ENCODED])
+        out = cpu_pipelines(D.FACE_DETECTION, {}, image.info[FILE_BYTES])
         return out["input.1"][None], float(out["det_scale"][0])
 
     # Photos only: on text pages the test detector answers clusters of near-equal scores
     # (uniform white paper, told apart by a 1e-4 tie-breaker), where NMS's winner flips
     # with any pixel change; a real face detector has no such ties.
     photos = [item for item in real_images if item[0].startswith("photos/")]
-    squares = [(name, data, decode_pil(data)) for name, data in _square_jpegs()]
+    squares = [(name, data, decoded(data)) for name, data in _square_jpegs()]
     worst, found = 0.0, {}
     for name, _, image in squares + photos:
         reference = await detector.predict(image)
@@ -511,7 +522,6 @@ async def test_scrfd_boxes_agree(real_images, model_cache: Path, tmp_path: Path,
 @needs_dali
 async def test_ocr_texts_identical(model_cache: Path, tmp_path: Path, cpu_pipelines, monkeypatch) -> None:
     from immich_trt.models.ocr import DET_INPUT_U8, TextDetector, TextRecognizer, det_resize_shape
-    from immich_trt.server.app import ENCODED, decode_pil
 
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
@@ -526,14 +536,14 @@ async def test_ocr_texts_identical(model_cache: Path, tmp_path: Path, cpu_pipeli
         if image.width < 32 or image.height < 32:
             return None  # TextDetector._preprocess's early exit for tiny images
         width, height = det_resize_shape(image.width, image.height, detector.max_resolution)
-        return cpu_pipelines(D.OCR_DETECTION, {}, image.info[ENCODED], (height, width))[DET_INPUT_U8][None]
+        return cpu_pipelines(D.OCR_DETECTION, {}, image.info[FILE_BYTES], (height, width))[DET_INPUT_U8][None]
 
     def texts(result) -> list[str]:
         return [t for t, score in zip(result["text"], result["textScore"]) if score > IMMICH_MIN_TEXT_SCORE]
 
     results = {}
     for name, data in _images("ocr"):
-        image = decode_pil(data)
+        image = decoded(data)
         reference = await recognizer.predict(image, await detector.predict(image))
         with monkeypatch.context() as m:
             m.setattr(detector, "_preprocess", dali_preprocess)
