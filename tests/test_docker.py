@@ -37,6 +37,7 @@ def test_compose_runs_immich_against_us_with_opensearch() -> None:
         assert "model-cache:/cache" in ml["volumes"]  # the volume name Immich's own compose uses
         assert ml["environment"]["OPENSEARCH_URL"] == "http://opensearch:9200"
         assert ml["depends_on"]["opensearch"]["condition"] == "service_healthy"
+        assert ml["shm_size"] == "1gb"  # python backend + shared-memory tensors
     gpu = services["ml-gpu"]
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
