@@ -93,6 +93,32 @@ async def test_concurrent_calls_use_separate_regions(triton, specs) -> None:
         np.testing.assert_array_equal(out["fetch_name_0"], want["fetch_name_0"])
 
 
+async def test_a_full_dev_shm_sends_the_call_over_the_wire(triton, specs, monkeypatch, caplog) -> None:
+    """A region that cannot be reserved (``posix_fallocate`` failing with ENOSPC, as on a
+    full /dev/shm) is never written into (that would be SIGBUS): the call goes over the
+    wire with identical outputs and the half-made region is removed."""
+    import errno
+    import logging
+
+    import immich_trt.runtime.triton as triton_module
+
+    det = specs["det"].name
+    x = np.random.default_rng(6).uniform(0, 2, (1, 3, 2048, 2048)).astype(np.float32)  # larger than any free region
+    before = set(_regions(triton._shm.prefix))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(triton_module.os, "posix_fallocate", full)
+    with caplog.at_level(logging.WARNING):
+        got = await triton.infer(det, {"x": x})
+    monkeypatch.undo()
+    want = await triton._infer_wire(det, {"x": x}, None)
+    np.testing.assert_array_equal(got["fetch_name_0"], want["fetch_name_0"])
+    assert "goes over the wire" in caplog.text
+    assert set(_regions(triton._shm.prefix)) <= before  # nothing new left in /dev/shm
+
+
 async def test_too_small_derived_output_falls_back_to_the_wire(triton, specs) -> None:
     rec = specs["rec"].name
     x = np.random.default_rng(5).uniform(-1, 1, (2, 3, 48, 160)).astype(np.float32)

@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ def _region_size(n: int) -> int:
     """Region size for ``n`` bytes: the next power of two (>= 64 KiB), so regions of
     varying tensors (OCR images) are reused rather than grown every call."""
     return max(_MIN_REGION, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+class ShmUnavailable(OSError):
+    """No shared-memory region of the size needed can be had (e.g. ``/dev/shm`` full)."""
 
 
 @dataclass
@@ -139,8 +144,22 @@ class ShmPool:
         from tritonclient.utils import shared_memory as shm
 
         name = f"{self.prefix}client_{next(self._counter)}"
-        handle = shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
+        try:
+            handle = shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
+        except Exception as exc:
+            raise ShmUnavailable(f"cannot create a {size}-byte region in /dev/shm: {exc}") from exc
         region = ShmRegion(name, size, handle, self.generation)
+        try:
+            # reserve the pages now: on a full /dev/shm (a container's 64 MB default) a
+            # write into a sparse mapping would kill the process with SIGBUS
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._destroy(region)
+            raise ShmUnavailable(f"cannot reserve {size} bytes of /dev/shm: {exc}") from exc
         try:
             await client.register_system_shared_memory(name, "/" + name, size)
         except BaseException:
@@ -533,7 +552,11 @@ class TritonRuntime(Runtime):
                 total += _aligned(nbytes)
         module = self._module()
         pool = self._shm
-        region = await pool.acquire(self._client, total)
+        try:
+            region = await pool.acquire(self._client, total)
+        except ShmUnavailable as exc:
+            log.warning("Shared memory unavailable for '%s' (%s); this call goes over the wire", name, exc)
+            return None
         done = False  # the server is finished with the region: it can go back to the pool
         try:
             infer_inputs = []
