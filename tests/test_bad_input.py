@@ -23,22 +23,12 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
-from immich_trt.contract import CLIP_MODEL, clip_textual_entries, clip_visual_entries
+from immich_trt.contract import CLIP_MODEL, build_form, clip_textual_entries, clip_visual_entries
 from immich_trt.server.app import create_app
 from immich_trt.testing import offline_settings
 
 CLIP = clip_visual_entries()
 TEXT = clip_textual_entries()
-
-
-def form(entries, image: bytes | None = None, text: str | bytes | None = None) -> aiohttp.FormData:
-    data = aiohttp.FormData()
-    data.add_field("entries", entries if isinstance(entries, str) else json.dumps(entries))
-    if image is not None:
-        data.add_field("image", image, filename="blob", content_type="application/octet-stream")
-    if text is not None:
-        data.add_field("text", text)
-    return data
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -106,7 +96,7 @@ async def client(aiohttp_client, settings):
 async def healthy(client) -> None:
     """The server still answers health checks and a good request afterwards."""
     assert (await client.get("/ping")).status == 200
-    response = await client.post("/predict", data=form(CLIP, encode(gradient(), "JPEG")))
+    response = await client.post("/predict", data=build_form(CLIP, encode(gradient(), "JPEG")))
     assert response.status == 200
     assert (await response.json())["clip"].startswith("[")
 
@@ -139,7 +129,7 @@ UNDECODABLE = {
 
 @pytest.mark.parametrize("case", list(UNDECODABLE))
 async def test_undecodable_image_is_immichs_500_and_the_server_survives(client, photo, case, caplog) -> None:
-    response = await client.post("/predict", data=form(CLIP, UNDECODABLE[case](photo)))
+    response = await client.post("/predict", data=build_form(CLIP, UNDECODABLE[case](photo)))
     assert response.status == 500
     assert await response.text() == "Internal Server Error"  # Immich's documented answer
     assert "Traceback" not in caplog.text  # one log line per bad image, not a stack trace
@@ -149,7 +139,7 @@ async def test_undecodable_image_is_immichs_500_and_the_server_survives(client, 
 @requires_data
 async def test_heic_is_undecodable_as_in_immich(client) -> None:
     data = (SHARED_DATA / "photos" / "IMG_2682.heic").read_bytes()
-    response = await client.post("/predict", data=form(CLIP, data))
+    response = await client.post("/predict", data=build_form(CLIP, data))
     assert response.status == 500
     await healthy(client)
 
@@ -160,7 +150,7 @@ async def test_a_corrupt_jpeg_scan_decodes_like_pillow_does(client, photo) -> No
     data = bytearray(photo)
     start = len(data) // 2
     data[start : start + 256] = bytes((i * 37) % 255 for i in range(256))  # no 0xFF: no marker
-    response = await client.post("/predict", data=form(CLIP, bytes(data)))
+    response = await client.post("/predict", data=build_form(CLIP, bytes(data)))
     with Image.open(io.BytesIO(photo)) as original:
         size = original.size
     assert response.status == 200
@@ -206,7 +196,7 @@ VALID = {
 @pytest.mark.parametrize("case", list(VALID))
 async def test_unusual_valid_images_are_answered(client, case) -> None:
     make, size = VALID[case]
-    response = await client.post("/predict", data=form(CLIP, make()))
+    response = await client.post("/predict", data=build_form(CLIP, make()))
     assert response.status == 200, await response.text()
     body = await response.json()
     assert (body["imageWidth"], body["imageHeight"]) == size
@@ -214,9 +204,9 @@ async def test_unusual_valid_images_are_answered(client, case) -> None:
 
 
 async def test_animated_images_use_their_first_frame(client) -> None:
-    first = await (await client.post("/predict", data=form(CLIP, encode(gradient(), "PNG")))).json()
+    first = await (await client.post("/predict", data=build_form(CLIP, encode(gradient(), "PNG")))).json()
     for fmt in ("GIF", "WEBP"):
-        body = await (await client.post("/predict", data=form(CLIP, animated(fmt)))).json()
+        body = await (await client.post("/predict", data=build_form(CLIP, animated(fmt)))).json()
         # lossy/paletted encodings of the same first frame, not the red or blue frames
         a, b = json.loads(first["clip"]), json.loads(body["clip"])
         cosine = sum(x * y for x, y in zip(a, b))
@@ -225,11 +215,11 @@ async def test_animated_images_use_their_first_frame(client) -> None:
 
 @requires_data
 async def test_real_avif_and_webp_photos_decode(client) -> None:
-    for name, size in (("8bit-sRGB.avif", None), ("denali.webp", None)):
+    for name in ("8bit-sRGB.avif", "denali.webp"):
         data = (SHARED_DATA / "photos" / name).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             size = image.size
-        response = await client.post("/predict", data=form(CLIP, data))
+        response = await client.post("/predict", data=build_form(CLIP, data))
         assert response.status == 200, name
         body = await response.json()
         assert (body["imageWidth"], body["imageHeight"]) == size
@@ -258,7 +248,7 @@ async def test_decompression_bomb_is_413_and_never_allocated(client, case) -> No
     data = BOMBS[case]()
     assert len(data) < 1024
     before = peak_rss_kib()
-    response = await client.post("/predict", data=form(CLIP, data))
+    response = await client.post("/predict", data=build_form(CLIP, data))
     assert response.status == 413
     detail = (await response.json())["detail"]
     assert "pixels" in detail and "IMMICH_TRT_MAX_IMAGE_PIXELS" in detail or "exceeds limit" in detail
@@ -271,7 +261,7 @@ async def test_a_complete_png_bomb_is_refused_before_decoding(client) -> None:
     data = png_bomb(12_000)  # 144 M pixels, 432 MB as RGB, ~20 kB on the wire
     assert len(data) < 64 * 1024
     before = peak_rss_kib()
-    response = await client.post("/predict", data=form(CLIP, data))
+    response = await client.post("/predict", data=build_form(CLIP, data))
     assert response.status == 413
     assert "144000000 pixels" in (await response.json())["detail"]
     assert peak_rss_kib() - before < 64 * 1024
@@ -280,9 +270,9 @@ async def test_a_complete_png_bomb_is_refused_before_decoding(client) -> None:
 
 async def test_the_pixel_limit_is_exact_and_configurable(aiohttp_client, settings) -> None:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, max_image_pixels=100 * 100)))
-    at_limit = await client.post("/predict", data=form(CLIP, encode(gradient(100, 100), "PNG")))
+    at_limit = await client.post("/predict", data=build_form(CLIP, encode(gradient(100, 100), "PNG")))
     assert at_limit.status == 200
-    over = await client.post("/predict", data=form(CLIP, encode(gradient(101, 100), "PNG")))
+    over = await client.post("/predict", data=build_form(CLIP, encode(gradient(101, 100), "PNG")))
     assert over.status == 413
     assert (await over.json())["detail"] == (
         "Image has 10100 pixels (101x100); the limit is 10000 (IMMICH_TRT_MAX_IMAGE_PIXELS)"
@@ -321,7 +311,7 @@ ENTRIES = {
 @pytest.mark.parametrize("case", list(ENTRIES))
 async def test_entries_of_every_wrong_shape(client, case) -> None:
     entries, status = ENTRIES[case]
-    response = await client.post("/predict", data=form(entries, encode(gradient(), "JPEG")))
+    response = await client.post("/predict", data=build_form(entries, encode(gradient(), "JPEG")))
     assert response.status == status, await response.text()
     if status == 422:
         assert await response.json() == {"detail": "Invalid request format."}
@@ -330,7 +320,7 @@ async def test_entries_of_every_wrong_shape(client, case) -> None:
 
 async def test_ten_thousand_unknown_tasks_fail_fast(client) -> None:
     entries = {f"task{i}": {"visual": {"modelName": CLIP_MODEL}} for i in range(10_000)}
-    response = await client.post("/predict", data=form(entries, encode(gradient(), "JPEG")))
+    response = await client.post("/predict", data=build_form(entries, encode(gradient(), "JPEG")))
     assert response.status == 500
     await healthy(client)
 
@@ -350,7 +340,7 @@ TEXTS = {
 
 @pytest.mark.parametrize("case", list(TEXTS))
 async def test_huge_and_odd_unicode_text_is_embedded(client, case) -> None:
-    response = await client.post("/predict", data=form(TEXT, text=TEXTS[case]))
+    response = await client.post("/predict", data=build_form(TEXT, text=TEXTS[case]))
     assert response.status == 200, await response.text()
     assert len(json.loads((await response.json())["clip"])) == 512
     await healthy(client)
@@ -411,7 +401,7 @@ async def test_model_names_with_path_segments_never_leave_the_cache(aiohttp_clie
     for name in HOSTILE_NAMES:
         for entries in (clip_visual_entries(name), {"ocr": {"detection": {"modelName": name}}},
                         {"facial-recognition": {"detection": {"modelName": name}}}):
-            response = await client.post("/predict", data=form(entries, encode(gradient(), "JPEG")))
+            response = await client.post("/predict", data=build_form(entries, encode(gradient(), "JPEG")))
             statuses[(name, next(iter(entries)))] = response.status
             assert response.status in (200, 500), (name, await response.text())
     assert statuses[("../ViT-B-32__openai", "clip")] == 200

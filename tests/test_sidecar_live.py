@@ -4,7 +4,6 @@ photos, interrupted (SIGKILL) and resumed, then clustering, search and duplicate
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -49,7 +49,6 @@ import json
 import logging
 import sysconfig
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -590,22 +589,14 @@ def encoded_bytes(image: Image.Image) -> bytes | None:
     """The encoded bytes ``image`` was decoded from (``image.info[ENCODED]``, set by
     ``decode_pil``) when the DALI pipelines decode them as Pillow does (JPEG, PNG,
     WebP: ``immich_trt.gpu.dali.image_format``); ``None`` when absent, of another format
-    (AVIF, HEIC, TIFF...), or when their header's size differs from the image's (PIL
-    copies ``info`` into resized or rotated copies)."""
-    from PIL import Image as PILImage
-
-    from ..server.app import ENCODED
+    (AVIF, HEIC, TIFF...), or when they decode to another size than the image's (PIL
+    copies ``info`` into resized copies; ``decode_pil`` records the decoded size)."""
+    from ..server.app import ENCODED, ENCODED_SIZE
 
     data = image.info.get(ENCODED)
-    if not isinstance(data, (bytes, bytearray, memoryview)) or image_format(data) is None:
+    if not isinstance(data, bytes) or image.info.get(ENCODED_SIZE) != image.size or image_format(data) is None:
         return None
-    try:
-        with PILImage.open(BytesIO(data)) as header:
-            if header.size != image.size:
-                return None
-    except Exception:
-        return None
-    return bytes(data)
+    return data
 
 
 async def infer_ensemble(

@@ -247,32 +247,21 @@ def ocr_detection_profiles(input_name: str, max_batch: int, opt_batch: int = 1) 
     # past the ladder: one side longer than the last bucket, the other up to 1024
     long_low, long_opt = previous + DET_MIN_SIDE, bucket(previous + 1, DET_BUCKETS, 512)
     short, short_opt = DET_PANORAMA_SHORT_SIDE, DET_PANORAMA_OPT_SHORT
-    profiles.append(
-        Profile(
-            (
-                ProfileShape(
-                    input_name,
-                    (1, DET_MIN_SIDE, long_low, 3),
-                    (opt_batch, short_opt, long_opt, 3),
-                    (max_batch, short, DET_MAX_SIDE, 3),
-                ),
-            ),
-            covers=f"wide: H <= {short}, W in ({previous}, {DET_MAX_SIDE}]",
+    for wide, covers in (
+        (True, f"wide: H <= {short}, W in ({previous}, {DET_MAX_SIDE}]"),
+        (False, f"tall: H in ({previous}, {DET_MAX_SIDE}], W <= {short}"),
+    ):
+
+        def hw(short_side: int, long_side: int, wide: bool = wide) -> tuple[int, int]:
+            return (short_side, long_side) if wide else (long_side, short_side)
+
+        shape = ProfileShape(
+            input_name,
+            (1, *hw(DET_MIN_SIDE, long_low), 3),
+            (opt_batch, *hw(short_opt, long_opt), 3),
+            (max_batch, *hw(short, DET_MAX_SIDE), 3),
         )
-    )
-    profiles.append(
-        Profile(
-            (
-                ProfileShape(
-                    input_name,
-                    (1, long_low, DET_MIN_SIDE, 3),
-                    (opt_batch, long_opt, short_opt, 3),
-                    (max_batch, DET_MAX_SIDE, short, 3),
-                ),
-            ),
-            covers=f"tall: H in ({previous}, {DET_MAX_SIDE}], W <= {short}",
-        )
-    )
+        profiles.append(Profile((shape,), covers=covers))
     return tuple(profiles)
 
 

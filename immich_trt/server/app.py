@@ -61,6 +61,9 @@ def json_response(content: Any, status: int = 200) -> web.Response:
 #: ``PIL.Image.info`` key holding the encoded bytes a decoded image came from (the GPU
 #: path sends them to Triton, where DALI decodes them again on the GPU).
 ENCODED = "immich_trt.encoded"
+#: ``PIL.Image.info`` key holding the ``(width, height)`` those bytes decode to: PIL copies
+#: ``info`` into resized copies, whose size then no longer matches.
+ENCODED_SIZE = "immich_trt.encoded_size"
 
 
 class ImageTooLarge(ValueError):
@@ -105,6 +108,7 @@ def decode_pil(data: bytes, max_pixels: int | None = None) -> Image.Image:
         # other modes (CMYK, palette, alpha, 16-bit) keep the CPU path: a GPU decoder's
         # colour conversion need not match Pillow's convert("RGB")
         image.info[ENCODED] = data
+        image.info[ENCODED_SIZE] = image.size
     return image
 
 
