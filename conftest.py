@@ -1,7 +1,14 @@
-"""Shared pytest fixtures: the real images, an offline OCR model cache, a live server."""
+"""Shared pytest fixtures: the real images, an offline OCR model cache, a live server;
+and the loopback guard: for the whole test session, a Python socket may connect or send
+only to a loopback address (127.0.0.0/8, ``::1``), never to another address of this
+machine or elsewhere. A test that needs another host runs its client inside a network
+namespace it creates (``ip netns exec``, a separate process), as
+``tests/test_sidecar_api.py`` does."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--base-url",
         default=None,
-        help="run compat_tests against this server (default: start one with the offline OCR cache)",
+        help="run compat_tests against this server, one you run yourself on loopback, e.g. http://127.0.0.1:3003 "
+        "(default: start one here with the offline OCR cache); tests reach loopback addresses only",
     )
 
 
@@ -57,3 +65,91 @@ def base_url(request: pytest.FixtureRequest) -> str:
     if url:
         return url.rstrip("/")
     return request.getfixturevalue("live_server").url
+
+
+# ----------------------------------------------------------------------------- loopback guard
+
+
+class NonLoopbackConnection(ConnectionRefusedError):
+    """Raised by the loopback guard instead of opening a connection (or sending a
+    datagram) to a non-loopback address. A ``ConnectionRefusedError``, so code that
+    handles a refused connection sees what it would see from a closed port."""
+
+
+def is_loopback_destination(family: int, address) -> bool:
+    """Whether a socket of ``family`` may reach ``address`` during the tests.
+
+    ``address`` is what ``socket.connect``/``sendto`` take: ``(host, port[, ...])`` for
+    ``AF_INET``/``AF_INET6``, where ``host`` is an IP literal (IPv6 scope ids allowed) or
+    a name, resolved with the real ``getaddrinfo``; a name is allowed only when every
+    address it resolves to is loopback (``localhost``). IPv4-mapped IPv6 loopback counts
+    as loopback. Other families (Unix sockets, netlink) never leave the machine: allowed.
+    """
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return True
+    if not isinstance(address, tuple) or not address:
+        return False
+    host = address[0]
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if not isinstance(host, str) or not host:
+        return False
+    try:
+        candidates = [ipaddress.ip_address(host.split("%", 1)[0])]
+    except ValueError:  # a host name
+        try:
+            infos = _real_getaddrinfo(host, None, family)
+        except OSError:
+            return False
+        candidates = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not candidates:
+        return False
+    for candidate in candidates:
+        if isinstance(candidate, ipaddress.IPv6Address) and candidate.ipv4_mapped is not None:
+            candidate = candidate.ipv4_mapped
+        if not candidate.is_loopback:
+            return False
+    return True
+
+
+_real_getaddrinfo = socket.getaddrinfo
+_REAL = {name: getattr(socket.socket, name) for name in ("connect", "connect_ex", "sendto")}
+
+
+def _refuse(sock: socket.socket, address) -> None:
+    if not is_loopback_destination(sock.family, address):
+        raise NonLoopbackConnection(
+            f"test traffic to {address!r} refused: tests reach loopback only (127.0.0.0/8, [::1]); "
+            "run a client for another host inside a network namespace the test creates"
+        )
+
+
+def _guarded_connect(self: socket.socket, address):
+    _refuse(self, address)
+    return _REAL["connect"](self, address)
+
+
+def _guarded_connect_ex(self: socket.socket, address):
+    _refuse(self, address)
+    return _REAL["connect_ex"](self, address)
+
+
+def _guarded_sendto(self: socket.socket, data, *args):
+    _refuse(self, args[-1] if args else None)
+    return _REAL["sendto"](self, data, *args)
+
+
+GUARDS = {"connect": _guarded_connect, "connect_ex": _guarded_connect_ex, "sendto": _guarded_sendto}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Install the loopback guard on ``socket.socket`` for the whole session (asyncio,
+    aiohttp, urllib and http.client all connect through it). Clients implemented in C
+    (gRPC) are outside it; every address they use comes from the same test fixtures."""
+    for name, guard in GUARDS.items():
+        setattr(socket.socket, name, guard)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, real in _REAL.items():
+        setattr(socket.socket, name, real)

@@ -51,7 +51,6 @@ import argparse
 import asyncio
 import csv
 import dataclasses
-import ipaddress
 import json
 import os
 import shlex
@@ -65,7 +64,6 @@ from collections import Counter
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from immich_trt import bench, contract
 
@@ -178,16 +176,6 @@ def _alive(pid: int) -> bool:
 def stubs_alive(pids: Sequence[int]) -> tuple[int, ...]:
     """Those of ``pids`` that are still python-backend stubs (alive, same name)."""
     return tuple(p for p in pids if _alive(p) and _comm(p).startswith("triton_python"))
-
-
-def is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------------- load
@@ -816,7 +804,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/reliability.py",
         description="Bounded load (and fault) test of an immich-trt server over loopback: Immich's four "
-        "requests from N concurrent clients; latencies, statuses, RSS of server and Triton.",
+        "requests from N concurrent clients; latencies, statuses, RSS of server and Triton. Meant for a "
+        "server you run on this machine (or the one it starts): --url must be a loopback URL.",
     )
     server = parser.add_argument_group("server (default: build a test model cache and start one here)")
     server.add_argument("--url", help="an already running server on loopback, e.g. http://127.0.0.1:3003")
@@ -861,7 +850,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.url and not is_loopback_url(args.url):
+    if args.url and not bench.is_loopback_url(args.url):
         raise UsageError(f"{args.url}: load tests target loopback servers only")
     if args.pid is not None and not args.url:
         raise UsageError("--pid goes with --url")

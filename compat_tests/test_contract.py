@@ -1,6 +1,6 @@
-"""Immich ML HTTP contract tests, runnable against any server.
+"""Immich ML HTTP contract tests, runnable against a server you run on loopback.
 
-``pytest compat_tests --base-url http://host:3003`` checks a running server (ours or
+``pytest compat_tests --base-url http://127.0.0.1:3003`` checks a running server (ours or
 stock immich-ml) whose model cache holds PP-OCRv5_mobile and the test pack
 (``immich-trt models make-test-pack CACHE``: ViT-B-32__openai CLIP and buffalo_l faces);
 without ``--base-url`` a local immich-trt is started with both. Requests are built by

@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import datetime
 import io
+import ipaddress
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import contract
 
@@ -91,6 +93,21 @@ class Target:
     name: str
     url: str
     pids: tuple[int, ...] = ()
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is ``localhost`` or a loopback address (127.0.0.0/8,
+    ``[::1]``, IPv4-mapped loopback): the only servers a benchmark sends traffic to."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def parse_target(spec: str) -> Target:
@@ -891,6 +908,12 @@ def run(args: argparse.Namespace) -> int:
         levels = parse_levels(args.concurrency)
         if len({t.name for t in targets}) != len(targets):
             raise ValueError("target names must differ")
+        remote = [t.url for t in targets if not is_loopback_url(t.url)]
+        if remote:
+            raise ValueError(
+                f"{', '.join(remote)}: the benchmark measures servers you run on this machine; give a loopback "
+                "URL (publish a container's port on 127.0.0.1, e.g. docker run -p 127.0.0.1:3103:3003)"
+            )
         if args.rounds < 1 or args.warmup < 0:
             raise ValueError("--rounds must be >= 1 and --warmup >= 0")
         if args.seconds is not None and args.seconds <= 0:
@@ -983,7 +1006,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="NAME=URL[,pid=PID]",
-        help="a server to measure (repeatable; the first is the reference of the ratios); "
+        help="a server you run on this machine, at a loopback URL such as http://127.0.0.1:3003 (repeatable; "
+        "the first is the reference of the ratios); "
         "pid: measure the RSS and CPU of that process and its descendants (PID+PID for several)",
     )
     parser.add_argument("--images", metavar="DIR", help="folder of images (recursive), sent as Immich previews")

@@ -124,6 +124,23 @@ def test_parse_target() -> None:
             bench.parse_target(bad)
 
 
+def test_only_loopback_targets_are_measured(capsys) -> None:
+    import argparse
+
+    for url in ("http://127.0.0.1:3003", "http://127.9.0.1:3003/", "http://localhost:3003", "http://[::1]:3003",
+                "http://[::ffff:127.0.0.1]:3003"):
+        assert bench.is_loopback_url(url), url
+    for url in ("http://192.0.2.1:3003", "http://10.0.0.2:3003", "http://stock:3003", "http://[2001:db8::1]:3003",
+                "http://[::ffff:192.0.2.1]:3003", "http://0.0.0.0:3003"):
+        assert not bench.is_loopback_url(url), url
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--target", "ours=http://127.0.0.1:9", "--target", "stock=http://192.0.2.1:3003",
+                              "--tasks", "clip-text", "--out", "unused"])
+    assert bench.run(args) == 2  # refused before any request is sent
+    assert "http://192.0.2.1:3003: the benchmark measures servers you run on this machine" in capsys.readouterr().err
+
+
 def test_parse_levels_and_tasks() -> None:
     assert bench.parse_levels("1,2, 4,8") == (1, 2, 4, 8)
     assert bench.parse_tasks("ocr,faces") == ("ocr", "faces")

@@ -290,45 +290,185 @@ def test_loopback_detection() -> None:
         assert not is_loopback(address), address
 
 
-def _non_loopback_address() -> str | None:
-    import socket
+def _peer_middleware(peer: str):
+    """An outermost middleware that makes the app see ``peer`` as the client address
+    (``request.remote``), as a connection from that host would: the real app, over a
+    real loopback socket, with every other part of the request untouched."""
+    from aiohttp import web
+
+    @web.middleware
+    async def as_peer(request, handler):
+        return await handler(request.clone(remote=peer))
+
+    return as_peer
+
+
+@pytest.mark.parametrize("peer", ["192.0.2.7", "10.1.2.3", "2001:db8::5", "::ffff:192.0.2.7", "fe80::1%eth0"])
+async def test_remote_clients_are_refused_without_a_key(aiohttp_client, settings, peer: str) -> None:
+    """Without an API key, a client from another host gets 403 on /v1, whatever headers
+    claim about its origin; Immich's own routes stay open to it."""
+    app = create_app(settings)
+    app.middlewares.insert(0, _peer_middleware(peer))
+    client = await aiohttp_client(app)
+    spoofed = (
+        {},
+        {"X-Forwarded-For": "127.0.0.1"},
+        {"X-Forwarded-For": "127.0.0.1, ::1"},
+        {"Forwarded": "for=127.0.0.1;proto=http"},
+        {"Forwarded": 'for="[::1]"'},
+        {"X-Real-IP": "127.0.0.1"},
+        {"X-Forwarded-Host": "localhost", "Host": "localhost"},
+    )
+    for headers in spoofed:
+        for method, path in (("GET", "/v1/persons"), ("GET", "/v1/status"), ("POST", "/v1/search/text")):
+            response = await client.request(method, path, headers=headers, json={"query": "x"})
+            assert response.status == 403, (headers, path)
+            assert "loopback" in (await response.json())["detail"]
+    assert (await client.get("/ping")).status == 200
+    assert (await client.get("/")).status == 200
+
+
+async def test_remote_clients_with_the_key_are_served(aiohttp_client, settings) -> None:
+    app = create_app(dataclasses.replace(settings, api_key="s3cret-key"))
+    app.middlewares.insert(0, _peer_middleware("192.0.2.7"))
+    client = await aiohttp_client(app)
+    assert (await client.get("/v1/persons")).status == 401
+    assert (await client.get("/v1/persons", headers={"X-Forwarded-For": "127.0.0.1"})).status == 401
+    assert (await client.get("/v1/persons", headers={"Authorization": "Bearer s3cret-key"})).status == 200
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"])
+async def test_loopback_peers_are_served_without_a_key(aiohttp_client, settings, peer: str) -> None:
+    app = create_app(settings)
+    app.middlewares.insert(0, _peer_middleware(peer))
+    client = await aiohttp_client(app)
+    assert (await client.get("/v1/persons")).status == 200
+
+
+# The same rule end to end, between two network namespaces made by the test: the server
+# in one (bound to every interface of it), clients in the other, over a veth pair whose
+# ends never appear in this machine's own network namespace.
+NETNS_CLIENT = """
+import json, sys, time, urllib.error, urllib.request
+deadline = time.monotonic() + float(sys.argv[1])
+results = []
+for url in sys.argv[2:]:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                results.append([r.status, r.read().decode()])
+            break
+        except urllib.error.HTTPError as e:
+            results.append([e.code, e.read().decode()])
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                results.append([None, "unreachable"])
+                break
+            time.sleep(0.2)
+print(json.dumps(results))
+"""
+
+
+def _ip(*args: str) -> None:
     import subprocess
 
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def netns_pair():
+    """Two network namespaces joined by a veth pair: ``(server_ns, client_ns, server_address)``.
+
+    Skipped where namespaces cannot be made (no ``ip``, not root); in CI that is a
+    failure, since CI installs iproute2 and runs as root."""
+    import os
+    import shutil
+    import subprocess
+
+    tag = f"itrt{os.getpid() % 100000}"
+    server_ns, client_ns = f"{tag}-srv", f"{tag}-cli"
+    made: list[str] = []
     try:
-        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        out = ""
-    for line in out.splitlines():
-        address = line.split()[3].split("/")[0]
-        if not address.startswith("127."):
-            return address
-    try:  # fall back to the address the host name resolves to
-        address = socket.gethostbyname(socket.gethostname())
-        return None if address.startswith("127.") else address
-    except OSError:
-        return None
+        if shutil.which("ip") is None:
+            raise OSError("the ip command (iproute2) is not installed")
+        for ns in (server_ns, client_ns):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", f"{tag}s", "netns", server_ns, "type", "veth", "peer", "name", f"{tag}c", "netns", client_ns)
+        _ip("-n", server_ns, "addr", "add", "192.0.2.1/24", "dev", f"{tag}s")
+        _ip("-n", client_ns, "addr", "add", "192.0.2.2/24", "dev", f"{tag}c")
+        for ns, dev in ((server_ns, f"{tag}s"), (client_ns, f"{tag}c")):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", dev, "up")
+    except (OSError, subprocess.SubprocessError) as error:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        detail = getattr(error, "stderr", b"") or b""
+        reason = f"cannot make network namespaces here: {error} {detail.decode(errors='replace').strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield server_ns, client_ns, "192.0.2.1"
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def test_non_loopback_clients_are_refused_without_a_key(model_cache: Path, tmp_path: Path) -> None:
-    """A real server bound to every interface, reached over the host's own non-loopback
-    address: /v1 answers 403 there and 200 over loopback; /ping works on both."""
-    import urllib.error
-    import urllib.request
+def test_non_loopback_clients_are_refused_without_a_key(model_cache: Path, tmp_path: Path, netns_pair) -> None:
+    """A real server in its own network namespace: a client of another namespace gets 403
+    on /v1 (also with X-Forwarded-For: 127.0.0.1) and 200 on /ping; a client on that
+    namespace's loopback gets 200 on /v1."""
+    import subprocess
+    import sys
 
     from immich_trt.testing import LiveServer
 
-    address = _non_loopback_address()
-    assert address is not None, "this host has no non-loopback IPv4 address to test with"
-    with LiveServer(model_cache, tmp_path, env={"IMMICH_HOST": "0.0.0.0", "IMMICH_TRT_RUNTIME": "onnxruntime"}) as s:
-        with urllib.request.urlopen(f"{s.url}/v1/persons", timeout=10) as response:
-            assert response.status == 200
-        remote = f"http://{address}:{s.port}"
-        with urllib.request.urlopen(f"{remote}/ping", timeout=10) as response:
-            assert response.status == 200
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{remote}/v1/persons", timeout=10)
-        assert refused.value.code == 403
-        assert "loopback" in json.loads(refused.value.read())["detail"]
+    server_ns, client_ns, address = netns_pair
+    live = LiveServer(model_cache, tmp_path, env={"IMMICH_HOST": "0.0.0.0", "IMMICH_TRT_RUNTIME": "onnxruntime"})
+    log = open(live.log_path, "wb")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, sys.executable, "-m", "immich_trt", "serve"],
+        env=live.env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+    def fetch(ns: str, *urls: str, wait_s: float = 0.0) -> list:
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", NETNS_CLIENT, str(wait_s), *urls],
+            capture_output=True, text=True, timeout=wait_s + 60, check=True,
+        )
+        return json.loads(out.stdout)
+
+    try:
+        local = f"http://127.0.0.1:{live.port}"
+        remote = f"http://{address}:{live.port}"
+        [(status, _)] = fetch(server_ns, f"{local}/ping", wait_s=180)
+        assert status == 200, live.log_path.read_text()[-2000:]
+        [(status, _)] = fetch(server_ns, f"{local}/v1/persons")
+        assert status == 200
+        (ping, persons) = fetch(client_ns, f"{remote}/ping", f"{remote}/v1/persons")
+        assert ping == [200, "pong"]
+        assert persons[0] == 403
+        assert "loopback" in json.loads(persons[1])["detail"]
+        spoof = subprocess.run(
+            ["ip", "netns", "exec", client_ns, sys.executable, "-c",
+             "import sys, urllib.request, urllib.error\n"
+             "r = urllib.request.Request(sys.argv[1], headers={'X-Forwarded-For': '127.0.0.1'})\n"
+             "try: urllib.request.urlopen(r, timeout=10); print(200)\n"
+             "except urllib.error.HTTPError as e: print(e.code)",
+             f"{remote}/v1/persons"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        assert spoof.stdout.strip() == "403"
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
 
 
 # ----------------------------------------------------------------------------- openapi
