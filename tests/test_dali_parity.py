@@ -272,7 +272,8 @@ def test_clip_tensor_parity(real_images) -> None:
 
 @needs_dali
 def test_scrfd_letterbox_parity_and_exact_det_scale(real_images) -> None:
-    from immich_trt.models.face import detection_blob, letterbox, to_bgr
+    from immich_trt.models.face import detection_blob, letterbox
+    from immich_trt.models.transforms import to_bgr
 
     outputs = D.run_cpu(D.FACE_DETECTION, {}, [data for _, data, _ in real_images])
     rows = []

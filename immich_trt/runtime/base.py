@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,12 +28,15 @@ class ModelSpec:
 
     ``name`` is the Triton model name, e.g. ``ocr__PP-OCRv5_mobile__detection``.
     ``max_batch_size`` is the largest batch the runtime accepts per request; callers
-    with more items split them (see :meth:`Runtime.infer`).
+    with more items split them (see :meth:`Runtime.infer`). ``from_encoded_image``: the
+    model's input is made from the request's image (:meth:`Runtime.infer_image`), so a
+    runtime may do that preprocessing itself (the GPU target's ensembles).
     """
 
     name: str
     onnx_path: Path
     max_batch_size: int = 0
+    from_encoded_image: bool = False
 
 
 class Runtime(ABC):
@@ -62,6 +65,24 @@ class Runtime(ABC):
         Returns the requested outputs (all when ``outputs`` is None) by name.
         Raises :class:`InferenceError` or :class:`RuntimeUnavailableError`.
         """
+
+    async def infer_image(
+        self,
+        name: str,
+        encoded: bytes | None,
+        preprocess: Callable[[], Awaitable[Mapping[str, np.ndarray]]],
+        ensemble_inputs: Mapping[str, np.ndarray] | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run model ``name`` on an image: the runtime decides where it is preprocessed.
+
+        ``encoded`` is the file the image was decoded from (or None), ``preprocess`` the
+        model's CPU preprocessing (a coroutine factory giving the input tensors),
+        ``ensemble_inputs`` what a device-side preprocessing needs besides the bytes (e.g.
+        OCR's ``resize_hw``/``bucket_hw``). This base runs ``preprocess`` and
+        :meth:`infer`; the GPU target's runtime sends ``encoded`` to an ensemble instead
+        (:mod:`.ensemble`). Same outputs and errors as :meth:`infer`."""
+        return await self.infer(name, await preprocess(), outputs)
 
     async def ready(self) -> bool:
         """Whether the backend can serve now (used by health checks)."""

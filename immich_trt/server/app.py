@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from typing import Any
 
 import orjson
@@ -24,6 +22,7 @@ from ..config import Settings
 from ..models import build_model
 from ..models.base import ModelContext
 from ..models.cache import FailedToLoad, ModelCache
+from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
 from ..runtime import make_runtime
 from ..runtime.base import Runtime, RuntimeUnavailableError
 from .entries import InferenceEntry, InvalidEntries, parse_entries
@@ -56,60 +55,6 @@ def json_response(content: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status=status, content_type="application/json"
     )
-
-
-#: ``PIL.Image.info`` key holding the encoded bytes a decoded image came from (the GPU
-#: path sends them to Triton, where DALI decodes them again on the GPU).
-ENCODED = "immich_trt.encoded"
-#: ``PIL.Image.info`` key holding the ``(width, height)`` those bytes decode to: PIL copies
-#: ``info`` into resized copies, whose size then no longer matches.
-ENCODED_SIZE = "immich_trt.encoded_size"
-
-
-class ImageTooLarge(ValueError):
-    """The image header announces more pixels than ``IMMICH_TRT_MAX_IMAGE_PIXELS``
-    (a decompression bomb, or simply too large); nothing was decoded."""
-
-    @classmethod
-    def of(cls, width: int, height: int, limit: int) -> "ImageTooLarge":
-        return cls(
-            f"Image has {width * height} pixels ({width}x{height}); the limit is {limit} (IMMICH_TRT_MAX_IMAGE_PIXELS)"
-        )
-
-
-def decode_pil(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode an encoded image to RGB, as immich-ml ``decode_pil``.
-
-    ``Image.open`` + ``load()``, converted to RGB when the mode differs; animated images
-    give their first frame. EXIF orientation is not applied. ``image.info[ENCODED]``
-    keeps ``data`` (no copy) for RGB and greyscale images.
-
-    ``max_pixels`` bounds ``width * height`` as read from the header, before any pixel
-    is decoded, so a tiny file announcing a huge image allocates nothing.
-
-    Raises :class:`ImageTooLarge`; for bytes Pillow cannot decode, whatever Pillow
-    raises (``PIL.UnidentifiedImageError``, ``OSError`` for truncated data,
-    ``SyntaxError``/``ValueError``/``EOFError`` for malformed headers...).
-    """
-    with warnings.catch_warnings():
-        # our own bound replaces Pillow's warning; its hard error (2x its bound) still applies
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(BytesIO(data))
-        except Image.DecompressionBombError as exc:  # over twice Pillow's own bound
-            raise ImageTooLarge(str(exc)) from None
-    if max_pixels is not None and image.width * image.height > max_pixels:
-        raise ImageTooLarge.of(image.width, image.height, max_pixels)
-    image.load()
-    original_mode = image.mode
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if original_mode in ("RGB", "L"):
-        # other modes (CMYK, palette, alpha, 16-bit) keep the CPU path: a GPU decoder's
-        # colour conversion need not match Pillow's convert("RGB")
-        image.info[ENCODED] = data
-        image.info[ENCODED_SIZE] = image.size
-    return image
 
 
 @web.middleware
@@ -216,9 +161,9 @@ async def predict(request: web.Request) -> web.Response:
                 payload = await ctx.run(decode_pil, image, app[SETTINGS].max_image_pixels)
             except ImageTooLarge as exc:
                 raise HTTPError(413, str(exc), "image_too_large") from None
-            except Exception as exc:  # Pillow raises many types for bytes it cannot decode
+            except UndecodableImage as exc:
                 # Immich's code for an undecodable image is a plain 500; one log line, no traceback
-                log.info("Undecodable image (%d bytes): %s: %s", len(image), type(exc).__name__, exc)
+                log.info("Undecodable image (%d bytes): %s: %s", len(image), exc, exc.__cause__)
                 metrics.errors.labels("500", "undecodable_image").inc()
                 return web.Response(status=500, text="Internal Server Error")
             if payload.width == 0 or payload.height == 0:

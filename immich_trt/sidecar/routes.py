@@ -25,7 +25,8 @@ from PIL import Image
 from .. import __version__, contract
 from ..config import Settings
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
-from ..server.app import SETTINGS, STATE, HTTPError, ImageTooLarge, decode_pil, json_response, read_form, run_inference
+from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
+from ..server.app import SETTINGS, STATE, HTTPError, json_response, read_form, run_inference
 from ..server.entries import parse_entries
 from . import duplicates, persons, search
 from .errors import BadRequest, NotFound, SidecarError
@@ -283,8 +284,8 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
         image = await call.app[STATE]["ctx"].run(decode_pil, data, call.app[SETTINGS].max_image_pixels)
     except ImageTooLarge as exc:
         raise HTTPError(413, str(exc), "image_too_large") from None
-    except Exception as exc:  # Pillow raises many types for bytes it cannot decode
-        raise BadRequest(f"image cannot be decoded: {type(exc).__name__}") from None
+    except UndecodableImage as exc:
+        raise BadRequest(f"image cannot be decoded: {exc}") from None
     if image.width == 0 or image.height == 0:
         raise BadRequest("image has zero width or height")
     return image

@@ -1,0 +1,203 @@
+"""The serving side of the GPU target's Triton ensembles: where preprocessing runs.
+
+With ``IMMICH_TRT_PREPROCESS=gpu`` the repository built by ``build-engines --target
+tensorrt`` holds, next to each model ``<base>`` whose input is made from the encoded
+image (CLIP visual, face detection, OCR detection; :attr:`ModelSpec.from_encoded_image`):
+
+* ``<base>__preprocess``: a DALI pipeline (``encoded`` bytes -> the model's input);
+* ``<base>__ensemble``: ``<base>__preprocess`` then ``<base>``.
+
+:class:`EnsembleRuntime` wraps the Triton runtime and makes that choice, so that a model
+never knows where its preprocessing runs: it loads ``<base>__ensemble`` for such models
+(its composing models load with it) and answers :meth:`Runtime.infer_image` by sending
+the request's encoded bytes to it. An image without usable bytes (not JPEG, PNG or WebP,
+a non-RGB source, a resized copy) or one the ensemble refuses goes through the model's
+CPU preprocessing and ``<base>`` directly: the CPU path's result.
+
+The tensor names below are the contract between this client and the DALI pipelines and
+ensembles written by the GPU build tooling.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from ..config import Settings
+from .base import InferenceError, ModelSpec, Runtime
+
+log = logging.getLogger(__name__)
+
+#: The ensembles' image input: the encoded file, UINT8 [1, n].
+ENCODED_INPUT = "encoded"
+#: OCR detection: the detector's input size and its padded size, INT32 [1, 2] (height, width).
+RESIZE_HW = "resize_hw"
+BUCKET_HW = "bucket_hw"
+#: Face detection: the letterbox scale ``new_height / height``, FP32 [1, 1].
+DET_SCALE_OUTPUT = "det_scale"
+#: The CLIP ensemble's output, whatever the model calls its own (FP32 [1, D]).
+CLIP_EMBEDDING = "embedding"
+
+
+class GpuPathNames(NamedTuple):
+    """Triton model names of one GPU-preprocessed model."""
+
+    base: str  # the TensorRT (or CPU-target) model, e.g. ``clip__ViT-B-32__openai__visual``
+    preprocess: str  # ``<base>__preprocess``
+    ensemble: str  # ``<base>__ensemble``
+
+
+def gpu_path_names(base: str) -> GpuPathNames:
+    """The names of the preprocessing model and the ensemble served for model ``base``."""
+    return GpuPathNames(base, f"{base}__preprocess", f"{base}__ensemble")
+
+
+def image_format(encoded: bytes) -> str | None:
+    """``"jpeg"``, ``"png"`` or ``"webp"`` when the bytes start with that format's
+    signature: the formats whose DALI decode was checked bit-exact against Pillow.
+    None otherwise (HEIC, AVIF, TIFF...): those stay on the CPU path, since one file
+    DALI cannot decode fails its whole batch."""
+    head = bytes(encoded[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def check_gpu_settings(settings: Settings) -> None:
+    """Raise ``ValueError`` when ``IMMICH_TRT_PREPROCESS=gpu`` cannot work: the GPU path
+    needs a Triton server with the DALI and TensorRT backends serving the prebuilt
+    repository, either launched by us from a full installation
+    (``IMMICH_TRT_TRITON_SERVER``, e.g. ``/opt/tritonserver`` in NVIDIA's image) or given
+    by ``TRITON_URL`` (the Triton of the nvidia-pytriton wheel and the in-process
+    onnxruntime runtime have neither backend)."""
+    if settings.preprocess != "gpu":
+        return
+    if settings.runtime != "triton":
+        raise ValueError(
+            f"IMMICH_TRT_PREPROCESS=gpu needs IMMICH_TRT_RUNTIME=triton (not {settings.runtime!r}): "
+            "GPU preprocessing runs in Triton ensembles"
+        )
+    if not settings.triton_url and settings.triton_server is None:
+        raise ValueError(
+            "IMMICH_TRT_PREPROCESS=gpu needs a Triton with the DALI and TensorRT backends serving the repository "
+            "of `immich-trt build-engines --target tensorrt`: IMMICH_TRT_TRITON_SERVER=/opt/tritonserver "
+            "(launched by us) or TRITON_URL"
+        )
+
+
+def ensemble_spec(spec: ModelSpec) -> ModelSpec:
+    """What the GPU path loads for ``spec``: ``<base>__ensemble``, by name (its composing
+    models load with it; nothing is written on demand, the repository is prebuilt)."""
+    return ModelSpec(gpu_path_names(spec.name).ensemble, spec.onnx_path, max_batch_size=0)
+
+
+async def infer_ensemble(
+    runtime: Runtime,
+    base: str,
+    encoded: bytes | None,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """Run ``<base>__ensemble`` on ``encoded`` (sent as ``encoded`` UINT8 [1, n]) plus
+    ``inputs``; returns the requested outputs (all when ``outputs`` is None), or ``None``
+    when the caller is to take the CPU path: no bytes, bytes of a format the pipelines do
+    not decode (:func:`image_format`), or the ensemble refused them (an
+    :class:`InferenceError`, logged as a warning: e.g. a file Pillow decodes and nvJPEG
+    does not, which fails its whole DALI batch).
+    Raises :class:`RuntimeUnavailableError` when Triton cannot be reached."""
+    if encoded is None or image_format(encoded) is None:
+        log.debug("No encoded bytes the GPU decodes; '%s' preprocesses on the CPU", base)
+        return None
+    name = gpu_path_names(base).ensemble
+    feed = {ENCODED_INPUT: np.frombuffer(encoded, dtype=np.uint8)[None], **(inputs or {})}
+    try:
+        return await runtime.infer(name, feed, outputs)
+    except InferenceError as exc:
+        log.warning("%s; preprocessing this image on the CPU instead", exc)
+        return None
+
+
+class EnsembleRuntime(Runtime):
+    """A Triton runtime whose image models take encoded images through the GPU target's
+    ensembles (``IMMICH_TRT_PREPROCESS=gpu``); everything else is the wrapped runtime's.
+
+    Raises ``ValueError`` at construction when the settings cannot serve the GPU path
+    (:func:`check_gpu_settings`)."""
+
+    def __init__(self, inner: Runtime, settings: Settings) -> None:
+        check_gpu_settings(settings)
+        self.inner = inner
+        self._ensembles: set[str] = set()  # base names served through their ensemble
+
+    def __getattr__(self, name: str):  # the wrapped runtime's own attributes (launcher, url...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def ready(self) -> bool:
+        return await self.inner.ready()
+
+    async def load(self, spec: ModelSpec) -> None:
+        """Load ``<base>__ensemble`` for a model made from the encoded image, ``spec``
+        itself otherwise."""
+        if spec.from_encoded_image:
+            await self.inner.load(ensemble_spec(spec))
+            self._ensembles.add(spec.name)
+        else:
+            await self.inner.load(spec)
+
+    async def unload(self, name: str) -> None:
+        if name in self._ensembles:
+            self._ensembles.discard(name)
+            await self.inner.unload(gpu_path_names(name).ensemble)
+        else:
+            await self.inner.unload(name)
+
+    async def infer(
+        self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        return await self.inner.infer(name, inputs, outputs)
+
+    async def infer_image(
+        self,
+        name: str,
+        encoded: bytes | None,
+        preprocess: Callable[[], Awaitable[Mapping[str, np.ndarray]]],
+        ensemble_inputs: Mapping[str, np.ndarray] | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The ensemble on ``encoded`` when ``name`` is served through one and the bytes
+        suit it, else the model's CPU ``preprocess`` and ``name`` directly (see
+        :meth:`Runtime.infer_image`)."""
+        if name in self._ensembles:
+            out = await infer_ensemble(self.inner, name, encoded, ensemble_inputs, outputs)
+            if out is not None:
+                return out
+        return await self.inner.infer(name, await preprocess(), outputs)
+
+
+def with_ensembles(runtime: Runtime, settings: Settings) -> Runtime:
+    """``runtime`` wrapped in :class:`EnsembleRuntime` when ``IMMICH_TRT_PREPROCESS=gpu``,
+    else ``runtime`` itself. Raises ``ValueError`` as :func:`check_gpu_settings`."""
+    if settings.preprocess != "gpu":
+        return runtime
+    return EnsembleRuntime(runtime, settings)
+
+
+__all__ = [
+    "BUCKET_HW", "CLIP_EMBEDDING", "DET_SCALE_OUTPUT", "ENCODED_INPUT", "RESIZE_HW", "EnsembleRuntime",
+    "GpuPathNames", "check_gpu_settings", "ensemble_spec", "gpu_path_names", "image_format", "infer_ensemble",
+    "with_ensembles",
+]
