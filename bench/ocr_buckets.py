@@ -21,7 +21,7 @@ import onnxruntime
 import orjson
 import PIL
 
-from immich_trt.server.app import decode_pil
+from immich_trt.models.transforms import decode_pil
 from immich_trt.models import build_model
 from immich_trt.models.base import ModelContext
 from immich_trt.models.cache import ModelCache

@@ -32,7 +32,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from immich_trt.contract import CLIP_MODEL, PREVIEW_SIZE
 from immich_trt.models.testpack import make_test_pack
-from immich_trt.server.app import create_app, decode_pil
+from immich_trt.application import create_app
+from immich_trt.models.transforms import decode_pil
 from immich_trt.sidecar.assets import AssetResults, FaceResult
 from immich_trt.sidecar.persons import cluster_faces
 from immich_trt.sidecar.routes import SIDECAR

@@ -60,7 +60,7 @@ def listen_socket(host: str, port: int):
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from aiohttp import web
 
-    from .server.app import create_app
+    from .application import create_app
 
     log = logging.getLogger("immich_trt")
     import os
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     command = args.command or "serve"
     if command == "serve":
-        from .gpu.ensemble import check_gpu_settings
+        from .runtime.ensemble import check_gpu_settings
 
         try:
             check_gpu_settings(settings)

@@ -60,7 +60,7 @@ FILE_BYTES = "test.file_bytes"
 
 def decoded(data: bytes) -> Image.Image:
     """``decode_pil(data)`` as the server decodes, with the file bytes kept."""
-    from immich_trt.server.app import decode_pil
+    from immich_trt.models.transforms import decode_pil
 
     image = decode_pil(data)
     image.info[FILE_BYTES] = data

@@ -1,6 +1,6 @@
 import pytest
 
-from immich_trt.server.entries import InvalidEntries, parse_entries
+from immich_trt.models.entries import InvalidEntries, parse_entries
 
 
 def test_dependency_split() -> None:

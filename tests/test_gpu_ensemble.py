@@ -66,7 +66,9 @@ from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.launcher import TritonLauncher
 from immich_trt.runtime.repository import build_repository
 from immich_trt.runtime.triton import TritonRuntime
-from immich_trt.server.app import RUNTIME, create_app, decode_pil
+from immich_trt.application import create_app
+from immich_trt.models.transforms import decode_pil
+from immich_trt.web import STATE
 from immich_trt.testing import offline_settings
 
 CLIP = "clip__ViT-B-32__openai__visual"
@@ -617,7 +619,7 @@ async def test_gpu_mode_through_a_launched_full_triton_never_rewrites_the_reposi
             assert resp.status == 200, await resp.text()
             answers.append(await resp.json())
         assert answers[0] == answers[1]
-    launcher = gpu.app[RUNTIME].launcher
+    launcher = gpu.app[STATE].runtime.launcher
     async with aiohttp.ClientSession() as session:
         for name in ("clip__ViT-B-32__openai__visual__ensemble", "facial-recognition__buffalo_l__detection__ensemble"):
             async with session.get(f"http://{launcher.http_url}/v2/models/{name}/stats") as r:

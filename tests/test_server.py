@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
-from immich_trt.server.app import STATE, create_app
+from immich_trt.application import create_app
+from immich_trt.web import STATE
 from immich_trt.testing import offline_settings
 
 OCR = {
@@ -143,7 +144,7 @@ async def test_options_reach_the_constructor_only_once(client) -> None:
     """As upstream: the first request's options build the model; later ones configure it."""
     entries = {"ocr": {"detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.9}}}}
     assert (await client.post("/predict", data=form(entries, jpeg(64, 64)))).status == 200
-    cache = client.app[STATE]["cache"]
+    cache = client.app[STATE].cache
     (detector,) = cache.models
     assert detector.postprocess.box_thresh == 0.9
     entries["ocr"]["detection"]["options"] = {"minScore": 0.6, "maxResolution": 320}
@@ -166,8 +167,8 @@ async def test_idle_models_are_unloaded_after_the_ttl(aiohttp_client, settings) 
     app = create_app(dataclasses.replace(settings, model_ttl=1, model_ttl_poll_s=1))
     client = await aiohttp_client(app)
     assert (await client.post("/predict", data=form(OCR, jpeg(64, 64)))).status == 200
-    cache = app[STATE]["cache"]
-    runtime = app[STATE]["ctx"].runtime
+    cache = app[STATE].cache
+    runtime = app[STATE].ctx.runtime
     assert len(cache) == 2 and len(runtime._sessions) == 2
     for _ in range(40):
         await asyncio.sleep(0.1)
@@ -183,7 +184,7 @@ async def test_preloaded_models_load_at_startup_and_never_expire(aiohttp_client,
     preload = {("ocr", "detection"): ["PP-OCRv5_mobile"], ("ocr", "recognition"): ["PP-OCRv5_mobile", "nope"]}
     app = create_app(dataclasses.replace(settings, preload=preload, model_ttl=1, model_ttl_poll_s=1))
     client = await aiohttp_client(app)
-    cache = app[STATE]["cache"]
+    cache = app[STATE].cache
     assert len(cache) == 2 and all(m.loaded for m in cache.models)
     await asyncio.sleep(2.5)
     assert len(cache) == 2

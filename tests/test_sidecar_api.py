@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import GOLDEN, SHARED_DATA, requires_data
 from immich_trt.models.testpack import bright_square_image
-from immich_trt.server.app import create_app
+from immich_trt.application import create_app
 from immich_trt.sidecar.routes import ROUTES, openapi_document
 from immich_trt.testing import offline_settings
 

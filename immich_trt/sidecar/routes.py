@@ -26,8 +26,8 @@ from .. import __version__, contract
 from ..config import Settings
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
 from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
-from ..server.app import SETTINGS, STATE, HTTPError, json_response, read_form, run_inference
-from ..server.entries import parse_entries
+from ..models.entries import parse_entries
+from ..web import STATE, HTTPError, json_response, read_form
 from . import duplicates, persons, search
 from .errors import BadRequest, NotFound, SidecarError
 from .duplicates import imohash_of
@@ -281,7 +281,9 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
 
 async def _decode(call: Call, data: bytes) -> Image.Image:
     try:
-        image = await call.app[STATE]["ctx"].run(decode_pil, data, call.app[SETTINGS].max_image_pixels)
+        state = call.app[STATE]
+        assert state.ctx is not None
+        image = await state.ctx.run(decode_pil, data, state.settings.max_image_pixels)
     except ImageTooLarge as exc:
         raise HTTPError(413, str(exc), "image_too_large") from None
     except UndecodableImage as exc:
@@ -294,7 +296,7 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
 async def _infer(call: Call, payload: Image.Image | str, entries: dict) -> tuple[dict[str, Any], dict]:
     without_deps, with_deps = parse_entries(orjson.dumps(entries).decode())
     outputs: dict = {}
-    response = await run_inference(call.app, payload, without_deps, with_deps, outputs)
+    response = await call.app[STATE].run_entries(payload, without_deps, with_deps, outputs)
     return response, outputs
 
 
@@ -319,7 +321,7 @@ async def ingest(call: Call) -> dict:
         a["image"],
         lambda data: _decode(call, data),
         lambda image, entries: _infer(call, image, entries),
-        call.app[STATE]["ctx"].run,
+        call.app[STATE].ctx.run,
         options,
         ref=a["assetId"],
         filename=a["filename"],

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from ..models.registry import resolve
+from .registry import resolve
 
 
 class InvalidEntries(Exception):
