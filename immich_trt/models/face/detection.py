@@ -1,46 +1,26 @@
-"""Face detection (SCRFD) and recognition (ArcFace), exactly as immich-ml 3.1.0.
+"""SCRFD face detection: letterbox, blob, anchor decode, NMS and the model.
 
-Sources reproduced: immich-ml ``immich_ml/models/facial_recognition/detection.py`` and
-``recognition.py`` around insightface 0.7.3 ``model_zoo/retinaface.py``
-(``RetinaFace.detect``/``forward``/``nms``), ``model_zoo/arcface_onnx.py``
-(``ArcFaceONNX.get_feat``) and ``utils/face_align.py`` (``norm_crop``).
-
-Detection: BGR image letterboxed top-left into 640x640, blob ``(x - 127.5) / 128`` in RGB,
-anchor centres on the stride grid (2 anchors per cell, strides 8/16/32), boxes
-``centre -/+ distance * stride``, keypoints ``centre + offset * stride``, scores
-``>= minScore``, sort by score, divide by ``det_scale``, NMS at IoU 0.4 with the +1 area
-convention; boxes rounded half-to-even and not clipped. Recognition: 5-point similarity
-transform to the ArcFace template (scikit-image), ``cv2.warpAffine`` to 112x112, blob
-``(x - mean) / std`` (127.5/127.5 unless the graph normalises itself), one batch for all
-faces (chunked by ``MAX_BATCH_SIZE__FACIAL_RECOGNITION``), 512-d embeddings not normalised.
-"""
+Sources reproduced: immich-ml ``immich_ml/models/facial_recognition/detection.py``
+around insightface 0.7.3 ``model_zoo/retinaface.py`` (``RetinaFace.detect``/``forward``/
+``nms``, ``_init_vars``)."""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import onnx
 from PIL import Image
 
-from ..runtime.base import ModelSpec
-from .base import InferenceModel, ModelContext, ModelLoadError
-from .onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
-from .registry import ModelTask, ModelType
-from .transforms import encoded_bytes, serialize_np, to_bgr
-
-log = logging.getLogger(__name__)
+from ...runtime.base import ModelSpec
+from ..base import ModelContext, ModelLoadError
+from ..onnxfile import load_onnx
+from ..registry import ModelType
+from ..transforms import encoded_bytes, to_bgr
+from .base import _FaceModel
 
 DET_INPUT_SIZE = (640, 640)  # (width, height), as Immich prepares RetinaFace
 NMS_THRESHOLD = 0.4
-#: ArcFace 112x112 alignment template (insightface ``arcface_dst``).
-ARCFACE_DST = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
 
 
 def letterbox_geometry(width: int, height: int, input_size: tuple[int, int] = DET_INPUT_SIZE) -> tuple[int, int, float]:
@@ -190,65 +170,6 @@ def scrfd_postprocess(
     }
 
 
-def estimate_norm(landmark: np.ndarray, image_size: int = 112) -> np.ndarray:
-    """2x3 similarity transform (Umeyama, scikit-image ``SimilarityTransform``) from the
-    5 landmarks to the ArcFace template, as insightface ``estimate_norm``."""
-    from skimage.transform import SimilarityTransform
-
-    if image_size % 112 == 0:
-        ratio, diff_x = float(image_size) / 112.0, 0.0
-    else:
-        ratio = float(image_size) / 128.0
-        diff_x = 8.0 * ratio
-    dst = ARCFACE_DST * ratio
-    dst[:, 0] += diff_x
-    tform = SimilarityTransform()
-    tform.estimate(landmark, dst)
-    return tform.params[0:2, :]
-
-
-def norm_crop(image_bgr: np.ndarray, landmark: np.ndarray, image_size: int = 112) -> np.ndarray:
-    """Aligned ``uint8[112, 112, 3]`` face crop (``cv2.warpAffine``, black border),
-    as insightface ``norm_crop``."""
-    return cv2.warpAffine(image_bgr, estimate_norm(landmark, image_size), (image_size, image_size), borderValue=0.0)
-
-
-def arcface_normalisation(model: Path | onnx.GraphProto) -> tuple[float, float]:
-    """(input_mean, input_std) of an ArcFace file or parsed graph: (0, 1) when the first
-    8 graph nodes include names starting with Sub/_minus and Mul/_mul (normalisation
-    inside the graph), else (127.5, 127.5), as insightface ``ArcFaceONNX.__init__``."""
-    graph = model if isinstance(model, onnx.GraphProto) else load_onnx(model).graph
-    find_sub = any(n.name.startswith("Sub") or n.name.startswith("_minus") for n in graph.node[:8])
-    find_mul = any(n.name.startswith("Mul") or n.name.startswith("_mul") for n in graph.node[:8])
-    return (0.0, 1.0) if find_sub and find_mul else (127.5, 127.5)
-
-
-def recognition_blob(crops: list[np.ndarray], mean: float, std: float) -> np.ndarray:
-    """``float32[N, 3, 112, 112]`` RGB ``(x - mean) / std`` (``cv2.dnn.blobFromImages``)."""
-    return cv2.dnn.blobFromImages(crops, 1.0 / std, (112, 112), (mean, mean, mean), swapRB=True)
-
-
-def dynamic_batch_copy(src: Path, dest: Path) -> Path:
-    """Write a copy of ``src`` whose first input and output have a symbolic batch axis
-    (``"batch"``), for recognizers exported with a static batch of 1. The user's file is
-    never rewritten (upstream rewrites it in place). Reuses an up-to-date copy."""
-    if is_up_to_date(dest, src):
-        return dest
-    model = load_onnx(src)
-    for value in (model.graph.input[0], model.graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    return save_onnx_atomic(model, dest, source=src)
-
-
-class _FaceModel(InferenceModel):
-    task = ModelTask.FACIAL_RECOGNITION
-
-    def _obtain(self) -> None:
-        self._obtain_from_hub(self.model_file)
-
-
-
-
 class FaceDetector(_FaceModel):
     """SCRFD face detector. Option ``minScore`` (default 0.7; Immich sends its config).
 
@@ -299,60 +220,3 @@ class FaceDetector(_FaceModel):
         return await self.ctx.run(
             scrfd_postprocess, [out[name] for name in names], self.layout, input_hw, det_scale, self.min_score
         )
-
-
-class FaceRecognizer(_FaceModel):
-    """ArcFace recognizer over the detector's landmarks.
-
-    Output: ``[{"boundingBox": {"x1", "y1", "x2", "y2"}, "embedding": str, "score": f}]``
-    in detection order; ``[]`` without faces."""
-
-    type = ModelType.RECOGNITION
-    depends = ((ModelType.DETECTION, ModelTask.FACIAL_RECOGNITION),)
-
-    def __init__(self, model_name: str, ctx: ModelContext, **options: Any) -> None:
-        super().__init__(model_name, ctx, **options)
-        self.batch_size = ctx.settings.max_batch_size_facial_recognition
-        self.input_name = "input.1"
-        self.output_name: str | None = None
-        self.mean, self.std = 127.5, 127.5
-        self.runtime_file = self.model_file
-
-    def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=0 if self.batch_size == 1 else 64)
-
-    def prepare_files(self) -> None:
-        graph = load_onnx(self.model_file).graph
-        initializers = {i.name for i in graph.initializer}
-        first = [i for i in graph.input if i.name not in initializers][0]
-        self.input_name = first.name
-        self.output_name = graph.output[0].name
-        self.mean, self.std = arcface_normalisation(graph)
-        batch_dim = first.type.tensor_type.shape.dim[0]
-        if batch_dim.HasField("dim_value") and batch_dim.dim_value > 0 and self.batch_size != 1:
-            dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
-            self.runtime_file = dynamic_batch_copy(self.model_file, dest)
-
-    def _crops(self, image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
-        bgr = to_bgr(image)
-        return recognition_blob([norm_crop(bgr, lmk) for lmk in landmarks], self.mean, self.std)
-
-    async def _embeddings(self, blob: np.ndarray) -> np.ndarray:
-        size = len(blob) if self.batch_size is None else self.batch_size
-        chunks = []
-        for start in range(0, len(blob), max(1, size)):
-            out = await self.ctx.runtime.infer(
-                self.triton_name, {self.input_name: blob[start : start + size]}, [self.output_name]
-            )
-            chunks.append(out[self.output_name])
-        return np.concatenate(chunks)
-
-    async def _predict(self, image: Image.Image, faces: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        if faces["boxes"].shape[0] == 0:
-            return []
-        blob = await self.ctx.run(self._crops, image, faces["landmarks"])
-        embeddings = await self._embeddings(blob)
-        return [
-            {"boundingBox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}, "embedding": serialize_np(embedding), "score": score}
-            for (x1, y1, x2, y2), embedding, score in zip(faces["boxes"], embeddings, faces["scores"])
-        ]

