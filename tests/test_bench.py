@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from immich_trt import bench, contract
+from immich_trt import contract
+from immich_trt.tools import bench
 from immich_trt.cli import main
 
 # ------------------------------------------------------------- request builders
@@ -394,7 +395,7 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys) -> None:
 
 
 def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Path, capsys) -> None:
-    from immich_trt.testing import LiveServer
+    from immich_trt.tools.testing import LiveServer
 
     images = tmp_path / "images"
     images.mkdir()

@@ -12,7 +12,7 @@ from immich_trt.models import build_model
 from immich_trt.models.base import ModelContext
 from immich_trt.models.cache import FailedToLoad, ModelCache
 from immich_trt.runtime.onnxruntime import OnnxRuntime
-from immich_trt.testing import offline_settings, prepare_ocr_cache
+from immich_trt.tools.testing import offline_settings, prepare_ocr_cache
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from immich_trt.cli import listen_socket, main
-from immich_trt.testing import UNREACHABLE
+from immich_trt.tools.testing import UNREACHABLE
 
 
 @pytest.fixture

@@ -429,7 +429,7 @@ def cpu_pipelines():
 def _context(cache: Path, tmp_path: Path):
     from immich_trt.models.base import ModelContext
     from immich_trt.runtime.onnxruntime import OnnxRuntime
-    from immich_trt.testing import offline_settings
+    from immich_trt.tools.testing import offline_settings
 
     runtime = OnnxRuntime()
     settings = dataclasses.replace(offline_settings(cache), engines_dir=tmp_path / "engines")
@@ -469,7 +469,7 @@ def _square_jpegs() -> list[tuple[str, bytes]]:
     stride cell of the 640x640 letterbox (det_scale 0.64, 0.5, 4/3; portrait too)."""
     import cv2
 
-    from immich_trt.models import testpack as tp
+    from immich_trt.tools import testpack as tp
 
     layouts = {
         "1000x750": (1000, 750, 50, [(100, 100), (400, 300), (700, 550)]),

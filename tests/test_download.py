@@ -13,7 +13,7 @@ from aiohttp import web
 from immich_trt.models.base import ModelContext, ModelLoadError
 from immich_trt.models.download import DownloadError, download_url, hf_snapshot
 from immich_trt.models.ocr import TextDetector, TextRecognizer
-from immich_trt.testing import UNREACHABLE, offline_settings
+from immich_trt.tools.testing import UNREACHABLE, offline_settings
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

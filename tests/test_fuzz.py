@@ -33,7 +33,7 @@ from immich_trt.contract import CLIP_MODEL, FACE_MODEL, OCR_MODEL, multipart_bod
 from immich_trt.models.registry import resolve
 from immich_trt.models.transforms import ImageTooLarge, decode_pil
 from immich_trt.models.entries import InvalidEntries, parse_entries
-from immich_trt.testing import LiveServer
+from immich_trt.tools.testing import LiveServer
 
 RANDOM_EXAMPLES = int(os.environ.get("IMMICH_TRT_FUZZ_EXAMPLES", "0"))
 

@@ -56,7 +56,7 @@ from immich_trt.gpu.ensemble import (
     write_standin_repository,
 )
 from immich_trt.gpu.dali import image_format
-from immich_trt.models import testpack as tp
+from immich_trt.tools import testpack as tp
 from immich_trt.models.base import ModelContext
 from immich_trt.models.clip import ClipVisualEncoder, clip_preprocess
 from immich_trt.models.face import FaceDetector, ScrfdLayout, detection_blob, letterbox, scrfd_postprocess
@@ -69,7 +69,7 @@ from immich_trt.runtime.triton import TritonRuntime
 from immich_trt.application import create_app
 from immich_trt.models.transforms import decode_pil
 from immich_trt.web import STATE
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 CLIP = "clip__ViT-B-32__openai__visual"
 FACE = "facial-recognition__buffalo_l__detection"
@@ -589,7 +589,7 @@ async def test_gpu_mode_through_a_launched_full_triton_never_rewrites_the_reposi
     standin`` here, the tensorrt layout). Every model loads by name, nothing under the
     repository is rewritten, and the answers equal the CPU path's."""
     from immich_trt.cli import main
-    from immich_trt.testing import triton_installation_from_wheel
+    from immich_trt.tools.testing import triton_installation_from_wheel
 
     repo = tmp_path / "engines"
     env = {"MACHINE_LEARNING_CACHE_FOLDER": str(cache), "IMMICH_TRT_ENGINES_DIR": str(repo)}

@@ -38,7 +38,7 @@ reliability = _load_script()
 @pytest.fixture(scope="module")
 def server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     """One server for the module (the fault test runs last and leaves it restarted)."""
-    from immich_trt.testing import LiveServer
+    from immich_trt.tools.testing import LiveServer
 
     with LiveServer(
         model_cache, tmp_path_factory.mktemp("reliability-server"), {"IMMICH_TRT_INFER_TIMEOUT_S": "30"}

@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
 from immich_trt.contract import build_form, clip_visual_entries, ocr_entries
-from immich_trt.testing import LiveServer
+from immich_trt.tools.testing import LiveServer
 
 
 def children(pid: int) -> dict[int, str]:

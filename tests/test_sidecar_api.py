@@ -16,10 +16,10 @@ from imohash import hashfile
 from PIL import Image
 
 from conftest import GOLDEN, SHARED_DATA, requires_data
-from immich_trt.models.testpack import bright_square_image
+from immich_trt.tools.testpack import bright_square_image
 from immich_trt.application import create_app
 from immich_trt.sidecar.routes import ROUTES, openapi_document
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 
 def encode(array_rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
@@ -423,7 +423,7 @@ def test_non_loopback_clients_are_refused_without_a_key(model_cache: Path, tmp_p
     import subprocess
     import sys
 
-    from immich_trt.testing import LiveServer
+    from immich_trt.tools.testing import LiveServer
 
     server_ns, client_ns, address = netns_pair
     live = LiveServer(model_cache, tmp_path, env={"IMMICH_HOST": "0.0.0.0", "IMMICH_TRT_RUNTIME": "onnxruntime"})

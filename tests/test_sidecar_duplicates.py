@@ -27,7 +27,7 @@ from immich_trt.sidecar.search import search_clip
 from immich_trt.sidecar.service import Sidecar
 from immich_trt.sidecar.store import Store
 from immich_trt.sidecar.vectors import VectorIndex, normalise
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 DIM = 512
 CLIP = "ViT-B-32__openai"

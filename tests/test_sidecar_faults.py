@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import SHARED_DATA, requires_data
 from immich_trt.sidecar.folder import image_files
-from immich_trt.testing import LiveServer
+from immich_trt.tools.testing import LiveServer
 
 PHOTOS = SHARED_DATA / "photos"
 

@@ -29,7 +29,7 @@ from immich_trt.sidecar.opensearch import (
 )
 from immich_trt.sidecar.service import Sidecar
 from immich_trt.sidecar.store import Store
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 PREFIX = "immich-trt"
 ASSETS, FACES, PERSONS, OCR = (index_name(PREFIX, e) for e in ("asset", "face", "person", "ocr_line"))

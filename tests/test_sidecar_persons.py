@@ -31,7 +31,7 @@ from immich_trt.sidecar.persons import (
 from immich_trt.sidecar.service import Sidecar
 from immich_trt.sidecar.store import Store
 from immich_trt.sidecar.vectors import normalise
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 DIM = 512
 MODEL = "buffalo_l"

@@ -24,7 +24,7 @@ from immich_trt.sidecar.search import (
 from immich_trt.sidecar.service import Sidecar
 from immich_trt.sidecar.store import Store
 from immich_trt.sidecar.vectors import VectorIndex
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 DIM = 512
 CLIP = "ViT-B-32__openai"

@@ -58,7 +58,7 @@ from immich_trt.gpu.tensorrt import (
 from immich_trt.models.ocr import DET_BUCKETS, REC_WIDTH_BUCKETS, bucket, det_resize_shape, rec_input_width
 from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.repository import cached_specs, config_pbtxt, onnx_io
-from immich_trt.testing import UNREACHABLE, offline_settings
+from immich_trt.tools.testing import UNREACHABLE, offline_settings
 
 GOLDEN_TRT = GOLDEN / "tensorrt"
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -219,7 +219,7 @@ def test_ocr_recognition_profiles_follow_the_width_buckets(settings, specs, layo
 
 
 def test_batch_axis_follows_the_graph(settings, specs, tmp_path: Path) -> None:
-    from immich_trt.models.testpack import make_test_pack
+    from immich_trt.tools.testpack import make_test_pack
 
     # SCRFD with [1, N, C] outputs: Triton batch axis, one image per run
     make_test_pack(tmp_path / "cache", clip_models=(), batched_detector=True)

@@ -1,4 +1,4 @@
-"""The built test models (immich_trt.models.testpack): Immich's I/O names, shapes and
+"""The built test models (immich_trt.tools.testpack): Immich's I/O names, shapes and
 dtypes, the real CLIP tokenizer, and the analytic SCRFD detector."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from immich_trt.cli import main
-from immich_trt.models import testpack as tp
+from immich_trt.tools import testpack as tp
 from immich_trt.models.face import ScrfdLayout, decode_scrfd, scrfd_postprocess
 
 CLIP = "clip/ViT-B-32__openai"

@@ -18,7 +18,7 @@ from immich_trt.runtime.launcher import triton_log_level
 from immich_trt.runtime.onnxruntime import OnnxRuntime
 from immich_trt.runtime.repository import build_repository
 from immich_trt.runtime.triton import TritonRuntime
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ async def test_a_full_triton_installation_is_launched_from_its_root(settings, sp
     ``backends/`` (the layout of /opt/tritonserver in NVIDIA's image), laid out here from
     the wheel's own files, is launched with its backend directory as it is."""
     from immich_trt.runtime.launcher import TritonInstallation
-    from immich_trt.testing import triton_installation_from_wheel
+    from immich_trt.tools.testing import triton_installation_from_wheel
 
     root = triton_installation_from_wheel(tmp_path / "tritonserver")
     runtime = TritonRuntime(dataclasses.replace(settings, triton_server=root, engines_dir=tmp_path / "engines"))

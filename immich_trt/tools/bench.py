@@ -49,7 +49,7 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import contract
+from .. import contract
 
 TASKS = ("clip-visual", "clip-text", "faces", "ocr")
 IMAGE_TASKS = ("clip-visual", "faces", "ocr")
