@@ -94,6 +94,22 @@ def face_dict(row: Any) -> dict[str, Any]:
     }
 
 
+def asset_faces(store: Store, asset_id: int) -> list[dict[str, Any]]:
+    """The faces of one asset in id order, as :func:`face_dict` shapes them; ``[]`` for none."""
+    return [face_dict(r) for r in store.conn.execute("SELECT * FROM faces WHERE asset = ? ORDER BY id", (asset_id,))]
+
+
+def face_embeddings(store: Store) -> dict[str, tuple[list[int], list[np.ndarray]]]:
+    """Every stored face embedding by face model: ``{model: ([face id], [float32[512]])}``,
+    faces in id order."""
+    out: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    for row in store.conn.execute("SELECT id, model, embedding FROM faces ORDER BY id"):
+        ids, vecs = out.setdefault(row["model"], ([], []))
+        ids.append(row["id"])
+        vecs.append(from_blob(row["embedding"]))
+    return out
+
+
 def _person_dict(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],

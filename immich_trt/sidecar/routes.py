@@ -344,21 +344,14 @@ async def _duplicates_of(call: Call, asset_id: int) -> list[dict]:
 
 
 async def get_asset(call: Call) -> dict:
-    from .assets import asset_summary, resolve_ref, tasks_done
+    from .assets import asset_ocr_lines, asset_summary, resolve_ref, tasks_done
 
     def read(store):
         asset_id = resolve_ref(store, call.args["ref"])
         summary = asset_summary(store, asset_id)
         summary["tasks"] = {task: sorted(models) for task, models in tasks_done(store, asset_id).items()}
-        summary["faces"] = [
-            persons.face_dict(r)
-            for r in store.conn.execute("SELECT * FROM faces WHERE asset = ? ORDER BY id", (asset_id,))
-        ]
-        summary["ocr"] = [
-            {"id": r["id"], "text": r["text"], "polygon": orjson.loads(r["polygon"]),
-             "boxScore": r["box_score"], "textScore": r["text_score"]}
-            for r in store.conn.execute("SELECT * FROM ocr_lines WHERE asset = ? ORDER BY model, line", (asset_id,))
-        ]
+        summary["faces"] = persons.asset_faces(store, asset_id)
+        summary["ocr"] = asset_ocr_lines(store, asset_id)
         return summary
 
     return await call.sidecar.call(read)
@@ -490,14 +483,14 @@ async def openapi(call: Call) -> dict:
 
 async def status(call: Call) -> dict:
     def counts(store) -> dict:
-        q = lambda sql: store.conn.execute(sql).fetchone()[0]  # noqa: E731
+        rows = store.counts()
         return {
-            "assets": q("SELECT count(*) FROM assets"),
-            "faces": q("SELECT count(*) FROM faces"),
-            "persons": q("SELECT count(*) FROM persons"),
-            "ocrLines": q("SELECT count(*) FROM ocr_lines"),
-            "duplicateGroups": q("SELECT count(*) FROM duplicate_groups"),
-            "outbox": q("SELECT count(*) FROM outbox"),
+            "assets": rows["assets"],
+            "faces": rows["faces"],
+            "persons": rows["persons"],
+            "ocrLines": rows["ocr_lines"],
+            "duplicateGroups": rows["duplicate_groups"],
+            "outbox": rows["outbox"],
             "schemaVersion": store.version,
         }
 

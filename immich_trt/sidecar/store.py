@@ -226,6 +226,14 @@ class Store:
             [(entity, int(i), now) for i in ids],
         )
 
+    def counts(self) -> dict[str, int]:
+        """Rows per table: ``{"assets", "faces", "persons", "ocr_lines",
+        "duplicate_groups", "outbox": int}``."""
+        return {
+            table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("assets", "faces", "persons", "ocr_lines", "duplicate_groups", "outbox")
+        }
+
     def close(self) -> None:
         self.conn.close()
 
