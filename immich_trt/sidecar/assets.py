@@ -172,7 +172,7 @@ def asset_summaries(store: Store, ids: list[int]) -> dict[int, dict[str, Any]]:
     if not ids:
         return {}
     out: dict[int, dict[str, Any]] = {}
-    unique = sorted(set(int(i) for i in ids))
+    unique = sorted({int(i) for i in ids})
     for start in range(0, len(unique), 500):
         chunk = unique[start : start + 500]
         marks = ",".join("?" * len(chunk))

@@ -49,8 +49,9 @@ persons created, changed (name, faces, representative face) or deleted.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -322,7 +323,7 @@ def cluster_faces(
 def _persons_changed(store: Store, person_ids: Iterable[int], now: float) -> None:
     """Give each existing person among ``person_ids`` a valid representative face (its
     own, else its best-scoring face, else none), bump ``updated_at`` and touch it."""
-    ids = sorted(set(int(p) for p in person_ids if p))
+    ids = sorted({int(p) for p in person_ids if p})
     for person_id in ids:
         row = store.conn.execute(
             "SELECT p.representative_face, f.person FROM persons p "
@@ -347,7 +348,7 @@ def _persons_changed(store: Store, person_ids: Iterable[int], now: float) -> Non
 def _prune(store: Store, person_ids: Iterable[int]) -> list[int]:
     """Delete the persons among ``person_ids`` that have no faces and no name; returns
     their ids (touched in the outbox)."""
-    ids = sorted(set(int(p) for p in person_ids if p))
+    ids = sorted({int(p) for p in person_ids if p})
     doomed: list[int] = []
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
@@ -372,7 +373,7 @@ def _require_person(store: Store, person_id: int) -> Any:
 
 
 def _require_faces(store: Store, face_ids: list[int]) -> list[Any]:
-    ids = sorted(set(_int(f, "face id") for f in face_ids))
+    ids = sorted({_int(f, "face id") for f in face_ids})
     rows = []
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]

@@ -14,8 +14,9 @@ import hmac
 import ipaddress
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -28,8 +29,8 @@ from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS,
 from ..server.app import SETTINGS, STATE, HTTPError, ImageTooLarge, decode_pil, json_response, read_form, run_inference
 from ..server.entries import parse_entries
 from . import duplicates, persons, search
-from .errors import BadRequest, NotFound, SidecarError
 from .duplicates import imohash_of
+from .errors import BadRequest, NotFound, SidecarError
 from .ingest import IngestOptions, ingest_bytes
 from .service import Sidecar
 
@@ -308,7 +309,7 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
         image = await call.app[STATE]["ctx"].run(decode_pil, data, call.app[SETTINGS].max_image_pixels)
     except ImageTooLarge as exc:
         raise HTTPError(413, str(exc), "image_too_large") from None
-    except Exception as exc:  # Pillow raises many types for bytes it cannot decode
+    except Exception as exc:  # noqa: BLE001 (Pillow raises many types for bytes it cannot decode)
         raise BadRequest(f"image cannot be decoded: {type(exc).__name__}") from None
     if image.width == 0 or image.height == 0:
         raise BadRequest("image has zero width or height")
@@ -804,8 +805,8 @@ def add_routes(app: web.Application) -> None:
         path = route.path
         for param in route.path_params:  # integer ids only match digits: /persons/merge is not /persons/{id}
             if param.kind is int:
-                path = path.replace("{%s}" % param.name, "{%s:\\d+}" % param.name)
+                path = path.replace(f"{{{param.name}}}", f"{{{param.name}:\\d+}}")
         app.router.add_route(route.method, PREFIX + path, _handler(route))
 
 
-__all__ = ["ROUTES", "SIDECAR", "MIRROR", "add_routes", "make_auth_middleware", "openapi_document", "NotFound"]
+__all__ = ["MIRROR", "ROUTES", "SIDECAR", "NotFound", "add_routes", "make_auth_middleware", "openapi_document"]
