@@ -25,15 +25,15 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..config import Settings
 from .base import InferenceError, ModelSpec, Runtime, RuntimeUnavailableError
-from .launcher import TritonLaunchError, TritonLauncher
+from .launcher import TritonLauncher, TritonLaunchError
 from .repository import write_model
 
 log = logging.getLogger(__name__)
@@ -192,13 +192,13 @@ class ShmPool:
 
         try:
             shm.destroy_shared_memory_region(region.handle)
-        except Exception:
+        except Exception:  # noqa: BLE001 (whatever the reason, the region is gone)
             # already unlinked: still forget it in multiprocessing's resource tracker
             try:
                 from multiprocessing import resource_tracker
 
                 resource_tracker.unregister(region.handle._mpsm_handle._name, "shared_memory")
-            except Exception:
+            except Exception:  # noqa: BLE001, S110 (best effort: the tracker may not know it)
                 pass
 
     async def reset(self, client) -> None:
@@ -382,7 +382,7 @@ class TritonRuntime(Runtime):
             return False
         try:
             return bool(await self._client.is_server_live())
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure to answer means not live)
             return False
 
     async def _reload_all(self) -> None:
@@ -441,7 +441,7 @@ class TritonRuntime(Runtime):
                 if not await self._live():  # e.g. restarting after a crash: retryable
                     raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
                 raise InferenceError(f"Triton could not load '{spec.name}': {exc.message()}") from exc
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
             self._ready_models.add(spec.name)
 
@@ -517,7 +517,7 @@ class TritonRuntime(Runtime):
             if not await self._live():
                 raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
             raise InferenceError(f"Triton failed on '{name}': {exc.message()}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise RuntimeUnavailableError(
                 f"Triton did not answer '{name}' within {self.settings.infer_timeout_s:g} s"
             ) from exc
@@ -570,7 +570,7 @@ class TritonRuntime(Runtime):
                     for t in config.get("output", [])
                 },
             )
-        except Exception as exc:  # unknown model, odd type: the wire path reports it
+        except Exception as exc:  # noqa: BLE001 (unknown model, odd type: the wire path reports it)
             log.debug("no shared memory for '%s': %s", name, exc)
             return None
         self._shm_models[name] = info
