@@ -25,15 +25,15 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..config import Settings
 from .base import InferenceError, ModelSpec, Runtime, RuntimeUnavailableError
-from .launcher import TritonLaunchError, TritonLauncher
+from .launcher import TritonLauncher, TritonLaunchError
 from .repository import write_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ _SHAPE_MEMO = 256  # observed input -> output shapes kept per model
 
 
 def _aligned(n: int) -> int:
+    """``n`` bytes rounded up to the 64-byte alignment of each tensor inside a region."""
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
@@ -82,10 +83,14 @@ class ShmRegion:
     generation: int
 
     def write(self, offset: int, value: np.ndarray) -> None:
+        """Copy ``value`` (any shape and dtype) into the region at byte ``offset``; the caller
+        sized the region so that it fits."""
         view = np.ndarray(value.shape, value.dtype, buffer=self.handle._mpsm_handle.buf, offset=offset)
         view[...] = value
 
     def read(self, offset: int, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray:
+        """A copy of the ``dtype`` array of ``shape`` at byte ``offset`` (a copy: the region goes
+        back to the pool)."""
         view = np.ndarray(tuple(shape), dtype, buffer=self.handle._mpsm_handle.buf, offset=offset)
         return view.copy()  # the region goes back to the pool
 
@@ -95,6 +100,8 @@ class ShmPool:
     docstring). Used from the event loop only."""
 
     def __init__(self, prefix: str) -> None:
+        """An empty pool; region names start with ``prefix`` (the launcher's shared-memory
+        prefix, so its clean-up after a crash finds them)."""
         self.prefix = prefix
         self.generation = 0
         self._free: list[ShmRegion] = []
@@ -134,6 +141,8 @@ class ShmPool:
         self._destroy(region)
 
     def release(self, region: ShmRegion) -> None:
+        """Return a region the server is finished with: to the free list, or destroyed when it
+        was created for a server that has since been restarted."""
         self._busy.discard(region.name)
         if region.generation == self.generation:
             self._free.append(region)
@@ -141,6 +150,9 @@ class ShmPool:
             self._destroy(region)
 
     async def _create(self, client, size: int) -> ShmRegion:
+        """A new region of ``size`` bytes: created, its pages reserved (``posix_fallocate``) and
+        registered with ``client``'s server. Raises :class:`ShmUnavailable` when it cannot be
+        created or reserved; a registration error propagates (the region destroyed)."""
         from tritonclient.utils import shared_memory as shm
 
         name = f"{self.prefix}client_{next(self._counter)}"
@@ -168,6 +180,7 @@ class ShmPool:
         return region
 
     async def _unregister(self, client, region: ShmRegion) -> None:
+        """Unregister ``region`` from the server; a failure is logged at debug level and ignored."""
         try:
             await client.unregister_system_shared_memory(region.name)
         except Exception:
@@ -179,13 +192,13 @@ class ShmPool:
 
         try:
             shm.destroy_shared_memory_region(region.handle)
-        except Exception:
+        except Exception:  # noqa: BLE001 (whatever the reason, the region is gone)
             # already unlinked: still forget it in multiprocessing's resource tracker
             try:
                 from multiprocessing import resource_tracker
 
                 resource_tracker.unregister(region.handle._mpsm_handle._name, "shared_memory")
-            except Exception:
+            except Exception:  # noqa: BLE001, S110 (best effort: the tracker may not know it)
                 pass
 
     async def reset(self, client) -> None:
@@ -228,6 +241,7 @@ class _ShmModel:
 
     @staticmethod
     def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
+        """The memo key of a call: each input's (name, shape, dtype string), in order."""
         return tuple((k, v.shape, v.dtype.str) for k, v in inputs.items())
 
     def by_rule(self, inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, tuple[int, ...]] | None:
@@ -278,6 +292,8 @@ class TritonRuntime(Runtime):
     """Runs models on a Triton server; see the module docstring."""
 
     def __init__(self, settings: Settings) -> None:
+        """A runtime for ``settings`` (protocol, engines repository, ``TRITON_URL``, shared
+        memory); nothing is launched or connected before :meth:`start`."""
         self.settings = settings
         self.protocol = settings.triton_protocol
         self.repository = settings.engines_dir
@@ -293,12 +309,17 @@ class TritonRuntime(Runtime):
     # ----------------------------------------------------------------- lifecycle
     @property
     def url(self) -> str:
+        """The server address in use (``host:port``, or as ``TRITON_URL`` gives it): ``TRITON_URL``
+        when set, else the launched server's gRPC or HTTP address for the protocol."""
         if self.settings.triton_url:
             return self.settings.triton_url
         assert self.launcher is not None
         return self.launcher.grpc_url if self.protocol == "grpc" else self.launcher.http_url
 
     async def start(self) -> None:
+        """Launch the local server (unless ``TRITON_URL`` is set), create the client and, with
+        ``IMMICH_TRT_TRITON_SHM`` and the launched server, the shared-memory pool. Raises
+        :class:`TritonLaunchError` when the server does not come up (after stopping what started)."""
         if not self.settings.triton_url:
             self._work_dir = tempfile.TemporaryDirectory(prefix="immich-trt-triton-")
             self.launcher = TritonLauncher(
@@ -318,6 +339,8 @@ class TritonRuntime(Runtime):
             self._shm = ShmPool(self.launcher.shm_prefix)
 
     def _make_client(self):
+        """A ``tritonclient`` asyncio client for :attr:`url` (scheme stripped): gRPC, or HTTP with
+        up to 64 connections."""
         url = self.url
         if "://" in url:
             url = url.split("://", 1)[1]
@@ -330,6 +353,8 @@ class TritonRuntime(Runtime):
         return httpclient.InferenceServerClient(url, conn_limit=64)
 
     async def stop(self) -> None:
+        """Unregister and unlink the shared-memory regions, close the client, stop the launched
+        server and delete its working directory; a second call does nothing."""
         if self._shm is not None:
             await self._shm.close(self._client)
             self._shm = None
@@ -352,11 +377,12 @@ class TritonRuntime(Runtime):
         return await self._live()
 
     async def _live(self) -> bool:
+        """Whether the server answers its liveness check; False when not started or unreachable (never raises)."""
         if self._client is None:
             return False
         try:
             return bool(await self._client.is_server_live())
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure to answer means not live)
             return False
 
     async def _reload_all(self) -> None:
@@ -386,6 +412,13 @@ class TritonRuntime(Runtime):
 
     # -------------------------------------------------------------------- models
     async def load(self, spec: ModelSpec) -> None:
+        """Make ``spec.name`` ready on the server (see :meth:`Runtime.load`): with the launched
+        server and the CPU target its repository entry is written first, then it is loaded
+        unless the server already has it ready.
+
+        Raises :class:`RuntimeUnavailableError` when not started, unreachable or not live (e.g.
+        restarting after a crash: retryable), :class:`InferenceError` when the live server
+        cannot load the model."""
         from tritonclient.utils import InferenceServerException
 
         if self._client is None:
@@ -408,11 +441,13 @@ class TritonRuntime(Runtime):
                 if not await self._live():  # e.g. restarting after a crash: retryable
                     raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
                 raise InferenceError(f"Triton could not load '{spec.name}': {exc.message()}") from exc
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
             self._ready_models.add(spec.name)
 
     async def unload(self, name: str) -> None:
+        """Forget the model and unload it from the launched server (never from a server given by
+        ``TRITON_URL``, which we do not own); a failure is logged, not raised."""
         from tritonclient.utils import InferenceServerException
 
         async with self._lock:
@@ -428,6 +463,15 @@ class TritonRuntime(Runtime):
     async def infer(
         self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
+        """Run model ``name`` on ``inputs`` (numpy arrays by input name, batch axis first for
+        batched models); a known model that is not loaded (unloaded, lost in a restart) is
+        loaded first. A batch over the model's ``max_batch_size`` is split into calls of at most
+        that size and the outputs concatenated along axis 0.
+
+        Returns the requested outputs (all when ``outputs`` is None) by name, as numpy arrays of
+        the model's output dtypes. Raises :class:`InferenceError` (Triton rejected or failed
+        the call) or :class:`RuntimeUnavailableError` (not started, unreachable, not live, or
+        no answer within ``infer_timeout_s`` seconds)."""
         spec = self._specs.get(name)
         limit = spec.max_batch_size if spec is not None else 0
         if spec is not None and name not in self._ready_models:
@@ -444,6 +488,9 @@ class TritonRuntime(Runtime):
     async def _infer_once(
         self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
+        """One inference call, inputs made C-contiguous: through shared memory when the pool is on,
+        every input is non-empty and the model's config is known; otherwise, or when that path
+        gives up, over the wire. Raises :class:`RuntimeUnavailableError` when not started."""
         if self._client is None:
             raise RuntimeUnavailableError("Triton is not started")
         inputs = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
@@ -470,7 +517,7 @@ class TritonRuntime(Runtime):
             if not await self._live():
                 raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
             raise InferenceError(f"Triton failed on '{name}': {exc.message()}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise RuntimeUnavailableError(
                 f"Triton did not answer '{name}' within {self.settings.infer_timeout_s:g} s"
             ) from exc
@@ -478,6 +525,7 @@ class TritonRuntime(Runtime):
             raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
 
     def _requested(self, module, names: Sequence[str]):
+        """``InferRequestedOutput`` objects of ``module`` for ``names`` (binary data over HTTP)."""
         if self.protocol == "http":
             return [module.InferRequestedOutput(o, binary_data=True) for o in names]
         return [module.InferRequestedOutput(o) for o in names]
@@ -485,6 +533,9 @@ class TritonRuntime(Runtime):
     async def _infer_wire(
         self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
+        """One inference call with the tensors in the request and response bodies (binary data
+        over HTTP). Returns the requested outputs, else every output the server returned, by
+        name; errors as :meth:`_call`."""
         module = self._module()
         infer_inputs = []
         for key, value in inputs.items():
@@ -519,7 +570,7 @@ class TritonRuntime(Runtime):
                     for t in config.get("output", [])
                 },
             )
-        except Exception as exc:  # unknown model, odd type: the wire path reports it
+        except Exception as exc:  # noqa: BLE001 (unknown model, odd type: the wire path reports it)
             log.debug("no shared memory for '%s': %s", name, exc)
             return None
         self._shm_models[name] = info
@@ -604,6 +655,8 @@ class TritonRuntime(Runtime):
                 pool.discard(region)
 
     def _output_meta(self, result, name: str) -> tuple[list[int], str]:
+        """``(shape, Triton datatype)`` of output ``name`` in ``result``, for either protocol.
+        Raises :class:`InferenceError` when the result lacks that output."""
         output = result.get_output(name)
         if output is None:
             raise InferenceError(f"Triton returned no output '{name}'")
@@ -612,6 +665,7 @@ class TritonRuntime(Runtime):
         return [int(d) for d in output["shape"]], output["datatype"]
 
     def _module(self):
+        """The ``tritonclient`` asyncio module of the protocol (``grpc.aio`` or ``http.aio``)."""
         if self.protocol == "grpc":
             import tritonclient.grpc.aio as module
         else:
@@ -619,5 +673,6 @@ class TritonRuntime(Runtime):
         return module
 
     def _output_names(self, result) -> list[dict]:
+        """The output descriptions (dicts with a ``name``) of ``result``'s response, for either protocol."""
         response = result.get_response(as_json=True) if self.protocol == "grpc" else result.get_response()
         return response.get("outputs", [])

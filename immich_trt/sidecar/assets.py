@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from .errors import NotFound
-from .store import Store, to_blob
+from .store import Store, from_blob, to_blob
 
 
 @dataclass
@@ -172,7 +172,7 @@ def asset_summaries(store: Store, ids: list[int]) -> dict[int, dict[str, Any]]:
     if not ids:
         return {}
     out: dict[int, dict[str, Any]] = {}
-    unique = sorted(set(int(i) for i in ids))
+    unique = sorted({int(i) for i in ids})
     for start in range(0, len(unique), 500):
         chunk = unique[start : start + 500]
         marks = ",".join("?" * len(chunk))
@@ -204,6 +204,29 @@ def asset_summary(store: Store, asset_id: int) -> dict[str, Any]:
     if summary is None:
         raise NotFound(f"asset {asset_id} not found")
     return summary
+
+
+def asset_ocr_lines(store: Store, asset_id: int) -> list[dict[str, Any]]:
+    """The OCR lines of one asset, by model and position: ``[{"id", "text", "polygon"
+    (8 floats, normalised 0..1), "boxScore", "textScore"}]``; ``[]`` for none."""
+    return [
+        {"id": r["id"], "text": r["text"], "polygon": orjson.loads(r["polygon"]),
+         "boxScore": r["box_score"], "textScore": r["text_score"]}
+        for r in store.conn.execute("SELECT * FROM ocr_lines WHERE asset = ? ORDER BY model, line", (asset_id,))
+    ]
+
+
+def clip_embeddings(store: Store) -> dict[str, tuple[list[int], list[np.ndarray]]]:
+    """Every stored CLIP embedding by model: ``{model: ([asset id], [float32[D]])}``,
+    assets in id order."""
+    out: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    for row in store.conn.execute(
+        "SELECT id, clip_model, clip_embedding FROM assets WHERE clip_embedding IS NOT NULL ORDER BY id"
+    ):
+        ids, vecs = out.setdefault(row["clip_model"], ([], []))
+        ids.append(row["id"])
+        vecs.append(from_blob(row["clip_embedding"]))
+    return out
 
 
 def resolve_ref(store: Store, ref: str) -> int:

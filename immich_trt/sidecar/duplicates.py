@@ -31,7 +31,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 from imohash import hashfileobject
 
 from .assets import asset_summaries

@@ -90,7 +90,7 @@ async def ingest_folder(
                 result = await _post_ingest(session, base_url, path, data, clip, faces, ocr)
                 report.ingested += 1
                 report.faces += result.get("faces", 0)
-            except Exception as exc:  # one bad file never stops the folder
+            except Exception as exc:  # noqa: BLE001 (one bad file never stops the folder)
                 report.failed += 1
                 report.errors.append(f"{path}: {exc}")
             finally:

@@ -9,9 +9,10 @@ cheap and an interrupted ingest resumable.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import orjson

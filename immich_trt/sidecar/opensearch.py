@@ -42,7 +42,8 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -178,7 +179,7 @@ def index_templates(prefix: str) -> dict[str, dict[str, Any]]:
 
 
 def _millis(seconds: float | None) -> int | None:
-    return None if seconds is None else int(round(seconds * 1000))
+    return None if seconds is None else round(seconds * 1000)
 
 
 def normalized(blob: bytes) -> list[float] | None:
@@ -529,7 +530,7 @@ class Mirror:
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 
@@ -540,7 +541,7 @@ class Mirror:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, 60)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._task.cancel()
             self._task = None
         await asyncio.to_thread(self.client.close)

@@ -49,8 +49,9 @@ persons created, changed (name, faces, representative face) or deleted.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +93,22 @@ def face_dict(row: Any) -> dict[str, Any]:
         "assigned": row["assigned"],
         "model": row["model"],
     }
+
+
+def asset_faces(store: Store, asset_id: int) -> list[dict[str, Any]]:
+    """The faces of one asset in id order, as :func:`face_dict` shapes them; ``[]`` for none."""
+    return [face_dict(r) for r in store.conn.execute("SELECT * FROM faces WHERE asset = ? ORDER BY id", (asset_id,))]
+
+
+def face_embeddings(store: Store) -> dict[str, tuple[list[int], list[np.ndarray]]]:
+    """Every stored face embedding by face model: ``{model: ([face id], [float32[512]])}``,
+    faces in id order."""
+    out: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+    for row in store.conn.execute("SELECT id, model, embedding FROM faces ORDER BY id"):
+        ids, vecs = out.setdefault(row["model"], ([], []))
+        ids.append(row["id"])
+        vecs.append(from_blob(row["embedding"]))
+    return out
 
 
 def _person_dict(row: Any) -> dict[str, Any]:
@@ -306,7 +323,7 @@ def cluster_faces(
 def _persons_changed(store: Store, person_ids: Iterable[int], now: float) -> None:
     """Give each existing person among ``person_ids`` a valid representative face (its
     own, else its best-scoring face, else none), bump ``updated_at`` and touch it."""
-    ids = sorted(set(int(p) for p in person_ids if p))
+    ids = sorted({int(p) for p in person_ids if p})
     for person_id in ids:
         row = store.conn.execute(
             "SELECT p.representative_face, f.person FROM persons p "
@@ -331,7 +348,7 @@ def _persons_changed(store: Store, person_ids: Iterable[int], now: float) -> Non
 def _prune(store: Store, person_ids: Iterable[int]) -> list[int]:
     """Delete the persons among ``person_ids`` that have no faces and no name; returns
     their ids (touched in the outbox)."""
-    ids = sorted(set(int(p) for p in person_ids if p))
+    ids = sorted({int(p) for p in person_ids if p})
     doomed: list[int] = []
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
@@ -356,7 +373,7 @@ def _require_person(store: Store, person_id: int) -> Any:
 
 
 def _require_faces(store: Store, face_ids: list[int]) -> list[Any]:
-    ids = sorted(set(_int(f, "face id") for f in face_ids))
+    ids = sorted({_int(f, "face id") for f in face_ids})
     rows = []
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]

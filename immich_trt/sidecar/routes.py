@@ -14,8 +14,9 @@ import hmac
 import ipaddress
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -29,8 +30,8 @@ from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
 from ..models.entries import parse_entries
 from ..web import STATE, HTTPError, json_response, read_form
 from . import duplicates, persons, search
-from .errors import BadRequest, NotFound, SidecarError
 from .duplicates import imohash_of
+from .errors import BadRequest, NotFound, SidecarError
 from .ingest import IngestOptions, ingest_bytes
 from .service import Sidecar
 
@@ -65,6 +66,8 @@ class Param:
     pattern: str | None = None  # strings: a regular expression the value must contain a match of
 
     def schema(self) -> dict[str, Any]:
+        """The OpenAPI 3.0 schema object of this parameter: type, bounds, length, enum,
+        pattern, nullability, default and description."""
         if self.kind == "image":
             return {"type": "string", "format": "binary", "minLength": 1, "description": self.description}
         if self.kind == "ids":
@@ -151,6 +154,9 @@ class Param:
 
 
 def _parse_text(name: str, kind: Any, value: str) -> Any:
+    """Parse query-string or form text as ``kind``: ``bool`` only from ``true``/``false``,
+    ``int``/``float`` with Python's parsers, ``"ids"`` as JSON. Raises :class:`BadRequest`
+    (400) naming ``name``."""
     if kind is bool:
         if value == "true":
             return True
@@ -164,6 +170,7 @@ def _parse_text(name: str, kind: Any, value: str) -> Any:
 
 
 def _id(name: str = "id", description: str = "") -> Param:
+    """A required integer id parameter in ``1..2**63 - 1`` (path or body)."""
     return Param(name, int, required=True, minimum=1, maximum=MAX_INT, description=description)
 
 
@@ -203,10 +210,18 @@ class Call:
 
     @property
     def settings(self) -> Settings:
+        """The sidecar's :class:`Settings` (duplicate threshold, clustering defaults)."""
         return self.sidecar.settings
 
 
 async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
+    """Read and validate the arguments of a request to ``route``: path parameters, then the
+    JSON body, the multipart form or the query string, defaults filled in.
+
+    Returns ``{parameter name: value}`` (images as bytes). Raises :class:`BadRequest` (400)
+    for a body that is not a JSON object, a non-multipart body where one is required,
+    unknown, missing or invalid fields, and an empty image part; an unparsable form is a
+    400 from ``read_form``."""
     args: dict[str, Any] = {}
     for param in route.path_params:
         args[param.name] = param.convert(request.match_info[param.name], from_text=True)
@@ -255,7 +270,13 @@ async def _read_args(request: web.Request, route: Route) -> dict[str, Any]:
 
 
 def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of ``route``: validates the arguments (:func:`_read_args`), runs the
+    route's handler with a :class:`Call`, notifies the store's listeners after a successful
+    non-GET call and answers 200 JSON (or the handler's own response). A
+    :class:`SidecarError` is answered with its status (400, 404, 409); a model that cannot be
+    loaded (``load_failed``) with 503."""
     async def handle(request: web.Request) -> web.StreamResponse:
+        """Answer one request to the route (see :func:`_handler`)."""
         try:
             args = await _read_args(request, route)
             sidecar = request.app[SIDECAR]
@@ -280,6 +301,11 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
 
 
 async def _decode(call: Call, data: bytes) -> Image.Image:
+    """Decode uploaded image bytes to an RGB PIL image, off the event loop.
+
+    Raises ``HTTPError`` 413 when the header announces more pixels than
+    ``IMMICH_TRT_MAX_IMAGE_PIXELS``, :class:`BadRequest` (400) for bytes Pillow cannot
+    decode or an image of zero width or height."""
     try:
         state = call.app[STATE]
         assert state.ctx is not None
@@ -294,6 +320,12 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
 
 
 async def _infer(call: Call, payload: Image.Image | str, entries: dict) -> tuple[dict[str, Any], dict]:
+    """Run Immich ``/predict`` entries (``{task: {type: {"modelName", "options"}}}``) on a
+    decoded image or a text, as ``/predict`` does.
+
+    Returns (the ``/predict`` response by task, each model's raw outputs by ``(type,
+    task)``). Model errors propagate as ``HTTPError`` (``load_failed``: 503 in
+    :func:`_handler`)."""
     without_deps, with_deps = parse_entries(orjson.dumps(entries).decode())
     outputs: dict = {}
     response = await call.app[STATE].run_entries(payload, without_deps, with_deps, outputs)
@@ -301,6 +333,9 @@ async def _infer(call: Call, payload: Image.Image | str, entries: dict) -> tuple
 
 
 async def _text_embedding(call: Call, query: str, model: str, language: str | None) -> np.ndarray:
+    """The CLIP textual embedding of ``query`` by CLIP model ``model`` (``language``: the
+    BCP-47 code multilingual models use, or None): a float32[D] vector as the model returns
+    it. Model errors propagate as in :func:`_infer`."""
     response, _ = await _infer(call, query, contract.clip_textual_entries(model, language))
     return np.asarray(orjson.loads(response["clip"]), dtype=np.float32)
 
@@ -309,6 +344,14 @@ async def _text_embedding(call: Call, query: str, model: str, language: str | No
 
 
 async def ingest(call: Call) -> dict:
+    """``POST /v1/ingest`` (multipart): run every enabled task (CLIP, faces, OCR, each with its
+    model, default Immich's) on ``image`` in one pass and store the results under
+    ``assetId`` (default: the imohash); tasks already stored for the content are skipped.
+
+    Answers 200 ``{"assetId", "imohash", "created", "ran", "skipped", "faces", "ocrLines",
+    "clip"}``, plus ``"duplicates"`` (:func:`_duplicates_of`, CLIP hits) when asked;
+    400 for an empty or undecodable image or no task enabled, 413 for too many pixels, 503
+    when a model cannot be loaded."""
     a = call.args
     options = IngestOptions(
         clip=(a["clipModel"] or contract.CLIP_MODEL) if a["clip"] else None,
@@ -347,27 +390,33 @@ async def _duplicates_of(call: Call, asset_id: int) -> list[dict]:
 
 
 async def get_asset(call: Call) -> dict:
-    from .assets import asset_summary, resolve_ref, tasks_done
+    """``GET /v1/assets/{ref}``: the asset named by a ref (caller's assetId, file path or
+    ``imohash:<hex>``) or by a bare imohash.
+
+    Answers 200 with its summary plus ``"tasks"`` (``{task: [model]}``), ``"faces"`` (by
+    face id) and ``"ocr"`` (lines by model and position); 404 for an unknown ref."""
+    from .assets import asset_ocr_lines, asset_summary, resolve_ref, tasks_done
 
     def read(store):
+        """Resolve the ref and gather the asset's summary, tasks, faces and OCR lines (store thread)."""
         asset_id = resolve_ref(store, call.args["ref"])
         summary = asset_summary(store, asset_id)
         summary["tasks"] = {task: sorted(models) for task, models in tasks_done(store, asset_id).items()}
-        summary["faces"] = [
-            persons.face_dict(r)
-            for r in store.conn.execute("SELECT * FROM faces WHERE asset = ? ORDER BY id", (asset_id,))
-        ]
-        summary["ocr"] = [
-            {"id": r["id"], "text": r["text"], "polygon": orjson.loads(r["polygon"]),
-             "boxScore": r["box_score"], "textScore": r["text_score"]}
-            for r in store.conn.execute("SELECT * FROM ocr_lines WHERE asset = ? ORDER BY model, line", (asset_id,))
-        ]
+        summary["faces"] = persons.asset_faces(store, asset_id)
+        summary["ocr"] = asset_ocr_lines(store, asset_id)
         return summary
 
     return await call.sidecar.call(read)
 
 
 async def cluster(call: Call) -> dict:
+    """``POST /v1/faces/cluster`` (JSON): assign faces to persons (Immich's incremental
+    DBSCAN; ``full`` reclusters every face not assigned by hand). ``minFaces`` and
+    ``maxDistance`` (cosine distance) default to ``IMMICH_TRT_FACE_MIN_FACES`` and
+    ``IMMICH_TRT_FACE_MAX_DISTANCE``.
+
+    Answers 200 ``{"processed", "assigned", "newPersons", "deferred", "unassigned",
+    "removedPersons"}``; 400 for an out-of-range parameter."""
     s = call.settings
     return await call.sidecar.call(
         persons.cluster_faces,
@@ -379,43 +428,76 @@ async def cluster(call: Call) -> dict:
 
 
 async def list_persons(call: Call) -> dict:
+    """``GET /v1/persons?offset&limit``: a page of persons, most faces first, leaving out
+    persons whose faces all lie on hidden assets. Answers 200 ``{"total", "items":
+    [person]}``; 400 for a bad page."""
     return await call.sidecar.call(persons.list_persons, offset=call.args["offset"], limit=call.args["limit"])
 
 
 async def get_person(call: Call) -> dict:
+    """``GET /v1/persons/{id}?sample``: one person with its ``sample`` best-scoring faces.
+    Answers 200 the person with ``"faces"``; 404 for an unknown person."""
     return await call.sidecar.call(persons.get_person, call.args["id"], sample=call.args["sample"])
 
 
 async def name_person(call: Call) -> dict:
+    """``POST /v1/persons/{id}/name`` (JSON ``{"name"}``): set the person's name (stripped; an
+    empty string clears it). Answers 200 the person without faces; 404 for an unknown
+    person, 400 for a name over 200 characters."""
     return await call.sidecar.call(persons.name_person, call.args["id"], call.args["name"])
 
 
 async def merge_persons(call: Call) -> dict:
+    """``POST /v1/persons/merge`` (JSON ``{"targetId", "sourceIds"}``): move the sources' faces
+    to the target (assigned by hand) and delete the sources. Answers 200 the target person;
+    400 when the target is among the sources or faces of two face models would mix, 404
+    for an unknown id."""
     return await call.sidecar.call(persons.merge_persons, call.args["targetId"], call.args["sourceIds"])
 
 
 async def split_person(call: Call) -> dict:
+    """``POST /v1/persons/split`` (JSON ``{"faceIds", "name"}``): move the faces to a new person
+    (assigned by hand), optionally named. Answers 200 the new person; 400 for faces of
+    several face models or a bad name, 404 for an unknown face."""
     return await call.sidecar.call(persons.split_person, call.args["faceIds"], call.args["name"])
 
 
 async def delete_person(call: Call) -> dict:
+    """``DELETE /v1/persons/{id}``: delete the person; its faces become unassigned and
+    incremental clustering leaves them alone. Answers 200 ``{"id", "unassignedFaces"}``;
+    404 for an unknown person."""
     return await call.sidecar.call(persons.delete_person, call.args["id"])
 
 
 async def unassigned_faces(call: Call) -> dict:
+    """``GET /v1/faces/unassigned?offset&limit``: a page of faces without a person, by face id.
+    Answers 200 ``{"total", "items": [face]}``; 400 for a bad page."""
     return await call.sidecar.call(persons.unassigned_faces, offset=call.args["offset"], limit=call.args["limit"])
 
 
 async def assign_face(call: Call) -> dict:
+    """``POST /v1/faces/{id}/assign`` (JSON ``{"personId"}``): assign the face to a person by
+    hand, or (null) unassign it by hand. Answers 200 the face; 404 for an unknown face or
+    person, 400 when the person holds faces of another face model."""
     return await call.sidecar.call(persons.assign_face, call.args["id"], call.args["personId"])
 
 
 async def person_thumbnail(call: Call) -> web.Response:
+    """``GET /v1/persons/{id}/thumbnail``: the JPEG of the person's representative face, else of
+    its best-scoring face with a thumbnail. Answers 200 ``image/jpeg``; 404 for an unknown
+    person or one without a thumbnail."""
     jpeg = await call.sidecar.call(persons.person_thumbnail, call.args["id"])
     return web.Response(body=jpeg, content_type="image/jpeg")
 
 
 async def search_face(call: Call) -> dict:
+    """``POST /v1/search/face`` (multipart ``image``): detect the faces of the image and, for
+    each, the ``k`` nearest stored faces of the same face model (cosine similarity >=
+    ``minSimilarity``, hidden assets left out) and their persons.
+
+    Answers 200 ``{"imageWidth", "imageHeight" (pixels), "faces": [{"box", "score",
+    "results", "persons"}]}``; 400 for an undecodable image, 413 for too many pixels, 503
+    when the model cannot be loaded."""
     a = call.args
     model = a["model"] or contract.FACE_MODEL
     image = await _decode(call, a["image"])
@@ -433,6 +515,9 @@ async def search_face(call: Call) -> dict:
 
 
 async def search_face_by_id(call: Call) -> dict:
+    """``POST /v1/search/face/by-id`` (JSON ``{"faceId", "k", "minSimilarity"}``): the nearest
+    stored faces of a stored face (itself left out) and their persons. Answers 200
+    ``{"face", "results", "persons"}``; 404 for an unknown face."""
     a = call.args
     return await call.sidecar.call(
         search.search_face_by_id, call.sidecar.faces, a["faceId"], a["k"], a["minSimilarity"]
@@ -440,6 +525,10 @@ async def search_face_by_id(call: Call) -> dict:
 
 
 async def search_text(call: Call) -> dict:
+    """``POST /v1/search/text`` (JSON): assets ranked by cosine similarity of their CLIP
+    embedding to the CLIP textual embedding of ``query`` (hidden assets left out unless
+    ``includeHidden``). Answers 200 ``{"model", "results": [{"assetId", "similarity",
+    "asset"}]}``; 400 for a blank query, 503 when the model cannot be loaded."""
     a = call.args
     model = a["model"] or contract.CLIP_MODEL
     embedding = await _text_embedding(call, a["query"], model, a["language"])
@@ -450,11 +539,18 @@ async def search_text(call: Call) -> dict:
 
 
 async def search_ocr(call: Call) -> dict:
+    """``POST /v1/search/ocr`` (JSON): assets whose OCR lines contain ``query`` (case-insensitive
+    substring), most matching lines first. Answers 200 ``{"total", "items": [{"assetId",
+    "asset", "lines"}]}``; 400 for a blank or too long query."""
     a = call.args
     return await call.sidecar.call(search.search_ocr, a["query"], a["limit"], a["offset"], a["includeHidden"])
 
 
 async def search_hybrid(call: Call) -> dict:
+    """``POST /v1/search/hybrid`` (JSON): assets ranked by ``ocrWeight * OCR match + (1 -
+    ocrWeight) * CLIP similarity`` to ``query`` (hidden assets left out). Answers 200
+    ``{"model", "results": [{"assetId", "score", "ocrScore", "clipSimilarity", "lines",
+    "asset"}]}``; 400 for a blank query, 503 when the model cannot be loaded."""
     a = call.args
     model = a["model"] or contract.CLIP_MODEL
     embedding = await _text_embedding(call, a["query"], model, a["language"])
@@ -465,10 +561,17 @@ async def search_hybrid(call: Call) -> dict:
 
 
 async def duplicates_check(call: Call) -> dict:
+    """``POST /v1/duplicates/check`` (multipart ``image``): whether content with the same
+    imohash is stored; nothing is decoded or stored. Answers 200 ``{"imohash",
+    "duplicate", "asset"}``."""
     return await call.sidecar.call(duplicates.check_exact, imohash_of(call.args["image"]))
 
 
 async def duplicates_find(call: Call) -> dict:
+    """``POST /v1/duplicates/find`` (JSON ``{"threshold"}``): recompute the unresolved duplicate
+    groups, near ones by CLIP cosine similarity >= ``threshold`` (default
+    ``IMMICH_TRT_DUPLICATE_THRESHOLD``) and exact ones. Answers 200 ``{"groups", "assets",
+    "threshold"}``; 400 for a threshold outside (0, 1]."""
     threshold = call.args["threshold"]
     return await call.sidecar.call(
         duplicates.find_duplicates, call.sidecar.clip, call.settings.duplicate_threshold if threshold is None else threshold
@@ -476,11 +579,18 @@ async def duplicates_find(call: Call) -> dict:
 
 
 async def duplicates_groups(call: Call) -> dict:
+    """``GET /v1/duplicates/groups?offset&limit&includeResolved``: a page of duplicate groups by
+    id, members ordered as keeper candidates, with the suggested keeper. Answers 200
+    ``{"total", "items": [group]}``; 400 for a bad page."""
     a = call.args
     return await call.sidecar.call(duplicates.list_groups, a["offset"], a["limit"], a["includeResolved"])
 
 
 async def duplicates_resolve(call: Call) -> dict:
+    """``POST /v1/duplicates/resolve`` (JSON ``{"groupId", "keep", "undo"}``): keep one member
+    (default the suggested keeper) and hide the others, or with ``undo`` reverse a
+    resolution. Answers 200 the group; 404 for an unknown group, 409 when it is already
+    resolved (``undo``: not resolved), 400 when ``keep`` is not a member."""
     a = call.args
     if a["undo"]:
         return await call.sidecar.call(duplicates.unresolve_group, a["groupId"])
@@ -488,19 +598,24 @@ async def duplicates_resolve(call: Call) -> dict:
 
 
 async def openapi(call: Call) -> dict:
+    """``GET /v1/openapi.json``: this API as an OpenAPI 3.0.3 document (200)."""
     return openapi_document()
 
 
 async def status(call: Call) -> dict:
+    """``GET /v1/status``: the store's row counts (assets, faces, persons, OCR lines,
+    duplicate groups, outbox), its schema version and the OpenSearch mirror's status (null
+    without a mirror). Answers 200."""
     def counts(store) -> dict:
-        q = lambda sql: store.conn.execute(sql).fetchone()[0]  # noqa: E731
+        """The store's row counts and schema version, keyed as the response (store thread)."""
+        rows = store.counts()
         return {
-            "assets": q("SELECT count(*) FROM assets"),
-            "faces": q("SELECT count(*) FROM faces"),
-            "persons": q("SELECT count(*) FROM persons"),
-            "ocrLines": q("SELECT count(*) FROM ocr_lines"),
-            "duplicateGroups": q("SELECT count(*) FROM duplicate_groups"),
-            "outbox": q("SELECT count(*) FROM outbox"),
+            "assets": rows["assets"],
+            "faces": rows["faces"],
+            "persons": rows["persons"],
+            "ocrLines": rows["ocr_lines"],
+            "duplicateGroups": rows["duplicate_groups"],
+            "outbox": rows["outbox"],
             "schemaVersion": store.version,
         }
 
@@ -671,6 +786,8 @@ def make_auth_middleware(api_key: str | None):
 
     @web.middleware
     async def auth(request: web.Request, handler):
+        """Refuse a ``/v1`` request with 401 (configured key missing or wrong) or 403 (no key
+        configured, client not loopback); pass everything else to ``handler``."""
         if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
             if expected is not None:
                 token = bearer_token(request.headers.get("Authorization", "")) or ""
@@ -691,8 +808,8 @@ def add_routes(app: web.Application) -> None:
         path = route.path
         for param in route.path_params:  # integer ids only match digits: /persons/merge is not /persons/{id}
             if param.kind is int:
-                path = path.replace("{%s}" % param.name, "{%s:\\d+}" % param.name)
+                path = path.replace(f"{{{param.name}}}", f"{{{param.name}:\\d+}}")
         app.router.add_route(route.method, PREFIX + path, _handler(route))
 
 
-__all__ = ["ROUTES", "SIDECAR", "MIRROR", "add_routes", "make_auth_middleware", "openapi_document", "NotFound"]
+__all__ = ["MIRROR", "ROUTES", "SIDECAR", "NotFound", "add_routes", "make_auth_middleware", "openapi_document"]

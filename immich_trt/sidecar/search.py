@@ -162,7 +162,7 @@ def search_faces(
     index = face_indices.get(model)
     if index is None or len(index) == 0:
         return []
-    drop = set(int(i) for i in exclude or ())
+    drop = {int(i) for i in exclude or ()}
     if not include_hidden:
         drop |= {
             row[0]

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..config import Settings
-from .assets import AssetResults, Saved, save_results
-from .store import Store, from_blob
+from .assets import AssetResults, Saved, clip_embeddings, save_results
+from .persons import face_embeddings
+from .store import Store
 from .vectors import VectorIndex
 
 log = logging.getLogger("immich_trt.sidecar")
@@ -79,18 +81,8 @@ class Sidecar:
 
     def load_indices(self, store: Store) -> None:
         """Rebuild every index from the store (runs on the store thread)."""
-        clip: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        for row in store.conn.execute(
-            "SELECT id, clip_model, clip_embedding FROM assets WHERE clip_embedding IS NOT NULL ORDER BY id"
-        ):
-            ids, vecs = clip.setdefault(row["clip_model"], ([], []))
-            ids.append(row["id"])
-            vecs.append(from_blob(row["clip_embedding"]))
-        faces: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        for row in store.conn.execute("SELECT id, model, embedding FROM faces ORDER BY id"):
-            ids, vecs = faces.setdefault(row["model"], ([], []))
-            ids.append(row["id"])
-            vecs.append(from_blob(row["embedding"]))
+        clip = clip_embeddings(store)
+        faces = face_embeddings(store)
         self.clip, self.faces = {}, {}
         for model, (ids, vecs) in clip.items():
             self.clip_index(model).add(ids, np.stack(vecs))

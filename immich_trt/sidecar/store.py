@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -225,6 +225,14 @@ class Store:
             "ON CONFLICT (entity, entity_id) DO UPDATE SET version = version + 1, next_attempt = 0",
             [(entity, int(i), now) for i in ids],
         )
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table: ``{"assets", "faces", "persons", "ocr_lines",
+        "duplicate_groups", "outbox": int}``."""
+        return {
+            table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("assets", "faces", "persons", "ocr_lines", "duplicate_groups", "outbox")
+        }
 
     def close(self) -> None:
         self.conn.close()
