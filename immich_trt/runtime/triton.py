@@ -603,10 +603,17 @@ class TritonRuntime(Runtime):
                 total += _aligned(nbytes)
         module = self._module()
         pool = self._shm
+        from tritonclient.utils import InferenceServerException
+
         try:
             region = await pool.acquire(self._client, total)
         except ShmUnavailable as exc:
             log.warning("Shared memory unavailable for '%s' (%s); this call goes over the wire", name, exc)
+            return None
+        except (InferenceServerException, OSError, TimeoutError) as exc:
+            # the region could not be registered (e.g. Triton just resumed or restarting):
+            # the wire call reports the server's state with the runtime's own errors
+            log.debug("registering shared memory for '%s' failed (%s); this call goes over the wire", name, exc)
             return None
         done = False  # the server is finished with the region: it can go back to the pool
         try:

@@ -1,7 +1,7 @@
 """One-pass ingestion: decode an image once, run every enabled model, store the results.
 
 The requests are exactly Immich's (:mod:`immich_trt.contract` builds the ``entries``),
-run through the same :func:`immich_trt.server.app.run_inference` as ``/predict``, so
+run through the same :func:`immich_trt.models.inference.run_inference` as ``/predict``, so
 what the sidecar stores is what Immich would have received. Tasks already stored for
 the same bytes (imohash) are skipped before decoding, which makes re-ingesting a folder
 cheap and an interrupted ingest resumable.
