@@ -37,7 +37,7 @@ from immich_trt.gpu.ensemble import (
     BUCKET_HW,
     CLIP_EMBEDDING,
     CLIP_VISUAL,
-    DET_SCALE,
+    DET_SCALE_OUTPUT,
     ENCODED_INPUT,
     FACE_DETECTION,
     OCR_DETECTION,
@@ -405,13 +405,13 @@ async def test_clip_and_face_ensembles_equal_the_direct_model_call(runtime, gpu_
         ens = await runtime.infer(gpu_path_names(FACE).ensemble, encoded)
         canvas, det_scale = letterbox(to_bgr(image))
         ref = await runtime.infer(FACE, {"input.1": detection_blob(canvas)})
-        assert sorted(ens) == sorted([*face.layout.output_names, DET_SCALE])
+        assert sorted(ens) == sorted([*face.layout.output_names, DET_SCALE_OUTPUT])
         for name in face.layout.output_names:
             np.testing.assert_array_equal(ens[name], ref[name])
-        assert ens[DET_SCALE].shape == (1, 1) and ens[DET_SCALE][0, 0] == np.float32(det_scale)
+        assert ens[DET_SCALE_OUTPUT].shape == (1, 1) and ens[DET_SCALE_OUTPUT][0, 0] == np.float32(det_scale)
         layout: ScrfdLayout = face.layout
         boxes = [scrfd_postprocess([out[n] for n in layout.output_names], layout, (640, 640), s, 0.7)["boxes"]
-                 for out, s in ((ens, float(ens[DET_SCALE][0, 0])), (ref, det_scale))]  # fmt: skip
+                 for out, s in ((ens, float(ens[DET_SCALE_OUTPUT][0, 0])), (ref, det_scale))]  # fmt: skip
         assert boxes[0].shape == boxes[1].shape and np.abs(boxes[0] - boxes[1]).max(initial=0) <= 2
         faces_seen += len(boxes[1])
     assert faces_seen >= 2  # at least the two squares: the box comparison compared something

@@ -83,13 +83,15 @@ KINDS = (CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION)
 ENCODED_INPUT = "encoded"
 CLIP_IMAGE = "image"
 SCRFD_INPUT = "input.1"
-DET_SCALE = "det_scale"
+#: The face pipeline's letterbox scale output (a tensor name, not the OCR normaliser
+#: :data:`immich_trt.models.ocr.DET_SCALE`).
+DET_SCALE_OUTPUT = "det_scale"
 RESIZE_HW = "resize_hw"
 BUCKET_HW = "bucket_hw"
 #: Output names per kind, in pipeline order (the DALI backend maps outputs by position).
 OUTPUT_NAMES = {
     CLIP_VISUAL: (CLIP_IMAGE,),
-    FACE_DETECTION: (SCRFD_INPUT, DET_SCALE),
+    FACE_DETECTION: (SCRFD_INPUT, DET_SCALE_OUTPUT),
     OCR_DETECTION: (DET_INPUT_U8,),
 }
 
@@ -159,7 +161,7 @@ def io_specs(kind: str, params: Mapping[str, Any]) -> tuple[list[TensorSpec], li
         width, height = _face_input_size(params)
         return [encoded], [
             TensorSpec(SCRFD_INPUT, "TYPE_FP32", (3, height, width)),
-            TensorSpec(DET_SCALE, "TYPE_FP32", (1,)),
+            TensorSpec(DET_SCALE_OUTPUT, "TYPE_FP32", (1,)),
         ]
     return (
         [encoded, TensorSpec(RESIZE_HW, "TYPE_INT32", (2,)), TensorSpec(BUCKET_HW, "TYPE_INT32", (2,))],

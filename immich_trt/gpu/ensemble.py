@@ -72,7 +72,7 @@ from ..runtime.repository import (
 from .dali import (  # the preprocessing contract (importing it never needs DALI)
     BUCKET_HW,
     CLIP_VISUAL,
-    DET_SCALE,
+    DET_SCALE_OUTPUT,
     ENCODED_INPUT,
     FACE_DETECTION,
     KINDS,
@@ -203,7 +203,7 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
     then ``model`` (``<base>``), for a kind of :data:`KINDS`.
 
     Ensemble inputs are the preprocessing model's; outputs are the model's (the first
-    renamed :data:`CLIP_EMBEDDING` for CLIP) plus :data:`DET_SCALE` for faces. The
+    renamed :data:`CLIP_EMBEDDING` for CLIP) plus :data:`DET_SCALE_OUTPUT` for faces. The
     preprocessing output :data:`PREPROCESSED` ``[kind]`` feeds the model's single input.
     Raises ``ValueError`` if the two models do not fit together."""
     if kind not in KINDS:
@@ -212,7 +212,7 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
         raise ValueError(f"'{model.name}' has {len(model.inputs)} inputs; a preprocessed model has exactly one")
     try:
         produced = preprocess.output(PREPROCESSED[kind])
-        scale = preprocess.output(DET_SCALE) if kind == FACE_DETECTION else None
+        scale = preprocess.output(DET_SCALE_OUTPUT) if kind == FACE_DETECTION else None
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]} (the {kind} preprocessing contract)") from None
     consumed = model.inputs[0]
@@ -234,13 +234,13 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
         exported = [(model.outputs[0], CLIP_EMBEDDING)]
     else:
         exported = [(tensor, tensor.name) for tensor in model.outputs]
-    passed_on = [produced.name] + ([DET_SCALE] if scale is not None else [])
+    passed_on = [produced.name] + ([DET_SCALE_OUTPUT] if scale is not None else [])
     for tensor in preprocess.inputs:
         add(config.input, preprocess, tensor, tensor.name)
     for tensor, name in exported:
         add(config.output, model, tensor, name)
     if scale is not None:
-        add(config.output, preprocess, scale, DET_SCALE)
+        add(config.output, preprocess, scale, DET_SCALE_OUTPUT)
     first = config.ensemble_scheduling.step.add(model_name=preprocess.name, model_version=-1)
     first.input_map.update({tensor.name: tensor.name for tensor in preprocess.inputs})
     first.output_map.update({name: name for name in passed_on})
@@ -278,8 +278,9 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
 # ------------------------------------------------------------------ repository builder
 
 #: ``build_engines(settings, repository, *, only, precision, gpus, force)``: writes the
-#: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder).
-EngineBuilder = Callable[..., Any]
+#: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder). Not
+#: :class:`immich_trt.gpu.tensorrt.EngineBuilder`, which builds one engine.
+ModelsWriter = Callable[..., Any]
 #: ``write_preprocess(folder, kind, params, max_batch_size)``: writes one preprocessing
 #: model (``config.pbtxt`` and its version folder) into ``folder`` (default: DALI).
 PreprocessWriter = Callable[[Path, str, dict, int], Any]
@@ -336,7 +337,7 @@ def build_gpu_repository(
     gpus: Sequence[str] | None = None,
     force: bool = False,
     *,
-    build_engines: EngineBuilder | None = None,
+    build_engines: ModelsWriter | None = None,
     write_preprocess: PreprocessWriter | None = None,
 ) -> GpuRepository:
     """Write the GPU target for every cached model (or only the named ones): the models
@@ -406,7 +407,7 @@ def reference_preprocess(
         from ..models.face import detection_blob, letterbox, to_bgr
 
         canvas, det_scale = letterbox(to_bgr(image), tuple(params["input_size"]))
-        return {PREPROCESSED[kind]: detection_blob(canvas)[0], DET_SCALE: np.array([det_scale], np.float32)}
+        return {PREPROCESSED[kind]: detection_blob(canvas)[0], DET_SCALE_OUTPUT: np.array([det_scale], np.float32)}
     if kind == OCR_DETECTION:
         if resize_hw is None or bucket_hw is None:
             raise ValueError("OCR detection preprocessing needs resize_hw and bucket_hw")

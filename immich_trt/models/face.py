@@ -297,12 +297,12 @@ class FaceDetector(_FaceModel):
             raise TypeError("face detection needs an image")
         assert self.layout is not None
         if self.ctx.settings.preprocess == "gpu":  # encoded bytes -> DALI letterbox -> model, in Triton
-            from ..gpu.ensemble import DET_SCALE, exact_det_scale, infer_ensemble
+            from ..gpu.ensemble import DET_SCALE_OUTPUT, exact_det_scale, infer_ensemble
 
             names = self.layout.output_names
-            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, outputs=[*names, DET_SCALE])
+            out = await infer_ensemble(self.ctx.runtime, self.triton_name, image, outputs=[*names, DET_SCALE_OUTPUT])
             if out is not None:
-                det_scale = exact_det_scale(out[DET_SCALE], image.height)
+                det_scale = exact_det_scale(out[DET_SCALE_OUTPUT], image.height)
                 input_hw = (self.input_size[1], self.input_size[0])
                 return await self.ctx.run(
                     scrfd_postprocess, [out[name] for name in names], self.layout, input_hw, det_scale, self.min_score
