@@ -12,6 +12,14 @@ model                        max_batch_size  why
 OCR detection                4               whole images; equal shapes batch together
 OCR recognition              max(8, MAX_BATCH_SIZE__OCR)  one request carries <= 6 lines
 ===========================  ==============  =========================================
+
+This module is also the writer every target shares (the TensorRT models, DALI
+pipelines, stand-ins and ensembles of :mod:`immich_trt.gpu`): a ``config.pbtxt`` is
+built as Triton's own ``ModelConfig`` message (:func:`model_config`,
+:func:`add_tensor`, :func:`add_instance_group`, :func:`add_parameters`) and rendered
+with protobuf's text format (:func:`config_text`); files land through
+:func:`write_if_changed`; python-backend ``model.py`` files come from
+:func:`model_py_source`.
 """
 
 from __future__ import annotations
