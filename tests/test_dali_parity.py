@@ -159,7 +159,8 @@ def test_config_pbtxt_for_two_gpus_parses_as_a_triton_model_config() -> None:
         preferred_batch_sizes=(8, 4, 16),
         max_queue_delay_us=200,
     )
-    assert text == (
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config == text_format.Parse(
         'name: "facial-recognition__buffalo_l__detection__preprocess"\n'
         'backend: "dali"\n'
         "max_batch_size: 8\n"
@@ -172,9 +173,9 @@ def test_config_pbtxt_for_two_gpus_parses_as_a_triton_model_config() -> None:
         "]\n"
         "dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 200 }\n"
         "instance_group [ { kind: KIND_GPU count: 1 gpus: [ 0 ] }, { kind: KIND_GPU count: 1 gpus: [ 1 ] } ]\n"
-        'parameters: { key: "num_threads" value: { string_value: "4" } }\n'
+        'parameters: { key: "num_threads" value: { string_value: "4" } }\n',
+        model_config_pb2.ModelConfig(),
     )
-    config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert config.backend == "dali" and config.max_batch_size == 8
     assert [(o.name, list(o.dims)) for o in config.output] == [("input.1", [3, 640, 640]), ("det_scale", [1])]
     assert [list(g.gpus) for g in config.instance_group] == [[0], [1]]

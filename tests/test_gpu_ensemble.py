@@ -37,7 +37,7 @@ from immich_trt.gpu.ensemble import (
     BUCKET_HW,
     CLIP_EMBEDDING,
     CLIP_VISUAL,
-    DET_SCALE,
+    DET_SCALE_OUTPUT,
     ENCODED_INPUT,
     FACE_DETECTION,
     OCR_DETECTION,
@@ -261,6 +261,14 @@ def test_names_and_kinds() -> None:
         assert gpu_kind(name) is None
 
 
+def parse_config(text: str):
+    """Triton's own ModelConfig schema: configs compare as messages, not as text."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
 def test_models_that_do_not_fit_together_are_refused() -> None:
     preprocess, model = batched_models()
     wrong_size = dataclasses.replace(preprocess, outputs=(TensorSpec("image", "TYPE_FP32", (3, 256, 256)),))
@@ -279,11 +287,14 @@ def test_models_that_do_not_fit_together_are_refused() -> None:
     # an unbatched model makes the ensemble unbatched; its dims then carry the batch axis
     image, x = TensorSpec("image", "TYPE_FP32", (1, 3, 224, 224)), TensorSpec("x", "TYPE_FP32", (1, 512))
     unbatched = dataclasses.replace(model, max_batch_size=0, inputs=(image,), outputs=(x,))
-    text = ensemble_config_pbtxt(CLIP_VISUAL, preprocess, unbatched)
-    assert "max_batch_size: 0\n" in text and '{ name: "encoded" data_type: TYPE_UINT8 dims: [ -1, -1 ] }' in text
+    config = parse_config(ensemble_config_pbtxt(CLIP_VISUAL, preprocess, unbatched))
+    assert config.max_batch_size == 0
+    encoded = parse_config('input [ { name: "encoded" data_type: TYPE_UINT8 dims: [ -1, -1 ] } ]').input
+    assert list(config.input) == list(encoded)
     # the CLIP output is "embedding" whatever the model calls it
-    assert '{ name: "embedding" data_type: TYPE_FP32 dims: [ 1, 512 ] }' in text
-    assert 'output_map { key: "x" value: "embedding" }' in text
+    embedding = parse_config('output [ { name: "embedding" data_type: TYPE_FP32 dims: [ 1, 512 ] } ]').output
+    assert list(config.output) == list(embedding)
+    assert dict(config.ensemble_scheduling.step[1].output_map) == {"x": "embedding"}
 
 
 def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, tmp_path: Path) -> None:
@@ -408,13 +419,13 @@ async def test_clip_and_face_ensembles_equal_the_direct_model_call(runtime, gpu_
         ens = await runtime.infer(gpu_path_names(FACE).ensemble, encoded)
         canvas, det_scale = letterbox(to_bgr(image))
         ref = await runtime.infer(FACE, {"input.1": detection_blob(canvas)})
-        assert sorted(ens) == sorted([*face.layout.output_names, DET_SCALE])
+        assert sorted(ens) == sorted([*face.layout.output_names, DET_SCALE_OUTPUT])
         for name in face.layout.output_names:
             np.testing.assert_array_equal(ens[name], ref[name])
-        assert ens[DET_SCALE].shape == (1, 1) and ens[DET_SCALE][0, 0] == np.float32(det_scale)
+        assert ens[DET_SCALE_OUTPUT].shape == (1, 1) and ens[DET_SCALE_OUTPUT][0, 0] == np.float32(det_scale)
         layout: ScrfdLayout = face.layout
         boxes = [scrfd_postprocess([out[n] for n in layout.output_names], layout, (640, 640), s, 0.7)["boxes"]
-                 for out, s in ((ens, float(ens[DET_SCALE][0, 0])), (ref, det_scale))]  # fmt: skip
+                 for out, s in ((ens, float(ens[DET_SCALE_OUTPUT][0, 0])), (ref, det_scale))]  # fmt: skip
         assert boxes[0].shape == boxes[1].shape and np.abs(boxes[0] - boxes[1]).max(initial=0) <= 2
         faces_seen += len(boxes[1])
     assert faces_seen >= 2  # at least the two squares: the box comparison compared something

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from immich_trt.models.base import ModelContext
 from immich_trt.models.ocr import TextDetector, TextRecognizer
@@ -50,13 +52,18 @@ async def reference(settings, specs):
     await runtime.stop()
 
 
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
+    """Triton's own ModelConfig schema: configs compare as messages, not as text."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
 def test_cpu_repository_config_golden(settings, specs, tmp_path: Path) -> None:
     written = build_repository(settings, tmp_path)
     assert written == ["ocr__PP-OCRv5_mobile__detection", "ocr__PP-OCRv5_mobile__recognition"]
     det = (tmp_path / "ocr__PP-OCRv5_mobile__detection" / "config.pbtxt").read_text()
     # the detector is served as a uint8-input copy next to its config
     onnx_path = (tmp_path / "ocr__PP-OCRv5_mobile__detection" / "1" / "model.onnx").resolve()
-    assert det == (
+    assert parse_config(det) == parse_config(
         'name: "ocr__PP-OCRv5_mobile__detection"\n'
         'backend: "python"\n'
         "max_batch_size: 4\n"
@@ -74,14 +81,19 @@ def test_cpu_repository_config_golden(settings, specs, tmp_path: Path) -> None:
         'parameters: { key: "arena" value: { string_value: "true" } }\n'
         'parameters: { key: "allow_spinning" value: { string_value: "true" } }\n'
     )
-    rec = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "config.pbtxt").read_text()
-    assert "max_batch_size: 8\n" in rec
-    assert '{ name: "x" data_type: TYPE_FP32 dims: [ 3, 48, -1 ] }' in rec
+    rec = parse_config((tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "config.pbtxt").read_text())
+    assert rec.max_batch_size == 8
+    x = parse_config('input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, 48, -1 ] } ]').input
+    assert list(rec.input) == list(x)
     # the recognizer is served with its CTC reduction (argmax and max per step)
-    assert '{ name: "ctc_index" data_type: TYPE_INT64 dims: [ -1 ] }' in rec
-    assert '{ name: "ctc_prob" data_type: TYPE_FP32 dims: [ -1 ] }' in rec
+    assert list(rec.output) == list(
+        parse_config(
+            'output [ { name: "ctc_index" data_type: TYPE_INT64 dims: [ -1 ] }, '
+            '{ name: "ctc_prob" data_type: TYPE_FP32 dims: [ -1 ] } ]'
+        ).output
+    )
     reduced = tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "1" / "model.onnx"
-    assert f'string_value: "{reduced.resolve()}"' in rec
+    assert rec.parameters["onnx_path"].string_value == str(reduced.resolve())
     model_py = (tmp_path / "ocr__PP-OCRv5_mobile__recognition" / "1" / "model.py").read_text()
     assert "@SITE_PACKAGES@" not in model_py and "make_session" in model_py
 

@@ -56,16 +56,23 @@ code; the same tests' tolerances apply there. Serialising a "gpu" pipeline needs
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..models.face import DET_INPUT_SIZE
 from ..models.ocr import DET_INPUT_U8
-from ..runtime.repository import _write_if_changed
+from ..runtime.repository import (
+    add_instance_group,
+    add_parameters,
+    add_tensor,
+    config_text,
+    model_config,
+    write_if_changed,
+)
 
 CLIP_VISUAL = "clip_visual"
 FACE_DETECTION = "face_detection"
@@ -76,11 +83,17 @@ KINDS = (CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION)
 ENCODED_INPUT = "encoded"
 CLIP_IMAGE = "image"
 SCRFD_INPUT = "input.1"
-DET_SCALE = "det_scale"
+#: The face pipeline's letterbox scale output (a tensor name, not the OCR normaliser
+#: :data:`immich_trt.models.ocr.DET_SCALE`).
+DET_SCALE_OUTPUT = "det_scale"
 RESIZE_HW = "resize_hw"
 BUCKET_HW = "bucket_hw"
 #: Output names per kind, in pipeline order (the DALI backend maps outputs by position).
-OUTPUT_NAMES = {CLIP_VISUAL: (CLIP_IMAGE,), FACE_DETECTION: (SCRFD_INPUT, DET_SCALE), OCR_DETECTION: (DET_INPUT_U8,)}
+OUTPUT_NAMES = {
+    CLIP_VISUAL: (CLIP_IMAGE,),
+    FACE_DETECTION: (SCRFD_INPUT, DET_SCALE_OUTPUT),
+    OCR_DETECTION: (DET_INPUT_U8,),
+}
 
 #: insightface's detector blob: ``(x - 127.5) / 128`` (``cv2.dnn.blobFromImage`` in
 #: :func:`immich_trt.models.face.detection_blob`).
@@ -148,7 +161,7 @@ def io_specs(kind: str, params: Mapping[str, Any]) -> tuple[list[TensorSpec], li
         width, height = _face_input_size(params)
         return [encoded], [
             TensorSpec(SCRFD_INPUT, "TYPE_FP32", (3, height, width)),
-            TensorSpec(DET_SCALE, "TYPE_FP32", (1,)),
+            TensorSpec(DET_SCALE_OUTPUT, "TYPE_FP32", (1,)),
         ]
     return (
         [encoded, TensorSpec(RESIZE_HW, "TYPE_INT32", (2,)), TensorSpec(BUCKET_HW, "TYPE_INT32", (2,))],
@@ -161,9 +174,8 @@ def io_specs(kind: str, params: Mapping[str, Any]) -> tuple[list[TensorSpec], li
 
 def _dali():
     try:
-        import nvidia.dali.fn as fn
         import nvidia.dali.math as dmath
-        import nvidia.dali.types as types
+        from nvidia.dali import fn, types
     except ImportError as exc:
         raise RuntimeError(_DALI_MISSING) from exc
     return fn, types, dmath
@@ -295,9 +307,7 @@ def ocr_detection_graph(device: str, params: Mapping[str, Any]) -> list:
     image, height, _ = _encoded_image(device)
     resize_hw = fn.external_source(name=RESIZE_HW, device="cpu", dtype=types.INT32, ndim=1)
     bucket_hw = fn.external_source(name=BUCKET_HW, device="cpu", dtype=types.INT32, ndim=1)
-    resized = _pil_resize(
-        image, _to_f32(resize_hw[1]), _to_f32(resize_hw[0]), _to_f32(height), types.INTERP_LANCZOS3
-    )
+    resized = _pil_resize(image, _to_f32(resize_hw[1]), _to_f32(resize_hw[0]), _to_f32(height), types.INTERP_LANCZOS3)
     return [fn.pad(resized, axes=[0, 1], shape=bucket_hw, fill_value=0)]
 
 
@@ -346,10 +356,10 @@ def _dali_type(triton_type: str):
 def cuda_device_count() -> int:
     """GPUs DALI can use here (0 without CUDA or without DALI)."""
     try:
-        import nvidia.dali.backend as backend
+        from nvidia.dali import backend
 
         return int(backend.GetCUDADeviceCount())
-    except Exception:
+    except Exception:  # noqa: BLE001 - no CUDA, no DALI, or a driver error: no GPU for DALI
         return 0
 
 
@@ -403,25 +413,22 @@ def dali_config_pbtxt(
     if max_batch_size < 1:
         raise ValueError("a DALI model needs max_batch_size >= 1 (the batch axis is the sample axis)")
     inputs, outputs = io_specs(kind, params)
-
-    def tensor(spec: TensorSpec) -> str:
-        ragged = " allow_ragged_batch: true" if spec.name == ENCODED_INPUT else ""
-        dims = ", ".join(str(d) for d in spec.dims)
-        return f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ]{ragged} }}'
-
-    lines = [f'name: "{name}"', 'backend: "dali"', f"max_batch_size: {max_batch_size}"]
-    lines += ["input [", ",\n".join(tensor(s) for s in inputs), "]"]
-    lines += ["output [", ",\n".join(tensor(s) for s in outputs), "]"]
+    config = model_config(name, backend="dali", max_batch_size=max_batch_size)
+    for tensors, specs in ((config.input, inputs), (config.output, outputs)):
+        for spec in specs:
+            ragged = {"allow_ragged_batch": True} if spec.name == ENCODED_INPUT else {}
+            add_tensor(tensors, spec.name, spec.data_type, spec.dims, **ragged)
     preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
-    batching = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ] " if preferred else ""
-    lines.append(f"dynamic_batching {{ {batching}max_queue_delay_microseconds: {max_queue_delay_us} }}")
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    config.dynamic_batching.SetInParent()
     if device == "gpu":
-        groups = ", ".join(f"{{ kind: KIND_GPU count: 1 gpus: [ {int(i)} ] }}" for i in device_ids)
+        for device_id in device_ids:
+            add_instance_group(config, "KIND_GPU", 1, [int(device_id)])
     else:
-        groups = "{ kind: KIND_CPU count: 1 }"
-    lines.append(f"instance_group [ {groups} ]")
-    lines.append(f'parameters: {{ key: "num_threads" value: {{ string_value: "{num_threads}" }} }}')
-    return "\n".join(lines) + "\n"
+        add_instance_group(config, "KIND_CPU", 1)
+    add_parameters(config, {"num_threads": str(num_threads)})
+    return config_text(config)
 
 
 def write_dali_model(
@@ -441,11 +448,7 @@ def write_dali_model(
     folder = Path(folder)
     first_id = int(next(iter(device_ids), 0))
     data = serialize(kind, params, device, max_batch_size, num_threads, first_id)
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    target = folder / "1" / "model.dali"
-    tmp = target.with_suffix(".dali.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_if_changed(folder / "1" / "model.dali", data)
     config = dali_config_pbtxt(
         folder.name,
         kind,
@@ -457,7 +460,7 @@ def write_dali_model(
         max_queue_delay_us=max_queue_delay_us,
         num_threads=num_threads,
     )
-    _write_if_changed(folder / "config.pbtxt", config)
+    write_if_changed(folder / "config.pbtxt", config)
     return folder
 
 

@@ -47,20 +47,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sysconfig
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ..config import Settings
 from ..models.registry import ModelTask, ModelType
 from ..runtime.base import InferenceError, ModelSpec
+from ..runtime.repository import (
+    add_instance_group,
+    add_parameters,
+    add_tensor,
+    cached_specs,
+    config_pbtxt,
+    config_text,
+    model_config,
+    model_py_source,
+    onnx_io,
+    write_if_changed,
+)
 from .dali import (  # the preprocessing contract (importing it never needs DALI)
     BUCKET_HW,
     CLIP_VISUAL,
-    DET_SCALE,
+    DET_SCALE_OUTPUT,
     ENCODED_INPUT,
     FACE_DETECTION,
     KINDS,
@@ -186,20 +198,12 @@ def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
     return len(a) == len(b) and all(x == y or x < 0 or y < 0 for x, y in zip(a, b))
 
 
-def _tensor_line(name: str, data_type: str, dims: Sequence[int]) -> str:
-    return f'  {{ name: "{name}" data_type: {data_type} dims: [ {", ".join(str(d) for d in dims)} ] }}'
-
-
-def _map(kind: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
-    return [f'      {kind} {{ key: "{key}" value: "{value}" }}' for key, value in pairs]
-
-
 def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str:
     """``config.pbtxt`` of ``<base>__ensemble``: ``preprocess`` (``<base>__preprocess``)
     then ``model`` (``<base>``), for a kind of :data:`KINDS`.
 
     Ensemble inputs are the preprocessing model's; outputs are the model's (the first
-    renamed :data:`CLIP_EMBEDDING` for CLIP) plus :data:`DET_SCALE` for faces. The
+    renamed :data:`CLIP_EMBEDDING` for CLIP) plus :data:`DET_SCALE_OUTPUT` for faces. The
     preprocessing output :data:`PREPROCESSED` ``[kind]`` feeds the model's single input.
     Raises ``ValueError`` if the two models do not fit together."""
     if kind not in KINDS:
@@ -208,7 +212,7 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
         raise ValueError(f"'{model.name}' has {len(model.inputs)} inputs; a preprocessed model has exactly one")
     try:
         produced = preprocess.output(PREPROCESSED[kind])
-        scale = preprocess.output(DET_SCALE) if kind == FACE_DETECTION else None
+        scale = preprocess.output(DET_SCALE_OUTPUT) if kind == FACE_DETECTION else None
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]} (the {kind} preprocessing contract)") from None
     consumed = model.inputs[0]
@@ -219,48 +223,31 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
             f"'{model.name}' input '{consumed.name}' ({consumed.data_type} {list(link_to)})"
         )
     batch = min(preprocess.max_batch_size, model.max_batch_size)
+    config = model_config(gpu_path_names(model.name).ensemble, platform="ensemble", max_batch_size=batch)
 
-    def line(owner: ModelIO, tensor: TensorSpec, name: str) -> str:
+    def add(tensors: Any, owner: ModelIO, tensor: TensorSpec, name: str) -> None:
         full = owner.full_dims(tensor)  # an unbatched ensemble's dims carry the batch axis
-        return _tensor_line(name, tensor.data_type, full[1:] if batch > 0 else full)
+        add_tensor(tensors, name, tensor.data_type, full[1:] if batch > 0 else full)
 
     # (the model's output, the ensemble's name for it)
     if kind == CLIP_VISUAL:
         exported = [(model.outputs[0], CLIP_EMBEDDING)]
     else:
         exported = [(tensor, tensor.name) for tensor in model.outputs]
-    passed_on = [produced.name] + ([DET_SCALE] if scale is not None else [])
-    lines = [
-        f'name: "{gpu_path_names(model.name).ensemble}"',
-        'platform: "ensemble"',
-        f"max_batch_size: {batch}",
-        "input [",
-        ",\n".join(line(preprocess, tensor, tensor.name) for tensor in preprocess.inputs),
-        "]",
-        "output [",
-        ",\n".join(
-            [line(model, tensor, name) for tensor, name in exported]
-            + ([line(preprocess, scale, DET_SCALE)] if scale is not None else [])
-        ),
-        "]",
-        "ensemble_scheduling {",
-        "  step [",
-        "    {",
-        f'      model_name: "{preprocess.name}"',
-        "      model_version: -1",
-        *_map("input_map", [(tensor.name, tensor.name) for tensor in preprocess.inputs]),
-        *_map("output_map", [(name, name) for name in passed_on]),
-        "    },",
-        "    {",
-        f'      model_name: "{model.name}"',
-        "      model_version: -1",
-        *_map("input_map", [(consumed.name, produced.name)]),
-        *_map("output_map", [(tensor.name, name) for tensor, name in exported]),
-        "    }",
-        "  ]",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
+    passed_on = [produced.name] + ([DET_SCALE_OUTPUT] if scale is not None else [])
+    for tensor in preprocess.inputs:
+        add(config.input, preprocess, tensor, tensor.name)
+    for tensor, name in exported:
+        add(config.output, model, tensor, name)
+    if scale is not None:
+        add(config.output, preprocess, scale, DET_SCALE_OUTPUT)
+    first = config.ensemble_scheduling.step.add(model_name=preprocess.name, model_version=-1)
+    first.input_map.update({tensor.name: tensor.name for tensor in preprocess.inputs})
+    first.output_map.update({name: name for name in passed_on})
+    second = config.ensemble_scheduling.step.add(model_name=model.name, model_version=-1)
+    second.input_map[consumed.name] = produced.name
+    second.output_map.update({tensor.name: name for tensor, name in exported})
+    return config_text(config)
 
 
 def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Settings | None = None) -> list[str]:
@@ -272,8 +259,6 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
     arguments; the ensembles depend only on the composing models. Raises
     ``FileNotFoundError`` for a missing composing config, ``ValueError`` (see
     :func:`ensemble_config_pbtxt`)."""
-    from ..runtime.repository import _write_if_changed
-
     written = []
     for spec in specs:
         kind = gpu_kind(spec.name)
@@ -285,7 +270,7 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
         )
         folder = Path(repository) / names.ensemble
         (folder / "1").mkdir(parents=True, exist_ok=True)
-        _write_if_changed(folder / "config.pbtxt", text)
+        write_if_changed(folder / "config.pbtxt", text)
         written.append(names.ensemble)
     return written
 
@@ -293,8 +278,9 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
 # ------------------------------------------------------------------ repository builder
 
 #: ``build_engines(settings, repository, *, only, precision, gpus, force)``: writes the
-#: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder).
-EngineBuilder = Callable[..., Any]
+#: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder). Not
+#: :class:`immich_trt.gpu.tensorrt.EngineBuilder`, which builds one engine.
+ModelsWriter = Callable[..., Any]
 #: ``write_preprocess(folder, kind, params, max_batch_size)``: writes one preprocessing
 #: model (``config.pbtxt`` and its version folder) into ``folder`` (default: DALI).
 PreprocessWriter = Callable[[Path, str, dict, int], Any]
@@ -351,7 +337,7 @@ def build_gpu_repository(
     gpus: Sequence[str] | None = None,
     force: bool = False,
     *,
-    build_engines: EngineBuilder | None = None,
+    build_engines: ModelsWriter | None = None,
     write_preprocess: PreprocessWriter | None = None,
 ) -> GpuRepository:
     """Write the GPU target for every cached model (or only the named ones): the models
@@ -366,8 +352,6 @@ def build_gpu_repository(
     Derived model files are kept beside their configs (``engines_dir = repository``).
     Returns what was written (:class:`GpuRepository`). Raises what the writers raise,
     ``ValueError`` if the models do not fit together."""
-    from ..runtime.repository import cached_specs
-
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.replace(settings, engines_dir=repository, preprocess="cpu")
@@ -423,7 +407,7 @@ def reference_preprocess(
         from ..models.face import detection_blob, letterbox, to_bgr
 
         canvas, det_scale = letterbox(to_bgr(image), tuple(params["input_size"]))
-        return {PREPROCESSED[kind]: detection_blob(canvas)[0], DET_SCALE: np.array([det_scale], np.float32)}
+        return {PREPROCESSED[kind]: detection_blob(canvas)[0], DET_SCALE_OUTPUT: np.array([det_scale], np.float32)}
     if kind == OCR_DETECTION:
         if resize_hw is None or bucket_hw is None:
             raise ValueError("OCR detection preprocessing needs resize_hw and bucket_hw")
@@ -436,41 +420,21 @@ def reference_preprocess(
     raise ValueError(f"unknown GPU preprocessing kind {kind!r}")
 
 
-#: ``model.py`` of a stand-in: this installation's paths first (the backend stub ignores
-#: PYTHONPATH, see :mod:`immich_trt.runtime.triton_python_model`), then the class below.
-_STANDIN_MODEL_PY = '''"""Python-backend stand-in for a DALI preprocessing model (immich_trt.gpu.ensemble)."""
-
-import sys
-
-for _path in ({package_root!r}, {site_packages!r}):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from immich_trt.gpu.ensemble import PreprocessStandin as TritonPythonModel  # noqa: E402,F401
-'''
-
-
 def write_standin_preprocess(folder: Path, kind: str, params: dict, max_batch_size: int) -> Path:
     """Write a python-backend ``<base>__preprocess`` running :func:`reference_preprocess`,
     with the DALI model's tensors (``immich_trt.gpu.dali.io_specs``; same signature as
     the DALI writer). Returns ``folder``."""
-    from ..runtime.repository import _write_if_changed
-
     folder = Path(folder)
     inputs, outputs = io_specs(kind, params)
-    lines = [f'name: "{folder.name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
-    lines += ["input [", ",\n".join(_tensor_line(t.name, t.data_type, t.dims) for t in inputs), "]"]
-    lines += ["output [", ",\n".join(_tensor_line(t.name, t.data_type, t.dims) for t in outputs), "]"]
-    lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
-    for key, value in (("kind", kind), ("params", json.dumps(params, sort_keys=True))):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{escaped}" }} }}')
+    config = model_config(folder.name, backend="python", max_batch_size=max_batch_size)
+    for tensors, specs in ((config.input, inputs), (config.output, outputs)):
+        for spec in specs:
+            add_tensor(tensors, spec.name, spec.data_type, spec.dims)
+    add_instance_group(config, "KIND_CPU", 1)
+    add_parameters(config, {"kind": kind, "params": json.dumps(params, sort_keys=True)})
     (folder / "1").mkdir(parents=True, exist_ok=True)
-    _write_if_changed(folder / "config.pbtxt", "\n".join(lines) + "\n")
-    source = _STANDIN_MODEL_PY.format(
-        package_root=str(Path(__file__).resolve().parents[2]), site_packages=sysconfig.get_paths()["purelib"]
-    )
-    _write_if_changed(folder / "1" / "model.py", source)
+    write_if_changed(folder / "config.pbtxt", config_text(config))
+    write_if_changed(folder / "1" / "model.py", model_py_source(f"{__name__}.{PreprocessStandin.__name__}"))
     return folder
 
 
@@ -505,7 +469,7 @@ class PreprocessStandin:
                 ]
                 tensors = [pb_utils.Tensor(name, np.stack([row[name] for row in rows])) for name in self.outputs]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is this request's error response
                 message = f"preprocessing failed: {type(exc).__name__}: {exc}"
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
         return responses
@@ -514,15 +478,12 @@ class PreprocessStandin:
         pass
 
 
-def write_standin_models(
-    settings: Settings, repository: Path, *, only: list[str] | None = None, **_: Any
-) -> list[str]:
+def write_standin_models(settings: Settings, repository: Path, *, only: list[str] | None = None, **_: Any) -> list[str]:
     """Write every cached model (or only the named ones) as the CPU target's
     python-backend model (``immich_trt.runtime.repository``: onnxruntime on the ONNX
     file) with the batching of its TensorRT model (``max_batch_size`` of
     ``immich_trt.gpu.tensorrt.engine_layout``): the same names and tensor contracts as
     the plans. Same call as the TensorRT builder; returns the names written."""
-    from ..runtime.repository import _write_if_changed, cached_specs, config_pbtxt, model_py_source, onnx_io
     from .tensorrt import engine_layout
 
     written = []
@@ -534,8 +495,8 @@ def write_standin_models(
         folder = Path(repository) / spec.name
         (folder / "1").mkdir(parents=True, exist_ok=True)
         text = config_pbtxt(dataclasses.replace(spec, max_batch_size=batch), inputs, outputs, settings)
-        _write_if_changed(folder / "config.pbtxt", text)
-        _write_if_changed(folder / "1" / "model.py", model_py_source())
+        write_if_changed(folder / "config.pbtxt", text)
+        write_if_changed(folder / "1" / "model.py", model_py_source())
         written.append(spec.name)
     return written
 

@@ -84,17 +84,29 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ..config import Settings
 from ..runtime.base import ModelSpec
+from ..runtime.repository import (
+    add_instance_group,
+    add_parameters,
+    add_tensor,
+    cached_specs,
+    config_text,
+    model_config,
+    onnx_io,
+    triton_data_type,
+    triton_dims,
+    write_if_changed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +403,6 @@ def engine_layout(spec: ModelSpec, settings: Settings) -> EngineLayout:
     :func:`immich_trt.runtime.repository.cached_specs`). Raises ``ValueError`` for a
     model outside the six families or a symbolic dimension with no known size."""
     from ..models.face import DET_INPUT_SIZE
-    from ..runtime.repository import onnx_io
 
     family = model_family(spec.name)
     inputs, outputs = onnx_io(Path(spec.onnx_path))
@@ -471,44 +482,30 @@ def tensorrt_config_pbtxt(layout: EngineLayout, gpus: Sequence[int | str]) -> st
     (``data_type`` from the ONNX element type; the batch axis dropped from ``dims`` when
     ``max_batch_size`` > 0), ``dynamic_batching`` when ``max_batch_size`` > 1, one
     ``KIND_GPU`` instance group per GPU id (with the ``profile`` list when the engine has
-    several), and comments naming what each profile holds. Raises ``ValueError`` for a
-    bad GPU id."""
-    from ..runtime.repository import ONNX_TO_TRITON, _dims
-
+    several), and a comment header naming what each profile holds. Raises ``ValueError``
+    for a bad GPU id."""
     ids = parse_device_ids(gpus)
     batched = layout.max_batch_size > 0
-    lines = [f'name: "{layout.name}"', 'platform: "tensorrt_plan"', f"max_batch_size: {layout.max_batch_size}"]
+    config = model_config(layout.name, platform="tensorrt_plan", max_batch_size=layout.max_batch_size)
+    comments = []
     for index, profile in enumerate(layout.profiles):
         shapes = ", ".join(f"{s.name} min {list(s.min)} opt {list(s.opt)} max {list(s.max)}" for s in profile.shapes)
-        lines.append(f"# profile {index}: {shapes}" + (f" ({profile.covers})" if profile.covers else ""))
-
-    def tensors(kind: str, items: Sequence[Tensor]) -> None:
-        entries = [
-            f'  {{ name: "{name}" data_type: {ONNX_TO_TRITON.get(elem, "TYPE_FP32")} '
-            f"dims: [ {_dims(dims[1:] if batched else dims)} ] }}"
-            for name, elem, dims in items
-        ]
-        lines.extend([f"{kind} [", ",\n".join(entries), "]"])
-
-    tensors("input", layout.inputs)
-    tensors("output", layout.outputs)
+        comments.append(f"profile {index}: {shapes}" + (f" ({profile.covers})" if profile.covers else ""))
+    for tensors, items in ((config.input, layout.inputs), (config.output, layout.outputs)):
+        for name, elem, dims in items:
+            add_tensor(tensors, name, triton_data_type(elem), triton_dims(dims[1:] if batched else dims))
     if layout.max_batch_size > 1:
-        preferred = (
-            f"preferred_batch_size: [ {', '.join(map(str, layout.preferred_batch_size))} ] "
-            if layout.preferred_batch_size
-            else ""
+        config.dynamic_batching.preferred_batch_size.extend(layout.preferred_batch_size)
+        config.dynamic_batching.max_queue_delay_microseconds = layout.max_queue_delay_us
+        config.dynamic_batching.SetInParent()
+    several = len(layout.profiles) > 1
+    for gpu in ids:
+        add_instance_group(
+            config, "KIND_GPU", 1, [gpu], [str(i) for i in range(len(layout.profiles))] if several else ()
         )
-        lines.append(f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {layout.max_queue_delay_us} }}")
-    profile_list = ""
-    if len(layout.profiles) > 1:
-        profile_list = " profile: [ " + ", ".join(f'"{i}"' for i in range(len(layout.profiles))) + " ]"
-    groups = [f"  {{ kind: KIND_GPU count: 1 gpus: [ {gpu} ]{profile_list} }}" for gpu in ids]
-    lines.extend(["instance_group [", ",\n".join(groups), "]"])
-    if len(layout.profiles) > 1:
-        lines.append(
-            'parameters: { key: "execution_context_allocation_strategy" value: { string_value: "ON_PROFILE_CHANGE" } }'
-        )
-    return "\n".join(lines) + "\n"
+    if several:
+        add_parameters(config, {"execution_context_allocation_strategy": "ON_PROFILE_CHANGE"})
+    return config_text(config, comments)
 
 
 # --------------------------------------------------------------------------- cache key
@@ -535,19 +532,6 @@ def cache_key(
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def is_cached(folder: Path, key: str) -> bool:
@@ -630,8 +614,6 @@ def _mixed_precision_copy(onnx_path: Path, folder: Path, tensorrt_version: str) 
 def _check_io_types(trt, network, onnx_path: Path) -> None:
     """The engine's I/O types must be the ONNX file's (Triton's config is written from
     it); TensorRT before 10 turns INT64 into INT32, for example."""
-    from ..runtime.repository import onnx_io
-
     inputs, outputs = onnx_io(onnx_path)
     expected = {name: elem for name, elem, _ in (*inputs, *outputs)}
     tensors = [network.get_input(i) for i in range(network.num_inputs)]
@@ -751,7 +733,7 @@ def build_engine(
             cache_data = Path(timing_cache_path).read_bytes()
         try:
             timing_cache = config.create_timing_cache(cache_data)
-        except Exception:  # unreadable file: start afresh
+        except Exception:  # noqa: BLE001 - TensorRT raises its own types for an unreadable cache: start afresh
             log.warning("ignoring unreadable TensorRT timing cache %s", timing_cache_path)
             timing_cache = config.create_timing_cache(b"")
         if not config.set_timing_cache(timing_cache, False):
@@ -766,7 +748,7 @@ def build_engine(
         if timing_cache_path is not None:
             saved = config.get_timing_cache()
             if saved is not None:
-                write_bytes_atomic(Path(timing_cache_path), bytes(memoryview(saved.serialize())))
+                write_if_changed(Path(timing_cache_path), bytes(memoryview(saved.serialize())))
         return bytes(memoryview(serialized))
 
 
@@ -889,8 +871,6 @@ def build_tensorrt_models(
     :class:`TensorRTUnavailableError` and :class:`NoGPUError` before building anything."""
     from tqdm import tqdm
 
-    from ..runtime.repository import cached_specs
-
     precision = precision or settings.trt_precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -929,7 +909,6 @@ def _build_one(
     workspace_bytes: int | None,
 ) -> BuildResult:
     from ..models.download import sha256_file
-    from ..runtime.repository import _write_if_changed
 
     layout = engine_layout(spec, settings)
     folder = repository / spec.name
@@ -944,7 +923,7 @@ def _build_one(
             layout.onnx_path, layout.profiles, precision, repository / TIMING_CACHE_NAME, workspace_bytes
         )
         seconds = time.monotonic() - started
-        write_bytes_atomic(plan, data)
+        write_if_changed(plan, data)
         info = {
             "key": key,
             "onnx": str(layout.onnx_path),
@@ -958,9 +937,9 @@ def _build_one(
             "plan_bytes": len(data),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        write_bytes_atomic(folder / "1" / BUILD_INFO_NAME, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+        write_if_changed(folder / "1" / BUILD_INFO_NAME, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
         status = "built"
-    _write_if_changed(folder / "config.pbtxt", tensorrt_config_pbtxt(layout, ids))
+    write_if_changed(folder / "config.pbtxt", tensorrt_config_pbtxt(layout, ids))
     return BuildResult(spec.name, precision, len(layout.profiles), seconds, plan.stat().st_size / 1e6, status, key)
 
 
