@@ -93,8 +93,8 @@ def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
     built), or a model TensorRT refuses (the others are still built)."""
     out = Path(args.output) if args.output else settings.engines_dir
     if args.target in ("tensorrt", "standin"):
-        from .gpu.ensemble import build_gpu_repository, write_standin_repository
-        from .gpu.tensorrt import EngineBuildError, NoGPUError, TensorRTUnavailableError, summary_table
+        from .tools.gpu.ensemble import build_gpu_repository, write_standin_repository
+        from .tools.gpu.tensorrt import EngineBuildError, NoGPUError, TensorRTUnavailableError, summary_table
         from .models.base import ModelLoadError
 
         gpus = args.gpus.split(",") if args.gpus is not None else None
@@ -124,7 +124,7 @@ def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
             if result.status == "failed":
                 print(f"build-engines: {result.name}: {result.error}", file=sys.stderr)
         return 1 if count["failed"] else 0
-    from .runtime.repository import build_repository
+    from .tools.engines import build_repository
 
     written = build_repository(settings, out, only=args.model)
     for name in written:

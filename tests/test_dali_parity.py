@@ -2,7 +2,7 @@
 
 Tensor level: each pipeline on every image of ``../shared/data/{photos,ocr}`` that DALI
 decodes (31 of 33; HEIC and AVIF stay on the CPU path), max/mean absolute difference
-within the tolerances measured for ``immich_trt.gpu.dali`` (see its docstring); the
+within the tolerances measured for ``immich_trt.tools.gpu.dali`` (see its docstring); the
 geometry (resize sizes, crop anchors, letterbox size, ``det_scale``) exactly equal.
 Model level: the served ONNX models (test-pack CLIP and SCRFD, PP-OCRv5 mobile) run
 through the model classes with the DALI tensor where their own preprocessing goes.
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
-from immich_trt.gpu import dali as D
+from immich_trt.tools.gpu import dali as D
 
 try:
     import nvidia.dali  # noqa: F401
@@ -101,14 +101,14 @@ def _ocr_sizes(images) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
 
 
 def test_module_imports_without_loading_dali() -> None:
-    code = "import sys, immich_trt.gpu.dali; sys.exit(any(m.startswith('nvidia.dali') for m in sys.modules))"
+    code = "import sys, immich_trt.tools.gpu.dali; sys.exit(any(m.startswith('nvidia.dali') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 
 def test_without_dali_running_a_pipeline_says_so() -> None:
     code = (
         "import sys; sys.modules['nvidia.dali'] = None\n"  # as if the package were absent
-        "from immich_trt.gpu import dali\n"
+        "from immich_trt.tools.gpu import dali\n"
         "try:\n    dali.run_cpu('face_detection', {}, [b'x'])\n"
         "except RuntimeError as exc:\n    print(exc)"
     )

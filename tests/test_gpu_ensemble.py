@@ -33,29 +33,31 @@ from PIL import Image
 
 from conftest import GOLDEN, SHARED_DATA, requires_data
 from immich_trt.contract import clip_visual_entries, face_entries, ocr_entries
-from immich_trt.gpu.ensemble import (
+from immich_trt.runtime.ensemble import (
     BUCKET_HW,
     CLIP_EMBEDDING,
-    CLIP_VISUAL,
     DET_SCALE_OUTPUT,
     ENCODED_INPUT,
+    RESIZE_HW,
+    check_gpu_settings,
+    gpu_path_names,
+    image_format,
+    with_ensembles,
+)
+from immich_trt.tools.gpu.ensemble import (
+    CLIP_VISUAL,
     FACE_DETECTION,
     OCR_DETECTION,
     PREPROCESS_MAX_BATCH_SIZE,
-    RESIZE_HW,
     ModelIO,
     TensorSpec,
     build_gpu_repository,
-    check_gpu_settings,
-    encoded_bytes,
     ensemble_config_pbtxt,
     gpu_kind,
-    gpu_path_names,
     read_model_io,
     write_standin_preprocess,
     write_standin_repository,
 )
-from immich_trt.gpu.dali import image_format
 from immich_trt.tools import testpack as tp
 from immich_trt.models.base import ModelContext
 from immich_trt.models.clip import ClipVisualEncoder, clip_preprocess
@@ -64,10 +66,10 @@ from immich_trt.models.transforms import to_bgr
 from immich_trt.models.ocr import DET_INPUT_U8, TextDetector, det_resize, pad_to_bucket
 from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.launcher import TritonLauncher
-from immich_trt.runtime.repository import build_repository
+from immich_trt.tools.engines import build_repository
 from immich_trt.runtime.triton import TritonRuntime
 from immich_trt.application import create_app
-from immich_trt.models.transforms import decode_pil
+from immich_trt.models.transforms import decode_pil, encoded_bytes
 from immich_trt.web import STATE
 from immich_trt.tools.testing import offline_settings
 
@@ -224,9 +226,9 @@ def test_the_tensorrt_and_dali_configs_give_the_stand_ins_ensembles(cache: Path,
     """The ensembles wired to the configs of the real writers (TensorRT plans, DALI
     pipelines; configs only, no engine or pipeline is built here) are the stand-ins'
     byte for byte, so what Triton loads above is what a GPU host loads."""
-    from immich_trt.gpu.dali import dali_config_pbtxt
-    from immich_trt.gpu.tensorrt import engine_layout, tensorrt_config_pbtxt
-    from immich_trt.runtime.repository import cached_specs
+    from immich_trt.tools.gpu.dali import dali_config_pbtxt
+    from immich_trt.tools.gpu.tensorrt import engine_layout, tensorrt_config_pbtxt
+    from immich_trt.tools.engines import cached_specs
 
     def plan_configs(settings, repository, *, only, gpus, **_):
         for spec in cached_specs(settings, only):
@@ -309,7 +311,7 @@ def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, 
         calls["preprocess"].append((folder.name, kind, params, max_batch_size))
         return write_standin_preprocess(folder, kind, params, max_batch_size)
 
-    settings = offline_settings(cache, preprocess="gpu")  # the builders always see the CPU specs
+    settings = offline_settings(cache, preprocess="gpu")  # models' specs never depend on it
     written = build_gpu_repository(settings, tmp_path, only=[CLIP, OCR, "ocr__PP-OCRv5_mobile__recognition"],
                                    precision="fp32", gpus=["0", "1"], force=True,
                                    build_engines=engines, write_preprocess=preprocess)  # fmt: skip
@@ -318,7 +320,7 @@ def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, 
     assert written.ensembles == [f"{CLIP}__ensemble", f"{OCR}__ensemble"]
     only = [CLIP, OCR, "ocr__PP-OCRv5_mobile__recognition"]
     assert calls["engines"] == [
-        (tmp_path, "cpu", tmp_path, {"only": only, "precision": "fp32", "gpus": ["0", "1"], "force": True})
+        (tmp_path, "gpu", tmp_path, {"only": only, "precision": "fp32", "gpus": ["0", "1"], "force": True})
     ]
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     (clip_call, ocr_call) = calls["preprocess"]
@@ -333,7 +335,7 @@ def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, 
 def test_det_scale_comes_back_exactly_from_its_float32() -> None:
     """The ensemble's det_scale is float32; the server recovers letterbox's float64
     ``new_height / height`` exactly, so boxes and landmarks divide by the CPU path's number."""
-    from immich_trt.gpu.ensemble import exact_det_scale
+    from immich_trt.tools.gpu.ensemble import exact_det_scale
 
     inexact = 0
     for height in range(1, 9000, 7):
@@ -391,8 +393,8 @@ async def test_loading_an_ensemble_loads_its_composing_models(gpu_settings, trit
     runtime = TritonRuntime(gpu_settings)
     await runtime.start()
     try:
-        model = ClipVisualEncoder("ViT-B-32__openai", ModelContext(gpu_settings, runtime))
-        assert [spec.name for spec in model.specs()] == [names.ensemble]
+        model = ClipVisualEncoder("ViT-B-32__openai", ModelContext(gpu_settings, with_ensembles(runtime, gpu_settings)))
+        assert [spec.name for spec in model.specs()] == [names.base]  # the runtime loads the ensemble
         await model.load()
     finally:
         await runtime.stop()
@@ -401,9 +403,9 @@ async def test_loading_an_ensemble_loads_its_composing_models(gpu_settings, trit
 
 @requires_data
 async def test_clip_and_face_ensembles_equal_the_direct_model_call(runtime, gpu_settings) -> None:
-    clip = ClipVisualEncoder("ViT-B-32__openai", ModelContext(gpu_settings, runtime))
+    clip = ClipVisualEncoder("ViT-B-32__openai", ModelContext(gpu_settings, with_ensembles(runtime, gpu_settings)))
     clip.prepare_files()
-    face = FaceDetector("buffalo_l", ModelContext(gpu_settings, runtime))
+    face = FaceDetector("buffalo_l", ModelContext(gpu_settings, with_ensembles(runtime, gpu_settings)))
     face.prepare_files()
     faces_seen = 0
     for data in [(PHOTOS / name).read_bytes() for name in PHOTO_SUBSET] + [squares_png()]:
@@ -434,7 +436,7 @@ async def test_clip_and_face_ensembles_equal_the_direct_model_call(runtime, gpu_
 @requires_data
 @pytest.mark.parametrize("buckets", [False, True], ids=["exact-size", "shape-buckets"])
 async def test_ocr_detection_ensemble_equals_the_direct_model_call(runtime, gpu_settings, buckets) -> None:
-    from immich_trt.gpu.ensemble import ocr_detection_inputs
+    from immich_trt.models.ocr import detection_sizes as ocr_detection_inputs
 
     padded = 0
     for path in sorted(OCR_IMAGES.glob("*"))[:8]:
@@ -475,7 +477,7 @@ async def test_images_without_usable_encoded_bytes_take_the_cpu_path(
     models = ((ClipVisualEncoder, "ViT-B-32__openai", CLIP), (FaceDetector, "buffalo_l", FACE),
               (TextDetector, "PP-OCRv5_mobile", OCR))  # fmt: skip
     for cls, name, base in models:
-        gpu_model = cls(name, ModelContext(gpu_settings, runtime))
+        gpu_model = cls(name, ModelContext(gpu_settings, with_ensembles(runtime, gpu_settings)))
         cpu_model = cls(name, ModelContext(cpu_settings, runtime))
         for model in (gpu_model, cpu_model):
             model.prepare_files()
@@ -497,11 +499,11 @@ async def test_images_without_usable_encoded_bytes_take_the_cpu_path(
 async def test_an_image_the_ensemble_refuses_takes_the_cpu_path(runtime, caplog) -> None:
     """An :class:`InferenceError` of the ensemble (here the stand-in refusing a bucket
     smaller than the image) is logged and answered ``None``: the caller's CPU path runs."""
-    from immich_trt.gpu.ensemble import infer_ensemble
+    from immich_trt.runtime.ensemble import infer_ensemble
 
     sizes = {RESIZE_HW: np.array([[512, 512]], np.int32), BUCKET_HW: np.array([[256, 256]], np.int32)}
     with caplog.at_level(logging.WARNING):
-        assert await infer_ensemble(runtime, OCR, decode_pil(squares_png()), sizes) is None
+        assert await infer_ensemble(runtime, OCR, squares_png(), sizes, image_size=(1280, 960)) is None
     assert f"Triton failed on '{OCR}__ensemble'" in caplog.text and "cannot hold a 512x512" in caplog.text
     assert "preprocessing this 1280x960 image on the CPU instead" in caplog.text
 
@@ -643,8 +645,6 @@ async def test_gpu_mode_through_a_launched_full_triton_never_rewrites_the_reposi
 def test_only_rgb_and_greyscale_images_keep_their_bytes_for_the_gpu_path() -> None:
     """CMYK, palette, alpha and 16-bit images keep the CPU path: a GPU decoder's colour
     conversion need not match Pillow's ``convert("RGB")``."""
-    from immich_trt.server.app import ENCODED
-
     base = Image.new("RGB", (40, 30), (200, 100, 50))
     cases = {"RGB": ("JPEG", True), "L": ("JPEG", True), "CMYK": ("JPEG", False), "P": ("PNG", False),
              "RGBA": ("PNG", False), "I;16": ("PNG", False)}  # fmt: skip
@@ -653,4 +653,4 @@ def test_only_rgb_and_greyscale_images_keep_their_bytes_for_the_gpu_path() -> No
         (base.convert(mode) if mode != "I;16" else Image.new("I;16", (40, 30), 1000)).save(buffer, format=fmt)
         image = decode_pil(buffer.getvalue())
         assert image.mode == "RGB"
-        assert (ENCODED in image.info) is kept, mode
+        assert (encoded_bytes(image) is not None) is kept, mode

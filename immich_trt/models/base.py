@@ -14,12 +14,12 @@ import functools
 import logging
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..config import Settings, clean_name
-from ..runtime.base import ModelSpec, Runtime, RuntimeUnavailableError
+from ..runtime.base import ModelSpec, NoRuntime, Runtime, RuntimeUnavailableError
 from .registry import ModelTask, ModelType, cache_dir
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,11 @@ class ModelLoadError(Exception):
 
 @dataclass
 class ModelContext:
-    """What every model needs from the server: settings, the runtime, the CPU executor."""
+    """What every model needs from the server: settings, the runtime, the CPU executor.
+    Without a runtime (:class:`NoRuntime`) a model can prepare its files, not run."""
 
     settings: Settings
-    runtime: Runtime
+    runtime: Runtime = field(default_factory=NoRuntime)
     executor: Executor | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -17,7 +17,7 @@ def ensure_model_files(settings: Settings, name: str, task: str, model_type: str
     from . import build_model
 
     source, _ = resolve(name, model_type, task)
-    ctx = ModelContext(settings=settings, runtime=None)  # type: ignore[arg-type]
+    ctx = ModelContext(settings=settings)  # prepares files only: no runtime
     model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
     model._obtain()  # noqa: SLF001 - the one public way in without a runtime
     folder = model.cache_dir / str(model.type)

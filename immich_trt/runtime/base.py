@@ -73,13 +73,15 @@ class Runtime(ABC):
         preprocess: Callable[[], Awaitable[Mapping[str, np.ndarray]]],
         ensemble_inputs: Mapping[str, np.ndarray] | None = None,
         outputs: Sequence[str] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run model ``name`` on an image: the runtime decides where it is preprocessed.
 
         ``encoded`` is the file the image was decoded from (or None), ``preprocess`` the
         model's CPU preprocessing (a coroutine factory giving the input tensors),
         ``ensemble_inputs`` what a device-side preprocessing needs besides the bytes (e.g.
-        OCR's ``resize_hw``/``bucket_hw``). This base runs ``preprocess`` and
+        OCR's ``resize_hw``/``bucket_hw``), ``image_size`` the image's (width, height) in
+        pixels, for messages. This base runs ``preprocess`` and
         :meth:`infer`; the GPU target's runtime sends ``encoded`` to an ensemble instead
         (:mod:`.ensemble`). Same outputs and errors as :meth:`infer`."""
         return await self.infer(name, await preprocess(), outputs)
@@ -87,3 +89,19 @@ class Runtime(ABC):
     async def ready(self) -> bool:
         """Whether the backend can serve now (used by health checks)."""
         return True
+
+
+class NoRuntime(Runtime):
+    """The runtime of a context that only prepares model files (the repository and engine
+    builders): every call raises :class:`RuntimeUnavailableError`."""
+
+    async def load(self, spec: ModelSpec) -> None:
+        raise RuntimeUnavailableError("this context prepares model files only; it runs no model")
+
+    async def unload(self, name: str) -> None:
+        return None
+
+    async def infer(
+        self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        raise RuntimeUnavailableError("this context prepares model files only; it runs no model")

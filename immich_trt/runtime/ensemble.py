@@ -103,14 +103,15 @@ async def infer_ensemble(
     encoded: bytes | None,
     inputs: Mapping[str, np.ndarray] | None = None,
     outputs: Sequence[str] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray] | None:
     """Run ``<base>__ensemble`` on ``encoded`` (sent as ``encoded`` UINT8 [1, n]) plus
     ``inputs``; returns the requested outputs (all when ``outputs`` is None), or ``None``
     when the caller is to take the CPU path: no bytes, bytes of a format the pipelines do
     not decode (:func:`image_format`), or the ensemble refused them (an
     :class:`InferenceError`, logged as a warning: e.g. a file Pillow decodes and nvJPEG
-    does not, which fails its whole DALI batch).
-    Raises :class:`RuntimeUnavailableError` when Triton cannot be reached."""
+    does not, which fails its whole DALI batch). ``image_size`` (width, height) is for
+    that warning. Raises :class:`RuntimeUnavailableError` when Triton cannot be reached."""
     if encoded is None or image_format(encoded) is None:
         log.debug("No encoded bytes the GPU decodes; '%s' preprocesses on the CPU", base)
         return None
@@ -119,7 +120,8 @@ async def infer_ensemble(
     try:
         return await runtime.infer(name, feed, outputs)
     except InferenceError as exc:
-        log.warning("%s; preprocessing this image on the CPU instead", exc)
+        size = f"{image_size[0]}x{image_size[1]} " if image_size else ""
+        log.warning("%s; preprocessing this %simage on the CPU instead", exc, size)
         return None
 
 
@@ -127,11 +129,12 @@ class EnsembleRuntime(Runtime):
     """A Triton runtime whose image models take encoded images through the GPU target's
     ensembles (``IMMICH_TRT_PREPROCESS=gpu``); everything else is the wrapped runtime's.
 
-    Raises ``ValueError`` at construction when the settings cannot serve the GPU path
-    (:func:`check_gpu_settings`)."""
+    Loading an image model raises ``ValueError`` when the settings cannot serve the GPU
+    path (:func:`check_gpu_settings`: e.g. the in-process runtime, or the wheel's Triton
+    without ``TRITON_URL``); ``immich-trt serve`` refuses such settings at start."""
 
     def __init__(self, inner: Runtime, settings: Settings) -> None:
-        check_gpu_settings(settings)
+        self.settings = settings
         self.inner = inner
         self._ensembles: set[str] = set()  # base names served through their ensemble
 
@@ -153,6 +156,7 @@ class EnsembleRuntime(Runtime):
         """Load ``<base>__ensemble`` for a model made from the encoded image, ``spec``
         itself otherwise."""
         if spec.from_encoded_image:
+            check_gpu_settings(self.settings)
             await self.inner.load(ensemble_spec(spec))
             self._ensembles.add(spec.name)
         else:
@@ -177,20 +181,20 @@ class EnsembleRuntime(Runtime):
         preprocess: Callable[[], Awaitable[Mapping[str, np.ndarray]]],
         ensemble_inputs: Mapping[str, np.ndarray] | None = None,
         outputs: Sequence[str] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
-        """The ensemble on ``encoded`` when ``name`` is served through one and the bytes
-        suit it, else the model's CPU ``preprocess`` and ``name`` directly (see
+        """``<name>__ensemble`` on ``encoded`` when the bytes suit it, else the model's CPU
+        ``preprocess`` and ``name`` directly, which the ensemble's load has loaded (see
         :meth:`Runtime.infer_image`)."""
-        if name in self._ensembles:
-            out = await infer_ensemble(self.inner, name, encoded, ensemble_inputs, outputs)
-            if out is not None:
-                return out
+        out = await infer_ensemble(self.inner, name, encoded, ensemble_inputs, outputs, image_size)
+        if out is not None:
+            return out
         return await self.inner.infer(name, await preprocess(), outputs)
 
 
 def with_ensembles(runtime: Runtime, settings: Settings) -> Runtime:
     """``runtime`` wrapped in :class:`EnsembleRuntime` when ``IMMICH_TRT_PREPROCESS=gpu``,
-    else ``runtime`` itself. Raises ``ValueError`` as :func:`check_gpu_settings`."""
+    else ``runtime`` itself."""
     if settings.preprocess != "gpu":
         return runtime
     return EnsembleRuntime(runtime, settings)

@@ -14,7 +14,7 @@ OCR recognition              max(8, MAX_BATCH_SIZE__OCR)  one request carries <=
 ===========================  ==============  =========================================
 
 This module is also the writer every target shares (the TensorRT models, DALI
-pipelines, stand-ins and ensembles of :mod:`immich_trt.gpu`): a ``config.pbtxt`` is
+pipelines, stand-ins and ensembles of :mod:`immich_trt.tools.gpu`): a ``config.pbtxt`` is
 built as Triton's own ``ModelConfig`` message (:func:`model_config`,
 :func:`add_tensor`, :func:`add_instance_group`, :func:`add_parameters`) and rendered
 with protobuf's text format (:func:`config_text`); files land through
@@ -248,50 +248,3 @@ def write_model(repository: Path, spec: ModelSpec, settings: Settings) -> Path:
     write_if_changed(folder / "config.pbtxt", config_pbtxt(spec, inputs, outputs, settings))
     write_if_changed(folder / "1" / "model.py", model_py_source())
     return folder
-
-
-def cached_specs(settings: Settings, only: list[str] | None = None) -> list[ModelSpec]:
-    """Specs of every servable model whose ONNX file is in the Immich model cache
-    (``<cache>/<task>/<model>/<type>/model.onnx``), derived files prepared."""
-    import dataclasses
-
-    from ..models import build_model
-    from ..models.base import ModelContext
-    from ..models.registry import ModelTask, ModelType, resolve
-
-    # the served models themselves, whatever IMMICH_TRT_PREPROCESS says (gpu mode's specs
-    # name its ensembles)
-    settings = dataclasses.replace(settings, preprocess="cpu")
-    ctx = ModelContext(settings=settings, runtime=None)  # type: ignore[arg-type]
-    specs: dict[str, ModelSpec] = {}
-    for path in sorted(Path(settings.cache_folder).glob("*/*/*/model.onnx")):
-        model_type, name, task = path.parent.name, path.parent.parent.name, path.parent.parent.parent.name
-        try:
-            source, _ = resolve(name, model_type, task)
-        except ValueError:
-            log.warning("Skipping %s: not an Immich model", path)
-            continue
-        model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
-        if model.model_file != path:
-            continue  # e.g. a language-prefixed name's detector lives under the plain name
-        if only and getattr(model, "triton_name", None) not in only:
-            continue
-        model.prepare_files()
-        for spec in model.specs():
-            specs[spec.name] = spec
-    return list(specs.values())
-
-
-def build_repository(settings: Settings, repository: Path, only: list[str] | None = None) -> list[str]:
-    """Write the CPU-target repository for every cached model (or only the named ones).
-
-    Returns the names written."""
-    import dataclasses
-
-    repository.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.replace(settings, engines_dir=repository)  # derived files live beside their config
-    written = []
-    for spec in cached_specs(settings, only):
-        write_model(repository, spec, settings)
-        written.append(spec.name)
-    return written

@@ -53,6 +53,6 @@ class ClipVisualEncoder(_ClipModel):
         if not isinstance(image, Image.Image):
             raise TypeError("clip visual needs an image")
         out = await self.ctx.runtime.infer_image(
-            self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self.preprocess, image)
+            self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self.preprocess, image), image_size=image.size
         )
         return serialize_np(next(iter(out.values()))[0])

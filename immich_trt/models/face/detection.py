@@ -203,9 +203,13 @@ class FaceDetector(_FaceModel):
         rank = len(graph.output[0].type.tensor_type.shape.dim)
         self.layout = ScrfdLayout([o.name for o in graph.output], batched=rank == 3)
 
-    def _preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
-        canvas, _ = letterbox(to_bgr(image), self.input_size)
-        return {self.input_name: detection_blob(canvas)}
+    def _preprocess(self, image: Image.Image) -> tuple[np.ndarray, float]:
+        """The CPU preprocessing: ``float32[1, 3, h, w]`` blob and ``det_scale``."""
+        canvas, det_scale = letterbox(to_bgr(image), self.input_size)
+        return detection_blob(canvas), det_scale
+
+    def _input_tensors(self, image: Image.Image) -> dict[str, np.ndarray]:
+        return {self.input_name: self._preprocess(image)[0]}
 
     async def _predict(self, image: Image.Image) -> dict[str, np.ndarray]:
         if not isinstance(image, Image.Image):
@@ -213,7 +217,8 @@ class FaceDetector(_FaceModel):
         assert self.layout is not None
         names = self.layout.output_names
         out = await self.ctx.runtime.infer_image(
-            self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self._preprocess, image), outputs=names
+            self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self._input_tensors, image), outputs=names,
+            image_size=image.size,
         )
         _, _, det_scale = letterbox_geometry(image.width, image.height, self.input_size)
         input_hw = (self.input_size[1], self.input_size[0])

@@ -126,9 +126,18 @@ class TextDetector(_PaddleModel):
         dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
         self.runtime_file = det_uint8_model(self.model_file, dest)
 
-    def _preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
+    def _preprocess(self, image: Image.Image) -> np.ndarray | None:
+        """The CPU preprocessing: ``uint8[1, H, W, 3]`` (padded to its bucket when shape
+        buckets are on); None for an image under 32 px a side."""
+        if image.width < 32 or image.height < 32:
+            return None
         pixels = det_resize(image, self.max_resolution)
-        return {DET_INPUT_U8: pad_to_bucket(pixels) if self.shape_buckets else pixels}
+        return pad_to_bucket(pixels) if self.shape_buckets else pixels
+
+    def _input_tensors(self, image: Image.Image) -> dict[str, np.ndarray]:
+        tensor = self._preprocess(image)
+        assert tensor is not None  # tiny images never reach the runtime
+        return {DET_INPUT_U8: tensor}
 
     def _postprocess(self, pred: np.ndarray, input_shape: tuple[int, int], image_size: tuple[int, int]):
         h, w = input_shape
@@ -146,7 +155,8 @@ class TextDetector(_PaddleModel):
         out = await self.ctx.runtime.infer_image(
             self.triton_name,
             encoded,
-            lambda: self.ctx.run(self._preprocess, image),
+            lambda: self.ctx.run(self._input_tensors, image),
             ensemble_inputs=detection_sizes((resize_h, resize_w), self.shape_buckets),
+            image_size=image.size,
         )
         return await self.ctx.run(self._postprocess, next(iter(out.values())), (resize_h, resize_w), (h, w))

@@ -54,14 +54,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ..config import Settings
-from ..models.registry import ModelTask, ModelType
-from ..runtime.base import InferenceError, ModelSpec
-from ..runtime.repository import (
+from ...config import Settings
+from ...models.registry import ModelTask, ModelType
+from ...runtime.base import ModelSpec
+from ...runtime.ensemble import CLIP_EMBEDDING, GpuPathNames, check_gpu_settings, gpu_path_names
+from ...runtime.repository import (
     add_instance_group,
     add_parameters,
     add_tensor,
-    cached_specs,
     config_pbtxt,
     config_text,
     model_config,
@@ -69,6 +69,7 @@ from ..runtime.repository import (
     onnx_io,
     write_if_changed,
 )
+from ..engines import cached_specs
 from .dali import (  # the preprocessing contract (importing it never needs DALI)
     BUCKET_HW,
     CLIP_VISUAL,
@@ -88,12 +89,10 @@ from .dali import (  # the preprocessing contract (importing it never needs DALI
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..runtime.base import Runtime
+    from ...runtime.base import Runtime
 
 log = logging.getLogger(__name__)
 
-#: The CLIP ensemble's output, whatever the model calls its own (FP32 [D]).
-CLIP_EMBEDDING = "embedding"
 #: The preprocessing output that feeds the model, per kind (the others, ``det_scale``,
 #: are ensemble outputs).
 PREPROCESSED = {kind: names[0] for kind, names in OUTPUT_NAMES.items()}
@@ -118,19 +117,6 @@ class GpuRepository(NamedTuple):
     models: Any  # what the models' builder returned (the TensorRT builder: its BuildResults)
     preprocess: list[str]  # ``<base>__preprocess`` names
     ensembles: list[str]  # ``<base>__ensemble`` names
-
-
-class GpuPathNames(NamedTuple):
-    """Triton model names of one GPU-preprocessed model."""
-
-    base: str  # the TensorRT (or CPU-target) model, e.g. ``clip__ViT-B-32__openai__visual``
-    preprocess: str  # ``<base>__preprocess``
-    ensemble: str  # ``<base>__ensemble``
-
-
-def gpu_path_names(base: str) -> GpuPathNames:
-    """The names of the preprocessing model and the ensemble served for model ``base``."""
-    return GpuPathNames(base, f"{base}__preprocess", f"{base}__ensemble")
 
 
 def gpu_kind(base: str) -> str | None:
@@ -279,7 +265,7 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
 
 #: ``build_engines(settings, repository, *, only, precision, gpus, force)``: writes the
 #: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder). Not
-#: :class:`immich_trt.gpu.tensorrt.EngineBuilder`, which builds one engine.
+#: :class:`immich_trt.tools.gpu.tensorrt.EngineBuilder`, which builds one engine.
 ModelsWriter = Callable[..., Any]
 #: ``write_preprocess(folder, kind, params, max_batch_size)``: writes one preprocessing
 #: model (``config.pbtxt`` and its version folder) into ``folder`` (default: DALI).
@@ -309,9 +295,9 @@ def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
     * ``ocr_detection``: ``{}`` (sizes come with each request).
 
     Raises ``ValueError`` for a model that is not GPU-preprocessed."""
-    from ..models import build_model
-    from ..models.base import ModelContext
-    from ..models.registry import resolve
+    from ...models import build_model
+    from ...models.base import ModelContext
+    from ...models.registry import resolve
 
     kind = gpu_kind(base)
     if kind is None:
@@ -321,7 +307,7 @@ def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
     parts = base.split("__")
     task, name, model_type = parts[0], "__".join(parts[1:-1]), parts[-1]
     source, _ = resolve(name, model_type, task)
-    ctx = ModelContext(settings=dataclasses.replace(settings, preprocess="cpu"), runtime=None)  # type: ignore[arg-type]
+    ctx = ModelContext(settings=settings)  # prepares files only: no runtime
     model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
     model.prepare_files()
     if kind == CLIP_VISUAL:
@@ -341,10 +327,10 @@ def build_gpu_repository(
     write_preprocess: PreprocessWriter | None = None,
 ) -> GpuRepository:
     """Write the GPU target for every cached model (or only the named ones): the models
-    (``build_engines``, default :func:`immich_trt.gpu.tensorrt.build_tensorrt_models`,
+    (``build_engines``, default :func:`immich_trt.tools.gpu.tensorrt.build_tensorrt_models`,
     called as ``build_engines(settings, repository, only=, precision=, gpus=, force=)``),
     then ``<base>__preprocess`` for CLIP visual, face detection and OCR detection
-    (``write_preprocess``, default :func:`immich_trt.gpu.dali.write_dali_model`, with
+    (``write_preprocess``, default :func:`immich_trt.tools.gpu.dali.write_dali_model`, with
     :func:`preprocess_params` and ``max_batch_size`` = the model's, at least
     :data:`PREPROCESS_MAX_BATCH_SIZE`), then the ensembles (:func:`write_ensembles`,
     whose ``max_batch_size`` is then the model's).
@@ -354,7 +340,7 @@ def build_gpu_repository(
     ``ValueError`` if the models do not fit together."""
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.replace(settings, engines_dir=repository, preprocess="cpu")
+    settings = dataclasses.replace(settings, engines_dir=repository)
     build_engines = build_engines or _tensorrt_builder
     write_preprocess = write_preprocess or _dali_writer
     models = build_engines(settings, repository, only=only, precision=precision, gpus=gpus, force=force)
@@ -395,16 +381,17 @@ def reference_preprocess(
     bucket smaller than the resized image, PIL's errors for undecodable bytes."""
     from PIL import Image
 
-    from ..server.app import decode_pil
+    from ...models.transforms import decode_pil
 
     image = decode_pil(bytes(data))
     if kind == CLIP_VISUAL:
-        from ..models.clip import clip_preprocess
+        from ...models.clip import clip_preprocess
 
         mean, std = np.array(params["mean"], np.float32), np.array(params["std"], np.float32)
         return {PREPROCESSED[kind]: clip_preprocess(image, int(params["size"]), mean, std)[0]}
     if kind == FACE_DETECTION:
-        from ..models.face import detection_blob, letterbox, to_bgr
+        from ...models.face import detection_blob, letterbox
+        from ...models.transforms import to_bgr
 
         canvas, det_scale = letterbox(to_bgr(image), tuple(params["input_size"]))
         return {PREPROCESSED[kind]: detection_blob(canvas)[0], DET_SCALE_OUTPUT: np.array([det_scale], np.float32)}
@@ -422,7 +409,7 @@ def reference_preprocess(
 
 def write_standin_preprocess(folder: Path, kind: str, params: dict, max_batch_size: int) -> Path:
     """Write a python-backend ``<base>__preprocess`` running :func:`reference_preprocess`,
-    with the DALI model's tensors (``immich_trt.gpu.dali.io_specs``; same signature as
+    with the DALI model's tensors (``immich_trt.tools.gpu.dali.io_specs``; same signature as
     the DALI writer). Returns ``folder``."""
     folder = Path(folder)
     inputs, outputs = io_specs(kind, params)
@@ -482,7 +469,7 @@ def write_standin_models(settings: Settings, repository: Path, *, only: list[str
     """Write every cached model (or only the named ones) as the CPU target's
     python-backend model (``immich_trt.runtime.repository``: onnxruntime on the ONNX
     file) with the batching of its TensorRT model (``max_batch_size`` of
-    ``immich_trt.gpu.tensorrt.engine_layout``): the same names and tensor contracts as
+    ``immich_trt.tools.gpu.tensorrt.engine_layout``): the same names and tensor contracts as
     the plans. Same call as the TensorRT builder; returns the names written."""
     from .tensorrt import engine_layout
 
@@ -514,76 +501,7 @@ def write_standin_repository(settings: Settings, repository: Path, only: list[st
     )
 
 
-# ------------------------------------------------------------------------ server side
-
-
-def check_gpu_settings(settings: Settings) -> None:
-    """Raise ``ValueError`` when ``IMMICH_TRT_PREPROCESS=gpu`` cannot work: the GPU path
-    needs a Triton server with the DALI and TensorRT backends serving the prebuilt
-    repository, either launched by us from a full installation
-    (``IMMICH_TRT_TRITON_SERVER``, e.g. ``/opt/tritonserver`` in NVIDIA's image) or given
-    by ``TRITON_URL`` (the Triton of the nvidia-pytriton wheel and the in-process
-    onnxruntime runtime have neither backend)."""
-    if settings.preprocess != "gpu":
-        return
-    if settings.runtime != "triton":
-        raise ValueError(
-            f"IMMICH_TRT_PREPROCESS=gpu needs IMMICH_TRT_RUNTIME=triton (not {settings.runtime!r}): "
-            "GPU preprocessing runs in Triton ensembles"
-        )
-    if not settings.triton_url and settings.triton_server is None:
-        raise ValueError(
-            "IMMICH_TRT_PREPROCESS=gpu needs a Triton with the DALI and TensorRT backends serving the repository "
-            "of `immich-trt build-engines --target tensorrt`: IMMICH_TRT_TRITON_SERVER=/opt/tritonserver "
-            "(launched by us) or TRITON_URL"
-        )
-
-
-def gpu_specs(settings: Settings, spec: ModelSpec) -> list[ModelSpec]:
-    """What a GPU-preprocessed model loads in ``gpu`` mode: ``<base>__ensemble``, by name
-    (its composing models load with it). Raises ``ValueError`` (:func:`check_gpu_settings`)."""
-    check_gpu_settings(settings)
-    return [ModelSpec(gpu_path_names(spec.name).ensemble, spec.onnx_path, max_batch_size=0)]
-
-
-def encoded_bytes(image: Image.Image) -> bytes | None:
-    """The encoded bytes ``image`` was decoded from (``image.info[ENCODED]``, set by
-    ``decode_pil``) when the DALI pipelines decode them as Pillow does (JPEG, PNG,
-    WebP: ``immich_trt.gpu.dali.image_format``); ``None`` when absent, of another format
-    (AVIF, HEIC, TIFF...), or when they decode to another size than the image's (PIL
-    copies ``info`` into resized copies; ``decode_pil`` records the decoded size)."""
-    from ..server.app import ENCODED, ENCODED_SIZE
-
-    data = image.info.get(ENCODED)
-    if not isinstance(data, bytes) or image.info.get(ENCODED_SIZE) != image.size or image_format(data) is None:
-        return None
-    return data
-
-
-async def infer_ensemble(
-    runtime: Runtime,
-    base: str,
-    image: Image.Image,
-    inputs: Mapping[str, np.ndarray] | None = None,
-    outputs: Sequence[str] | None = None,
-) -> dict[str, np.ndarray] | None:
-    """Run ``<base>__ensemble`` on the image's encoded bytes (``encoded`` UINT8 [1, n])
-    plus ``inputs``; returns the requested outputs, or ``None`` when the caller is to
-    take the CPU path: the image has no usable encoded bytes (:func:`encoded_bytes`), or
-    the ensemble refused them (an :class:`InferenceError`, logged as a warning: e.g. a
-    file Pillow decodes and nvJPEG does not, which fails its whole DALI batch).
-    Raises :class:`RuntimeUnavailableError` when Triton cannot be reached."""
-    data = encoded_bytes(image)
-    if data is None:
-        log.debug("No encoded bytes for a %dx%d image; '%s' preprocesses on the CPU", image.width, image.height, base)
-        return None
-    name = gpu_path_names(base).ensemble
-    feed = {ENCODED_INPUT: np.frombuffer(data, dtype=np.uint8)[None], **(inputs or {})}
-    try:
-        return await runtime.infer(name, feed, outputs)
-    except InferenceError as exc:
-        log.warning("%s; preprocessing this %dx%d image on the CPU instead", exc, image.width, image.height)
-        return None
+# ---------------------------------------------------------------------- contract checks
 
 
 def exact_det_scale(det_scale: np.ndarray, height: int) -> float:
@@ -591,14 +509,3 @@ def exact_det_scale(det_scale: np.ndarray, height: int) -> float:
     one the ensemble returns: ``new_height`` is an integer, recovered by rounding, so the
     boxes divide by exactly the CPU path's number."""
     return round(float(np.asarray(det_scale).reshape(-1)[0]) * height) / height
-
-
-def ocr_detection_inputs(resize_hw: tuple[int, int], shape_buckets: bool) -> dict[str, np.ndarray]:
-    """``resize_hw`` and ``bucket_hw`` INT32 [1, 2] for the OCR detection ensemble: the
-    detector input size (``det_resize_shape``, as height, width) and its padded size
-    (the :data:`DET_BUCKETS` ladder of ``pad_to_bucket`` when buckets are on)."""
-    from ..models.ocr import DET_BUCKETS, bucket
-
-    h, w = resize_hw
-    padded = (bucket(h, DET_BUCKETS, 512), bucket(w, DET_BUCKETS, 512)) if shape_buckets else (h, w)
-    return {RESIZE_HW: np.array([[h, w]], np.int32), BUCKET_HW: np.array([padded], np.int32)}

@@ -63,9 +63,10 @@ from typing import Any
 
 import numpy as np
 
-from ..models.face import DET_INPUT_SIZE
-from ..models.ocr import DET_INPUT_U8
-from ..runtime.repository import (
+from ...models.face import DET_INPUT_SIZE
+from ...models.ocr import DET_INPUT_U8
+from ...runtime.ensemble import BUCKET_HW, DET_SCALE_OUTPUT, ENCODED_INPUT, RESIZE_HW, image_format
+from ...runtime.repository import (
     add_instance_group,
     add_parameters,
     add_tensor,
@@ -79,15 +80,10 @@ FACE_DETECTION = "face_detection"
 OCR_DETECTION = "ocr_detection"
 KINDS = (CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION)
 
-#: Tensor names of the GPU contract.
-ENCODED_INPUT = "encoded"
+#: Tensor names of the GPU contract (the ensembles' own inputs and outputs, shared with
+#: the serving side, are those of :mod:`immich_trt.runtime.ensemble`).
 CLIP_IMAGE = "image"
 SCRFD_INPUT = "input.1"
-#: The face pipeline's letterbox scale output (a tensor name, not the OCR normaliser
-#: :data:`immich_trt.models.ocr.DET_SCALE`).
-DET_SCALE_OUTPUT = "det_scale"
-RESIZE_HW = "resize_hw"
-BUCKET_HW = "bucket_hw"
 #: Output names per kind, in pipeline order (the DALI backend maps outputs by position).
 OUTPUT_NAMES = {
     CLIP_VISUAL: (CLIP_IMAGE,),
@@ -111,21 +107,6 @@ class TensorSpec:
     name: str
     data_type: str
     dims: tuple[int, ...]
-
-
-def image_format(encoded: bytes) -> str | None:
-    """``"jpeg"``, ``"png"`` or ``"webp"`` when the bytes start with that format's
-    signature: the formats whose DALI decode was checked bit-exact against Pillow.
-    None otherwise (HEIC, AVIF, TIFF...): keep those on the CPU path, since one file
-    DALI cannot decode fails its whole batch."""
-    head = bytes(encoded[:12])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def _check_kind(kind: str) -> None:

@@ -93,13 +93,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..config import Settings
-from ..runtime.base import ModelSpec
-from ..runtime.repository import (
+from ...config import Settings
+from ...runtime.base import ModelSpec
+from ..engines import cached_specs
+from ...runtime.repository import (
     add_instance_group,
     add_parameters,
     add_tensor,
-    cached_specs,
     config_text,
     model_config,
     onnx_io,
@@ -248,7 +248,7 @@ def ocr_detection_profiles(input_name: str, max_batch: int, opt_batch: int = 1) 
     """Profiles of the OCR detector's ``[N, H, W, 3]`` input: one square profile per
     :data:`~immich_trt.models.ocr.DET_BUCKETS` side, then ``wide`` and ``tall`` for
     panoramas (see the module docstring). ``max_batch`` >= 1."""
-    from ..models.ocr import DET_BUCKETS, bucket
+    from ...models.ocr import DET_BUCKETS, bucket
 
     opt_batch = min(opt_batch, max_batch)
     profiles = []
@@ -281,7 +281,7 @@ def ocr_recognition_profiles(input_name: str, max_batch: int, opt_batch: int) ->
     """Profiles of the recognizer's ``[N, 3, 48, W]`` input: one per
     :data:`~immich_trt.models.ocr.REC_WIDTH_BUCKETS` width ``b`` holding ``W`` in
     ``(previous, b]`` (from 320), then ``(2560, 5120]``; batch ``1..max_batch``."""
-    from ..models.ocr import REC_HEIGHT, REC_MIN_WIDTH, REC_WIDTH_BUCKETS, bucket
+    from ...models.ocr import REC_HEIGHT, REC_MIN_WIDTH, REC_WIDTH_BUCKETS, bucket
 
     opt_batch = min(opt_batch, max_batch)
     profiles = []
@@ -400,9 +400,9 @@ def _batch_first_outputs(family: str, outputs: Sequence[Tensor]) -> bool:
 
 def engine_layout(spec: ModelSpec, settings: Settings) -> EngineLayout:
     """The engine and Triton model for one served ONNX file (``spec`` from
-    :func:`immich_trt.runtime.repository.cached_specs`). Raises ``ValueError`` for a
+    :func:`immich_trt.tools.engines.cached_specs`). Raises ``ValueError`` for a
     model outside the six families or a symbolic dimension with no known size."""
-    from ..models.face import DET_INPUT_SIZE
+    from ...models.face import DET_INPUT_SIZE
 
     family = model_family(spec.name)
     inputs, outputs = onnx_io(Path(spec.onnx_path))
@@ -880,7 +880,7 @@ def build_tensorrt_models(
     repository.mkdir(parents=True, exist_ok=True)
     # derived files beside their configs; the engines are the plain models whichever
     # preprocessing the server uses (with "gpu", specs name the ensembles instead)
-    settings = dataclasses.replace(settings, engines_dir=repository, preprocess="cpu")
+    settings = dataclasses.replace(settings, engines_dir=repository)
     flags = {"builder_version": BUILDER_VERSION, "workspace_bytes": workspace_bytes}
     results = []
     specs = cached_specs(settings, only)
@@ -908,7 +908,7 @@ def _build_one(
     force: bool,
     workspace_bytes: int | None,
 ) -> BuildResult:
-    from ..models.download import sha256_file
+    from ...models.download import sha256_file
 
     layout = engine_layout(spec, settings)
     folder = repository / spec.name
