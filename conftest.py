@@ -41,8 +41,8 @@ def ocr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An Immich-layout cache with PP-OCRv5 mobile and the small test pack
     (``ViT-B-32__openai`` CLIP and ``buffalo_l`` faces built by immich_trt.tools.testpack)."""
-    from immich_trt.tools.testpack import make_test_pack
     from immich_trt.tools.testing import prepare_ocr_cache
+    from immich_trt.tools.testpack import make_test_pack
 
     cache = prepare_ocr_cache(tmp_path_factory.mktemp("full-model-cache"))
     make_test_pack(cache)

@@ -21,10 +21,10 @@ import onnxruntime
 import orjson
 import PIL
 
-from immich_trt.models.transforms import decode_pil
 from immich_trt.models import build_model
 from immich_trt.models.base import ModelContext
 from immich_trt.models.cache import ModelCache
+from immich_trt.models.transforms import decode_pil
 from immich_trt.runtime.onnxruntime import OnnxRuntime
 from immich_trt.tools.testing import offline_settings, prepare_ocr_cache
 

@@ -231,7 +231,7 @@ class Load:
             async with session.post(contract.predict_url(url), data=form) as response:
                 body = await response.read()
                 status, retry_after = response.status, response.headers.get("Retry-After", "")
-        except asyncio.TimeoutError as exc:  # before ClientConnectionError: ServerTimeoutError is both
+        except TimeoutError as exc:  # before ClientConnectionError: ServerTimeoutError is both
             return Record(client, task, phase, start, self.now_s(), None, "timeout", type(exc).__name__)
         except aiohttp.ClientConnectionError as exc:
             return Record(client, task, phase, start, self.now_s(), None, "connection", type(exc).__name__)
@@ -871,8 +871,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 def build_cache(folder: Path, full_size: bool = False) -> Path:
     """The model cache of a server started here: test pack and PP-OCRv5 mobile."""
-    from immich_trt.tools.testpack import make_test_pack
     from immich_trt.tools.testing import prepare_ocr_cache
+    from immich_trt.tools.testpack import make_test_pack
 
     prepare_ocr_cache(folder)
     make_test_pack(folder, full_size)

@@ -27,18 +27,18 @@ import aiohttp
 import numpy as np
 import onnxruntime
 import PIL
-from PIL import Image
 from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
 
-from immich_trt.contract import CLIP_MODEL, PREVIEW_SIZE
-from immich_trt.tools.testpack import make_test_pack
 from immich_trt.application import create_app
+from immich_trt.contract import CLIP_MODEL, PREVIEW_SIZE
 from immich_trt.models.transforms import decode_pil
 from immich_trt.sidecar.assets import AssetResults, FaceResult
 from immich_trt.sidecar.persons import cluster_faces
 from immich_trt.sidecar.routes import SIDECAR
 from immich_trt.sidecar.service import Sidecar
 from immich_trt.tools.testing import offline_settings
+from immich_trt.tools.testpack import make_test_pack
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 DIM = 512

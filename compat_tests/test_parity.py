@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA
-from immich_trt.tools import bench
 from immich_trt.contract import clip_textual_entries, clip_visual_entries, face_entries, ocr_entries, predict
+from immich_trt.tools import bench
 
 REFERENCE = os.environ.get("IMMICH_ML_REFERENCE_URL", "").rstrip("/")
 if not REFERENCE:

@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .tools.bench import add_arguments as add_bench_arguments
 from .config import NO_OP_VARIABLES, Settings
+from .tools.bench import add_arguments as add_bench_arguments
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
 LOG_LEVELS = {
@@ -93,9 +93,9 @@ def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
     built), or a model TensorRT refuses (the others are still built)."""
     out = Path(args.output) if args.output else settings.engines_dir
     if args.target in ("tensorrt", "standin"):
+        from .models.base import ModelLoadError
         from .tools.gpu.ensemble import build_gpu_repository, write_standin_repository
         from .tools.gpu.tensorrt import EngineBuildError, NoGPUError, TensorRTUnavailableError, summary_table
-        from .models.base import ModelLoadError
 
         gpus = args.gpus.split(",") if args.gpus is not None else None
         try:

@@ -10,9 +10,9 @@ parsed and ignored; :data:`NO_OP_VARIABLES` says why for each. Our own settings 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 ML_PREFIX = "MACHINE_LEARNING_"
 
@@ -130,7 +130,7 @@ class Settings:
         return self.host[1:-1] if self.host.startswith("[") and self.host.endswith("]") else self.host
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Parse settings from ``environ`` (default ``os.environ``).
 
         Raises ``ValueError`` for a malformed number or an unknown runtime/protocol.

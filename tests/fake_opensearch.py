@@ -22,8 +22,9 @@ import fnmatch
 import json
 import threading
 import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 BULK_ACTIONS = ("index", "create", "update", "delete")
@@ -63,7 +64,7 @@ class FakeOpenSearch:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "FakeOpenSearch":
+    def start(self) -> FakeOpenSearch:
         server = ThreadingHTTPServer((self.host, self.port), _Handler)
         server.daemon_threads = True
         server.fake = self  # type: ignore[attr-defined]
@@ -89,7 +90,7 @@ class FakeOpenSearch:
         if self._server is None:
             self.start()
 
-    def __enter__(self) -> "FakeOpenSearch":
+    def __enter__(self) -> FakeOpenSearch:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
-from immich_trt.contract import CLIP_MODEL, build_form, clip_textual_entries, clip_visual_entries
 from immich_trt.application import create_app
+from immich_trt.contract import CLIP_MODEL, build_form, clip_textual_entries, clip_visual_entries
 from immich_trt.tools.testing import offline_settings
 
 CLIP = clip_visual_entries()

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from immich_trt import contract
-from immich_trt.tools import bench
 from immich_trt.cli import main
+from immich_trt.tools import bench
 
 # ------------------------------------------------------------- request builders
 

@@ -23,10 +23,10 @@ from immich_trt.contract import (
     ocr_entries,
     predict,
 )
-from immich_trt.tools import testpack as tp
 from immich_trt.models.clip import clip_preprocess
-from immich_trt.models.transforms import serialize_np
 from immich_trt.models.face import norm_crop, recognition_blob
+from immich_trt.models.transforms import serialize_np
+from immich_trt.tools import testpack as tp
 
 CLIP = CLIP_MODEL
 FACES = "buffalo_l"

@@ -11,7 +11,6 @@ import onnx
 import pytest
 from PIL import Image
 
-from immich_trt.tools import testpack as tp
 from immich_trt.models.base import ModelContext
 from immich_trt.models.clip import (
     ClipTextualEncoder,
@@ -37,6 +36,7 @@ from immich_trt.models.face import (
     recognition_blob,
 )
 from immich_trt.runtime.onnxruntime import OnnxRuntime
+from immich_trt.tools import testpack as tp
 from immich_trt.tools.testing import offline_settings
 
 # ---------------------------------------------------------------------------- CLIP

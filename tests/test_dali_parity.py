@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
+from immich_trt.runtime.ensemble import image_format
 from immich_trt.tools.gpu import dali as D
 
 try:
@@ -79,7 +80,7 @@ def real_images():
 
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
-    items = [(name, data) for name, data in _images("photos") + _images("ocr") if D.image_format(data)]
+    items = [(name, data) for name, data in _images("photos") + _images("ocr") if image_format(data)]
     return [(name, data, decoded(data)) for name, data in items]
 
 
@@ -118,7 +119,7 @@ def test_without_dali_running_a_pipeline_says_so() -> None:
 
 @requires_data
 def test_image_format_admits_only_formats_decoded_like_pillow() -> None:
-    formats = {name.split("/")[1]: D.image_format(data) for name, data in _images("photos")}
+    formats = {name.split("/")[1]: image_format(data) for name, data in _images("photos")}
     assert formats["portrait.jpg"] == "jpeg"
     assert formats["density_plot.png"] == "png"
     assert formats["denali.webp"] == "webp"

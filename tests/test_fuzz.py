@@ -26,13 +26,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from immich_trt.contract import CLIP_MODEL, FACE_MODEL, OCR_MODEL, multipart_body
+from immich_trt.models.entries import InvalidEntries, parse_entries
 from immich_trt.models.registry import resolve
 from immich_trt.models.transforms import ImageTooLarge, decode_pil
-from immich_trt.models.entries import InvalidEntries, parse_entries
 from immich_trt.tools.testing import LiveServer
 
 RANDOM_EXAMPLES = int(os.environ.get("IMMICH_TRT_FUZZ_EXAMPLES", "0"))

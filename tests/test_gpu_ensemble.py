@@ -32,7 +32,14 @@ import pytest
 from PIL import Image
 
 from conftest import GOLDEN, SHARED_DATA, requires_data
+from immich_trt.application import create_app
 from immich_trt.contract import clip_visual_entries, face_entries, ocr_entries
+from immich_trt.models.base import ModelContext
+from immich_trt.models.clip import ClipVisualEncoder, clip_preprocess
+from immich_trt.models.face import FaceDetector, ScrfdLayout, detection_blob, letterbox, scrfd_postprocess
+from immich_trt.models.ocr import DET_INPUT_U8, TextDetector, det_resize, pad_to_bucket
+from immich_trt.models.transforms import decode_pil, encoded_bytes, to_bgr
+from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.ensemble import (
     BUCKET_HW,
     CLIP_EMBEDDING,
@@ -44,6 +51,10 @@ from immich_trt.runtime.ensemble import (
     image_format,
     with_ensembles,
 )
+from immich_trt.runtime.launcher import TritonLauncher
+from immich_trt.runtime.triton import TritonRuntime
+from immich_trt.tools import testpack as tp
+from immich_trt.tools.engines import build_repository
 from immich_trt.tools.gpu.ensemble import (
     CLIP_VISUAL,
     FACE_DETECTION,
@@ -58,20 +69,8 @@ from immich_trt.tools.gpu.ensemble import (
     write_standin_preprocess,
     write_standin_repository,
 )
-from immich_trt.tools import testpack as tp
-from immich_trt.models.base import ModelContext
-from immich_trt.models.clip import ClipVisualEncoder, clip_preprocess
-from immich_trt.models.face import FaceDetector, ScrfdLayout, detection_blob, letterbox, scrfd_postprocess
-from immich_trt.models.transforms import to_bgr
-from immich_trt.models.ocr import DET_INPUT_U8, TextDetector, det_resize, pad_to_bucket
-from immich_trt.runtime.base import ModelSpec
-from immich_trt.runtime.launcher import TritonLauncher
-from immich_trt.tools.engines import build_repository
-from immich_trt.runtime.triton import TritonRuntime
-from immich_trt.application import create_app
-from immich_trt.models.transforms import decode_pil, encoded_bytes
-from immich_trt.web import STATE
 from immich_trt.tools.testing import offline_settings
+from immich_trt.web import STATE
 
 CLIP = "clip__ViT-B-32__openai__visual"
 FACE = "facial-recognition__buffalo_l__detection"
@@ -226,9 +225,9 @@ def test_the_tensorrt_and_dali_configs_give_the_stand_ins_ensembles(cache: Path,
     """The ensembles wired to the configs of the real writers (TensorRT plans, DALI
     pipelines; configs only, no engine or pipeline is built here) are the stand-ins'
     byte for byte, so what Triton loads above is what a GPU host loads."""
+    from immich_trt.tools.engines import cached_specs
     from immich_trt.tools.gpu.dali import dali_config_pbtxt
     from immich_trt.tools.gpu.tensorrt import engine_layout, tensorrt_config_pbtxt
-    from immich_trt.tools.engines import cached_specs
 
     def plan_configs(settings, repository, *, only, gpus, **_):
         for spec in cached_specs(settings, only):

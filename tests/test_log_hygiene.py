@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from immich_trt.contract import build_form, face_entries
-from immich_trt.tools.testpack import bright_square_image
 from immich_trt.tools.testing import LiveServer
+from immich_trt.tools.testpack import bright_square_image
 
 KEY = "k3y-that-must-never-be-logged-7f1c2a"
 WRONG_KEY = "wrong-key-that-must-never-be-logged-93be"

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
 from immich_trt.application import create_app
-from immich_trt.web import STATE
 from immich_trt.tools.testing import offline_settings
+from immich_trt.web import STATE
 
 OCR = {
     "ocr": {

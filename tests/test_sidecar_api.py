@@ -16,10 +16,10 @@ from imohash import hashfile
 from PIL import Image
 
 from conftest import GOLDEN, SHARED_DATA, requires_data
-from immich_trt.tools.testpack import bright_square_image
 from immich_trt.application import create_app
 from immich_trt.sidecar.routes import ROUTES, openapi_document
 from immich_trt.tools.testing import offline_settings
+from immich_trt.tools.testpack import bright_square_image
 
 
 def encode(array_rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:

@@ -14,8 +14,8 @@ import uuid
 
 import numpy as np
 import pytest
-
 from fake_opensearch import FakeOpenSearch
+
 from immich_trt.sidecar.assets import AssetResults, FaceResult, OcrLine
 from immich_trt.sidecar.opensearch import (
     BACKOFF_MAX_S,

@@ -32,6 +32,10 @@ from tritonclient.grpc import model_config_pb2
 from conftest import GOLDEN
 from immich_trt.cli import main
 from immich_trt.config import Settings
+from immich_trt.models.ocr import DET_BUCKETS, REC_WIDTH_BUCKETS, bucket, det_resize_shape, rec_input_width
+from immich_trt.runtime.base import ModelSpec
+from immich_trt.runtime.repository import config_pbtxt, onnx_io
+from immich_trt.tools.engines import cached_specs
 from immich_trt.tools.gpu.tensorrt import (
     BUILD_INFO_NAME,
     PLAN_NAME,
@@ -55,10 +59,6 @@ from immich_trt.tools.gpu.tensorrt import (
     summary_table,
     tensorrt_config_pbtxt,
 )
-from immich_trt.models.ocr import DET_BUCKETS, REC_WIDTH_BUCKETS, bucket, det_resize_shape, rec_input_width
-from immich_trt.runtime.base import ModelSpec
-from immich_trt.runtime.repository import config_pbtxt, onnx_io
-from immich_trt.tools.engines import cached_specs
 from immich_trt.tools.testing import UNREACHABLE, offline_settings
 
 GOLDEN_TRT = GOLDEN / "tensorrt"

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from immich_trt.cli import main
-from immich_trt.tools import testpack as tp
 from immich_trt.models.face import ScrfdLayout, decode_scrfd, scrfd_postprocess
+from immich_trt.tools import testpack as tp
 
 CLIP = "clip/ViT-B-32__openai"
 FACES = "facial-recognition/buffalo_l"

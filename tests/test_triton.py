@@ -18,8 +18,8 @@ from immich_trt.models.ocr import TextDetector, TextRecognizer
 from immich_trt.runtime.base import InferenceError, ModelSpec
 from immich_trt.runtime.launcher import triton_log_level
 from immich_trt.runtime.onnxruntime import OnnxRuntime
-from immich_trt.tools.engines import build_repository
 from immich_trt.runtime.triton import TritonRuntime
+from immich_trt.tools.engines import build_repository
 from immich_trt.tools.testing import offline_settings
 
 

@@ -13,10 +13,11 @@ import asyncio
 import functools
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ..config import Settings, clean_name
 from ..runtime.base import ModelSpec, NoRuntime, Runtime, RuntimeUnavailableError

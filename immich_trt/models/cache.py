@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .base import InferenceModel, ModelContext, ModelLoadError
 from .registry import ModelSource, ModelTask, ModelType, resolve

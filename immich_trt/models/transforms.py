@@ -32,7 +32,7 @@ class ImageTooLarge(ValueError):
     (a decompression bomb, or simply too large); nothing was decoded."""
 
     @classmethod
-    def of(cls, width: int, height: int, limit: int) -> "ImageTooLarge":
+    def of(cls, width: int, height: int, limit: int) -> ImageTooLarge:
         return cls(
             f"Image has {width * height} pixels ({width}x{height}); the limit is {limit} (IMMICH_TRT_MAX_IMAGE_PIXELS)"
         )

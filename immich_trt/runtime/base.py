@@ -7,9 +7,9 @@ locally or given by ``TRITON_URL``) and :mod:`.onnxruntime` (in-process referenc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 

@@ -21,7 +21,8 @@ ensembles written by the GPU build tooling.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -22,9 +22,9 @@ import socket
 import sys
 import sysconfig
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import aiohttp
 
@@ -49,7 +49,7 @@ class TritonInstallation:
     backends: Path | None = None
 
     @classmethod
-    def at(cls, root: Path) -> "TritonInstallation":
+    def at(cls, root: Path) -> TritonInstallation:
         """A full installation under ``root`` (``bin/tritonserver``, ``backends/``).
         Raises :class:`TritonLaunchError` if its server binary is missing."""
         root = Path(root)
@@ -65,7 +65,7 @@ class TritonInstallation:
         return found
 
     @classmethod
-    def find(cls, root: Path | None = None) -> "TritonInstallation":
+    def find(cls, root: Path | None = None) -> TritonInstallation:
         """The installation under ``root`` when given, else the wheel's files.
         Raises :class:`TritonLaunchError` if absent."""
         if root is not None:
@@ -118,7 +118,7 @@ async def _accepts(port: int) -> bool:
     """Whether a TCP connection to the loopback port succeeds."""
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     writer.close()
     return True
@@ -253,7 +253,7 @@ class TritonLauncher:
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                         if response.status == 200 and await _accepts(self.grpc_port):
                             return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 await asyncio.sleep(0.1)
         await self._terminate()
@@ -303,7 +303,7 @@ class TritonLauncher:
             return
         try:
             await asyncio.wait_for(process.wait(), self.exit_timeout_s + 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("Triton did not exit after SIGTERM; killing it")
             try:
                 os.killpg(process.pid, signal.SIGKILL)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

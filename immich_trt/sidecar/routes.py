@@ -25,9 +25,9 @@ from PIL import Image
 
 from .. import __version__, contract
 from ..config import Settings
+from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
 from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
-from ..models.entries import parse_entries
 from ..web import STATE, HTTPError, json_response, read_form
 from . import duplicates, persons, search
 from .duplicates import imohash_of

@@ -92,7 +92,7 @@ class LiveServer:
         self.process: subprocess.Popen | None = None
         self.started_s = 0.0
 
-    def start(self, timeout_s: float = 180.0) -> "LiveServer":
+    def start(self, timeout_s: float = 180.0) -> LiveServer:
         log = open(self.log_path, "wb")
         started = time.monotonic()
         self.process = subprocess.Popen(
@@ -121,7 +121,7 @@ class LiveServer:
                 self.process.wait()
         self.process = None
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

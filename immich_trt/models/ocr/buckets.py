@@ -6,7 +6,7 @@ No upstream counterpart: immich-ml and RapidOCR feed the exact sizes."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 #: Detector input side ladder (pixels) used when shape buckets are on: each side is
 #: padded up to the first value >= it; beyond the last, to a multiple of 512.

@@ -4,8 +4,8 @@ Sources reproduced: RapidOCR 3.8.1 ``ch_ppocr_rec/utils.py`` ``CTCLabelDecode``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

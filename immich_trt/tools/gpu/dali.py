@@ -65,7 +65,7 @@ import numpy as np
 
 from ...models.face import DET_INPUT_SIZE
 from ...models.ocr import DET_INPUT_U8
-from ...runtime.ensemble import BUCKET_HW, DET_SCALE_OUTPUT, ENCODED_INPUT, RESIZE_HW, image_format
+from ...runtime.ensemble import BUCKET_HW, DET_SCALE_OUTPUT, ENCODED_INPUT, RESIZE_HW
 from ...runtime.repository import (
     add_instance_group,
     add_parameters,

@@ -1,4 +1,4 @@
-"""Triton ensembles of the GPU target, and the server's side of them.
+"""Triton ensembles of the GPU target: how they are built.
 
 For the three models whose preprocessing runs on the GPU, the repository built by
 ``build-engines --target tensorrt`` holds, next to the TensorRT model ``<base>`` (its
@@ -25,14 +25,9 @@ is unbatched; an unbatched ensemble's dims then carry the batch axis), and the l
 anything is written. In explicit model-control mode, loading ``<base>__ensemble`` loads
 both composing models (Triton 2.51, checked by the tests).
 
-Server side (``IMMICH_TRT_PREPROCESS=gpu``): :func:`gpu_specs` makes the model load
-``<base>__ensemble`` by name from a Triton given by ``TRITON_URL`` (nothing is written
-on demand: the repository is prebuilt); :func:`infer_ensemble` sends the request's
-encoded bytes (``image.info[ENCODED]``). An image without them, of a format DALI does
-not decode as Pillow (AVIF, HEIC, TIFF...), or whose size differs from the bytes'
-header (e.g. resized after decoding) goes through the CPU preprocessing and ``<base>``
-directly, which the ensemble load has loaded: the same result as the CPU path, at no
-re-encoding cost.
+The serving side (``IMMICH_TRT_PREPROCESS=gpu``: loading ``<base>__ensemble``, sending
+the request's encoded bytes, the CPU fallback) is :mod:`immich_trt.runtime.ensemble`,
+whose tensor names this module writes into the configs.
 
 Without a GPU, :func:`write_standin_repository` writes the same names, tensor contracts
 and batching with python-backend stand-ins: ``<base>`` runs the ONNX file with
@@ -57,7 +52,7 @@ import numpy as np
 from ...config import Settings
 from ...models.registry import ModelTask, ModelType
 from ...runtime.base import ModelSpec
-from ...runtime.ensemble import CLIP_EMBEDDING, GpuPathNames, check_gpu_settings, gpu_path_names
+from ...runtime.ensemble import CLIP_EMBEDDING, gpu_path_names
 from ...runtime.repository import (
     add_instance_group,
     add_parameters,
@@ -82,14 +77,12 @@ from .dali import (  # the preprocessing contract (importing it never needs DALI
     RESIZE_HW,
     TensorSpec,
     clip_params,
-    image_format,
     io_specs,
 )
 
 if TYPE_CHECKING:
-    from PIL import Image
 
-    from ...runtime.base import Runtime
+    pass
 
 log = logging.getLogger(__name__)
 

@@ -95,7 +95,6 @@ from typing import Any, Protocol
 
 from ...config import Settings
 from ...runtime.base import ModelSpec
-from ..engines import cached_specs
 from ...runtime.repository import (
     add_instance_group,
     add_parameters,
@@ -107,6 +106,7 @@ from ...runtime.repository import (
     triton_dims,
     write_if_changed,
 )
+from ..engines import cached_specs
 
 log = logging.getLogger(__name__)
 
