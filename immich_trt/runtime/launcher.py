@@ -152,6 +152,9 @@ class TritonLauncher:
         self.http_port = self.grpc_port = self.metrics_port = 0
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        #: True from the moment the watchdog sees the server exit until the new one is up
+        #: and ``on_restart`` (the runtime's model reload) has returned.
+        self.restarting = False
         self._watchdog: asyncio.Task | None = None
         self._log_task: asyncio.Task | None = None
         self._stopping = False
@@ -272,26 +275,35 @@ class TritonLauncher:
             code = process.returncode
             if self._stopping:
                 return
-            try:  # the stubs of the dead server (its process group), hung or not
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.restarts += 1
-            log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
-            self._remove_shared_memory()
-            delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
-            while not self._stopping:
-                try:
-                    await self._spawn()
-                    break
-                except TritonLaunchError as exc:
-                    log.error("Triton restart failed: %s; retrying in %.1f s", exc, delay)
-                    await asyncio.sleep(delay)
-            if self.on_restart is not None and not self._stopping:
-                try:
-                    await self.on_restart()
-                except Exception:
-                    log.exception("Reloading models after a Triton restart failed")
+            self.restarting = True
+            try:
+                await self._restart(process, code)
+            finally:
+                self.restarting = False
+
+    async def _restart(self, process: asyncio.subprocess.Process, code: int | None) -> None:
+        """Kill what is left of the dead server, start a new one (retrying with backoff) and
+        let the runtime reload its models (``on_restart``)."""
+        try:  # the stubs of the dead server (its process group), hung or not
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.restarts += 1
+        log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
+        self._remove_shared_memory()
+        delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
+        while not self._stopping:
+            try:
+                await self._spawn()
+                break
+            except TritonLaunchError as exc:
+                log.error("Triton restart failed: %s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+        if self.on_restart is not None and not self._stopping:
+            try:
+                await self.on_restart()
+            except Exception:
+                log.exception("Reloading models after a Triton restart failed")
 
     async def _terminate(self) -> None:
         process = self.process

@@ -288,6 +288,13 @@ class _ShmModel:
             self.rule = self.by_rule(inputs, list(shapes)) == shapes
 
 
+def _lost_model(message: str) -> bool:
+    """Whether Triton's error says it does not know (or has not loaded) the model, as it
+    answers after a restart: "Request for unknown model: 'x' is not found", "... has no
+    available versions", "... is not ready"."""
+    return "unknown model" in message or "is not ready" in message or "no available versions" in message
+
+
 class TritonRuntime(Runtime):
     """Runs models on a Triton server; see the module docstring."""
 
@@ -305,6 +312,9 @@ class TritonRuntime(Runtime):
         self._lock = asyncio.Lock()
         self._shm: ShmPool | None = None  # IMMICH_TRT_TRITON_SHM with the local server
         self._shm_models: dict[str, _ShmModel | None] = {}
+        self._back = asyncio.Event()  # cleared while an outage lasts (see _wait_through_outage)
+        self._back.set()
+        self._outage_task: asyncio.Task | None = None
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -355,6 +365,10 @@ class TritonRuntime(Runtime):
     async def stop(self) -> None:
         """Unregister and unlink the shared-memory regions, close the client, stop the launched
         server and delete its working directory; a second call does nothing."""
+        if self._outage_task is not None:
+            self._outage_task.cancel()
+            self._outage_task = None
+        self._back.set()
         if self._shm is not None:
             await self._shm.close(self._client)
             self._shm = None
@@ -377,13 +391,78 @@ class TritonRuntime(Runtime):
         return await self._live()
 
     async def _live(self) -> bool:
-        """Whether the server answers its liveness check; False when not started or unreachable (never raises)."""
+        """Whether the server answers its liveness check within 2 s; False when not started,
+        unreachable or hung (never raises)."""
         if self._client is None:
             return False
         try:
-            return bool(await self._client.is_server_live())
+            return bool(await asyncio.wait_for(self._client.is_server_live(), 2.0))
         except Exception:  # noqa: BLE001 (any failure to answer means not live)
             return False
+
+    # ------------------------------------------------------------------- outages
+    def _restarting(self) -> bool:
+        """Whether the launched server is being restarted (its models not yet reloaded)."""
+        return self.launcher is not None and self.launcher.restarting
+
+    async def _wait_through_outage(self, operation):
+        """Run ``operation()`` (a coroutine factory), waiting through an outage of the server.
+
+        Inference is idempotent, so a call that finds Triton unreachable, restarting or not
+        live (:class:`RuntimeUnavailableError`) waits until the server is back (the launched
+        one restarted by its watchdog and its models reloaded, or a ``TRITON_URL`` server
+        answering again) and runs again, until ``infer_timeout_s`` after the first attempt;
+        only then the error is raised (the server answers 503 with ``Retry-After``).
+        One WARNING line per outage, one INFO line when it ends."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.infer_timeout_s
+        while True:
+            try:
+                return await operation()
+            except RuntimeUnavailableError as exc:
+                if self._client is None:  # stopped (or never started): nothing to wait for
+                    raise
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise
+                self._begin_outage(exc)
+                try:
+                    await asyncio.wait_for(self._back.wait(), remaining)
+                except TimeoutError:
+                    raise exc from None
+
+    def _begin_outage(self, cause: Exception) -> None:
+        """Note an outage (once) and start watching for the server's return."""
+        if not self._back.is_set():
+            return
+        self._back.clear()
+        log.warning(
+            "Triton is unavailable (%s); requests wait up to %g s for it", cause, self.settings.infer_timeout_s
+        )
+        self._outage_task = asyncio.create_task(self._watch_outage(asyncio.get_running_loop().time()))
+
+    async def _watch_outage(self, started: float) -> None:
+        """Poll until the server is live again and, for the launched one, restarted with its
+        models reloaded; a ``TRITON_URL`` server gets a fresh client every 2 s meanwhile (gRPC
+        backs off reconnecting). Then release the waiting calls."""
+        loop = asyncio.get_running_loop()
+        fresh_client_at = loop.time() + 2.0
+        try:
+            while self._client is not None:
+                if not self._restarting() and await self._live():
+                    break
+                if self.launcher is None and loop.time() >= fresh_client_at:
+                    old, self._client = self._client, self._make_client()
+                    fresh_client_at = loop.time() + 2.0
+                    try:
+                        await old.close()
+                    except Exception:  # noqa: BLE001 (a client of a dead connection)
+                        log.debug("closing the old Triton client failed", exc_info=True)
+                await asyncio.sleep(0.2)
+            log.info("Triton is back after %.1f s", loop.time() - started)
+        finally:
+            self._outage_task = None
+            self._back.set()
 
     async def _reload_all(self) -> None:
         """After a restart of the local server: load every model that was loaded.
@@ -401,7 +480,7 @@ class TritonRuntime(Runtime):
         for name in names:
             while True:
                 try:
-                    await self.load(self._specs[name])
+                    await self._load_once(self._specs[name])
                     break
                 except (InferenceError, RuntimeUnavailableError) as exc:
                     if asyncio.get_running_loop().time() > deadline:
@@ -414,11 +493,16 @@ class TritonRuntime(Runtime):
     async def load(self, spec: ModelSpec) -> None:
         """Make ``spec.name`` ready on the server (see :meth:`Runtime.load`): with the launched
         server and the CPU target its repository entry is written first, then it is loaded
-        unless the server already has it ready.
+        unless the server already has it ready. Waits through an outage of the server for up
+        to ``infer_timeout_s`` (:meth:`_wait_through_outage`).
 
-        Raises :class:`RuntimeUnavailableError` when not started, unreachable or not live (e.g.
-        restarting after a crash: retryable), :class:`InferenceError` when the live server
+        Raises :class:`RuntimeUnavailableError` when not started, or unreachable, restarting
+        or not live past that wait (retryable), :class:`InferenceError` when the live server
         cannot load the model."""
+        await self._wait_through_outage(lambda: self._load_once(spec))
+
+    async def _load_once(self, spec: ModelSpec) -> None:
+        """One attempt of :meth:`load`, errors as it says."""
         from tritonclient.utils import InferenceServerException
 
         if self._client is None:
@@ -438,7 +522,7 @@ class TritonRuntime(Runtime):
                 if not await self._client.is_model_ready(spec.name):
                     await self._client.load_model(spec.name)
             except InferenceServerException as exc:
-                if not await self._live():  # e.g. restarting after a crash: retryable
+                if self._restarting() or not await self._live():  # e.g. restarting after a crash: retryable
                     raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
                 raise InferenceError(f"Triton could not load '{spec.name}': {exc.message()}") from exc
             except (TimeoutError, OSError) as exc:
@@ -472,10 +556,33 @@ class TritonRuntime(Runtime):
         the model's output dtypes. Raises :class:`InferenceError` (Triton rejected or failed
         the call) or :class:`RuntimeUnavailableError` (not started, unreachable, not live, or
         no answer within ``infer_timeout_s`` seconds)."""
+        return await self._wait_through_outage(lambda: self._infer_loaded(name, inputs, outputs))
+
+    async def _infer_loaded(
+        self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        """One attempt of :meth:`infer`: the model loaded first when it is not (unloaded, or
+        lost in a restart); a live server that no longer knows a model we loaded (a
+        ``TRITON_URL`` server that restarted) gets it loaded again once."""
         spec = self._specs.get(name)
-        limit = spec.max_batch_size if spec is not None else 0
         if spec is not None and name not in self._ready_models:
-            await self.load(spec)  # e.g. lost in a restart of the local server
+            await self._load_once(spec)
+        try:
+            return await self._infer_split(name, inputs, outputs, spec)
+        except InferenceError as exc:
+            if spec is None or not _lost_model(str(exc)):
+                raise
+            log.warning("Triton no longer has '%s' (%s); loading it again", name, exc)
+            self._ready_models.discard(name)
+            await self._load_once(spec)
+            return await self._infer_split(name, inputs, outputs, spec)
+
+    async def _infer_split(
+        self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None, spec: ModelSpec | None
+    ) -> dict[str, np.ndarray]:
+        """A batch over the model's ``max_batch_size`` split into calls of at most that size,
+        the outputs concatenated along axis 0; else one call."""
+        limit = spec.max_batch_size if spec is not None else 0
         first = next(iter(inputs.values()))
         if limit > 0 and first.shape[0] > limit:
             parts = [
@@ -514,7 +621,7 @@ class TritonRuntime(Runtime):
                 call = self._client.infer(name, infer_inputs, outputs=requested)
             return await asyncio.wait_for(call, self.settings.infer_timeout_s)
         except InferenceServerException as exc:
-            if not await self._live():
+            if self._restarting() or not await self._live():
                 raise RuntimeUnavailableError(f"Triton is not live: {exc.message()}") from exc
             raise InferenceError(f"Triton failed on '{name}': {exc.message()}") from exc
         except TimeoutError as exc:
@@ -523,6 +630,10 @@ class TritonRuntime(Runtime):
             ) from exc
         except OSError as exc:
             raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
+        except Exception as exc:  # e.g. a client closed under the call by a restart's reload
+            if self._restarting() or not await self._live():
+                raise RuntimeUnavailableError(f"Triton is not live: {type(exc).__name__}: {exc}") from exc
+            raise InferenceError(f"Triton failed on '{name}': {type(exc).__name__}: {exc}") from exc
 
     def _requested(self, module, names: Sequence[str]):
         """``InferRequestedOutput`` objects of ``module`` for ``names`` (binary data over HTTP)."""

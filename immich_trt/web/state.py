@@ -77,7 +77,7 @@ class AppState:
         except RuntimeUnavailableError as exc:
             # Triton restarting, hung past the per-call timeout or unreachable: fail fast
             # with a status a client may retry (Immich moves on to its next URL).
-            log.warning("Inference backend unavailable: %s", exc)
+            log.info("Inference backend unavailable, answered 503: %s", exc)  # the runtime warned once
             raise HTTPError(
                 503, "Inference backend unavailable, retry later", "runtime_unavailable", {"Retry-After": "1"}
             ) from exc
