@@ -24,14 +24,17 @@ resident memory (RSS, from ``/proc/PID/statm``, summed over processes) of the se
 process tree, split into Triton (the ``tritonserver`` process and its descendants, the
 python-backend stubs) and the rest (the server).
 
-Fault figure (``--kill-triton-at S``): S seconds into the measured phase the
-``tritonserver`` process of the server's tree gets SIGKILL. Reported: the failed requests
-and their statuses, the time until requests succeed again, whether anything hung, whether
-the old backend stubs were left behind, and when the new Triton appeared.
+Fault figure (``--kill-triton-at S``, repeatable): S seconds into the measured phase the
+``tritonserver`` process of the server's tree gets SIGKILL. The server is expected to
+hold the requests in flight and those arriving meanwhile until the restarted Triton has
+its models back, and answer them normally: any failed request fails the run. Reported per
+kill: the requests in flight, failures, the time until requests sent after the kill
+succeed, the latency added to the requests that spanned the outage (their latency minus
+the task's p50 before the first kill), whether anything hung, whether the old backend
+stubs were left behind, and when the new Triton appeared.
 
 Exit status: 0 when the run passed; 1 when any request failed (any non-2xx, connection
-error, timeout, bad answer; with ``--kill-triton-at`` 503s after the kill are expected),
-a task was never answered, RSS grew by more than ``--max-rss-growth`` % between the end
+error, timeout, bad answer, with or without a kill), a task was never answered, RSS grew by more than ``--max-rss-growth`` % between the end
 of the warm-up and the end (server and Triton each; Triton is not checked after a kill,
 being a new process), the server died or ``/ping`` stopped answering, or recovery took
 longer than ``--max-recovery``; 2 for bad arguments.
@@ -189,7 +192,7 @@ class Settings:
     warmup_s: float
     max_requests: int
     timeout_s: float
-    kill_at_s: float | None
+    kill_at_s: tuple[float, ...] = ()  # seconds into the measured phase, one SIGKILL each
     sample_interval_s: float = 1.0
     prime: bool = True
 
@@ -202,7 +205,7 @@ class Load:
         self.workloads = workloads
         self.records: list[Record] = []
         self.samples: list[RssSample] = []
-        self.kill: KillEvent | None = None
+        self.kills: list[KillEvent] = []
         self.cursors = Counter()
         self.issued = 0
         self.t0 = 0.0  # monotonic time of the start of the warm-up
@@ -282,7 +285,7 @@ class Load:
             dict(by_process),
         )
         self.samples.append(sample)
-        kill = self.kill
+        kill = self.kills[-1] if self.kills else None
         if kill is not None and kill.new_triton_s is None and roots and not set(roots) & set(kill.pids):
             kill.new_triton_s, kill.new_triton_pids = sample.t_s, tuple(roots)
         return sample
@@ -294,25 +297,26 @@ class Load:
 
     # -- fault
     async def killer(self) -> None:
-        at = self.settings.warmup_s + (self.settings.kill_at_s or 0.0)
-        await asyncio.sleep(max(0.0, at - self.now_s()))
-        pids = self._tree.pids() if self._tree is not None else []
-        roots = tuple(p for p in pids if _comm(p) == "tritonserver")
-        stubs = tuple(p for p in bench.ProcessTree(roots).pids() if p not in roots) if roots else ()
-        self.kill = KillEvent(self.now_s(), roots, stubs)
-        if not roots:
-            self.kill.error = "no tritonserver process in the server's process tree"
-        for pid in roots:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                self.kill.error = f"tritonserver {pid} was already gone"
+        for offset in sorted(self.settings.kill_at_s):
+            await asyncio.sleep(max(0.0, self.settings.warmup_s + offset - self.now_s()))
+            pids = self._tree.pids() if self._tree is not None else []
+            roots = tuple(p for p in pids if _comm(p) == "tritonserver")
+            stubs = tuple(p for p in bench.ProcessTree(roots).pids() if p not in roots) if roots else ()
+            kill = KillEvent(self.now_s(), roots, stubs)
+            self.kills.append(kill)
+            if not roots:
+                kill.error = "no tritonserver process in the server's process tree"
+            for pid in roots:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    kill.error = f"tritonserver {pid} was already gone"
 
     def remove_stubs_left(self) -> list[int]:
         """SIGKILL the backend stubs of the killed Triton that are still alive (this
         script's fault made them; they are reported before). Returns their PIDs."""
         removed = []
-        for pid in stubs_alive(self.kill.stub_pids) if self.kill is not None else ():
+        for pid in stubs_alive([p for kill in self.kills for p in kill.stub_pids]):
             try:
                 os.kill(pid, signal.SIGKILL)
                 removed.append(pid)
@@ -339,7 +343,7 @@ class Load:
                 record.end_s -= shift
             self.load_end_s = s.warmup_s + s.duration_s
             background = [asyncio.create_task(self.sampler())]
-            if s.kill_at_s is not None and self._tree is not None:
+            if s.kill_at_s and self._tree is not None:
                 background.append(asyncio.create_task(self.killer()))
             clients = [asyncio.create_task(self.client(session, url, i)) for i in range(s.clients)]
             # every request ends within its timeout: a client still running after that has hung
@@ -354,8 +358,8 @@ class Load:
             await asyncio.gather(*background, *pending, return_exceptions=True)
             for task in done:
                 task.result()  # a bug in the client loop is a bug of this script: raise it
-            if self.kill is not None:
-                self.kill.stubs_left = stubs_alive(self.kill.stub_pids)
+            for kill in self.kills:
+                kill.stubs_left = stubs_alive(kill.stub_pids)
             if pid:
                 self.server_alive = _alive(pid)
             try:
@@ -481,10 +485,19 @@ class Recovery:
     recovered_s: float | None  # first 2xx after the last failure (all tasks)
     recovered_by_task: dict[str, float | None]
     max_latency_after_ms: float | None
+    spanning: int = 0  # requests that started before the kill's recovery and ended after the kill
+    added_p50_ms: float | None = None  # their latency minus the task's p50 before the first kill
+    added_max_ms: float | None = None
 
 
-def recovery(records: Sequence[Record], kill: KillEvent) -> Recovery:
-    after = sorted((r for r in records if r.end_s >= kill.t_s), key=lambda r: r.end_s)
+def recovery(
+    records: Sequence[Record], kill: KillEvent, until_s: float | None = None, baseline: dict[str, float] | None = None
+) -> Recovery:
+    """What the kill did to the requests ending after it (and before ``until_s``, the next
+    kill); ``baseline`` is each task's p50 latency (s) before the first kill."""
+    after = sorted(
+        (r for r in records if r.end_s >= kill.t_s and (until_s is None or r.end_s < until_s)), key=lambda r: r.end_s
+    )
     failed = [r for r in after if not r.ok]
     last = failed[-1].end_s if failed else kill.t_s
 
@@ -500,6 +513,9 @@ def recovery(records: Sequence[Record], kill: KillEvent) -> Recovery:
         failures_by_task[task] = Counter(r.outcome for r in mine_failed)
         by_task[task] = first_ok(mine, mine_failed[-1].end_s if mine_failed else kill.t_s)
     recovered = first_ok(after, last)
+    back_s = kill.t_s + recovered if recovered is not None else None
+    spanning = [r for r in after if r.ok and (back_s is None or r.start_s < back_s)]
+    added = sorted(r.latency_s - (baseline or {}).get(r.task, 0.0) for r in spanning)
     return Recovery(
         kill,
         Counter(r.outcome for r in failed),
@@ -510,6 +526,9 @@ def recovery(records: Sequence[Record], kill: KillEvent) -> Recovery:
         recovered,
         by_task,
         _ms(max((r.latency_s for r in after), default=None)),
+        len(spanning),
+        _ms(statistics.median(added)) if added else None,
+        _ms(added[-1]) if added else None,
     )
 
 
@@ -564,19 +583,27 @@ class Report:
     def rss(self) -> list[RssFigure]:
         return rss_figures(self.load.samples, self.settings.warmup_s, self.load.load_end_s)
 
-    def recovery(self) -> Recovery | None:
-        return recovery(self.load.records, self.load.kill) if self.load.kill is not None else None
+    def recoveries(self) -> list[Recovery]:
+        """One :class:`Recovery` per kill, each over the requests ending before the next kill."""
+        kills = self.load.kills
+        if not kills:
+            return []
+        before = [r for r in self.phase("load") if r.ok and r.end_s < kills[0].t_s]
+        baseline = {
+            task: statistics.median([r.latency_s for r in before if r.task == task])
+            for task in TASKS
+            if any(r.task == task for r in before)
+        }
+        ends = [k.t_s for k in kills[1:]] + [None]
+        return [recovery(self.load.records, k, end, baseline) for k, end in zip(kills, ends)]
 
     def failures(self) -> list[str]:
         """Why the run failed; empty when it passed."""
         s, load = self.settings, self.load
         out: list[str] = []
-        kill = load.kill
-        kill_t = kill.t_s if kill is not None else None
         bad = Counter()
         for r in load.records:
-            expected = kill_t is not None and r.status == 503 and r.error == "http" and r.end_s >= kill_t
-            if not r.ok and not expected:
+            if not r.ok:
                 bad[f"{r.phase} {r.task} {r.outcome}"] += 1
         out += [f"{n} × {what}" for what, n in sorted(bad.items())]
         no_retry_after = sum(1 for r in load.records if r.status == 503 and not r.detail)
@@ -590,7 +617,7 @@ class Report:
             out.append("the server process died")
         if load.ping_status != 200:
             out.append(f"/ping after the run: {load.ping_status}")
-        if load.samples and s.kill_at_s is None:  # a restart is no steady state: reported, not checked
+        if load.samples and not s.kill_at_s:  # a restart is no steady state: reported, not checked
             for fig in self.rss():
                 if fig.group not in ("server", "triton"):
                     continue
@@ -600,24 +627,22 @@ class Report:
                         f"RSS of {fig.group} grew {growth:.1f} % after the warm-up "
                         f"({_mb(fig.start)} → {_mb(fig.end)} MB; limit {self.max_rss_growth_pct:g} %)"
                     )
-        if s.kill_at_s is not None:
-            if kill is None:
-                out.append("Triton was not killed (no server PID, or the run ended first)")
-            else:
+        if s.kill_at_s:
+            if len(load.kills) < len(s.kill_at_s):
+                out.append(
+                    f"Triton was killed {len(load.kills)} of {len(s.kill_at_s)} times (no server PID, or the run "
+                    "ended first)"
+                )
+            for n, (kill, rec) in enumerate(zip(load.kills, self.recoveries()), 1):
                 if kill.error:
-                    out.append(f"kill: {kill.error}")
-                rec = self.recovery()
-                if rec is not None and not kill.error:
-                    if rec.recovered_s is None:
-                        out.append("no request succeeded after the kill: not recovered")
-                    elif rec.recovered_s > self.max_recovery_s:
-                        out.append(f"recovery took {rec.recovered_s:.1f} s (limit {self.max_recovery_s:g} s)")
-                    missing = [t for t, v in rec.recovered_by_task.items() if v is None]
-                    if missing:
-                        out.append(f"not answered again after the kill: {', '.join(missing)}")
+                    out.append(f"kill {n}: {kill.error}")
+                elif rec.recovered_s is None:
+                    out.append(f"kill {n}: no request sent after it succeeded: not recovered")
+                elif rec.recovered_s > self.max_recovery_s:
+                    out.append(f"kill {n}: recovery took {rec.recovered_s:.1f} s (limit {self.max_recovery_s:g} s)")
                 if kill.stubs_left:
                     left = ", ".join(map(str, kill.stubs_left))
-                    out.append(f"backend stubs of the killed Triton still alive at the end: {left}")
+                    out.append(f"kill {n}: backend stubs of the killed Triton still alive at the end: {left}")
         return out
 
     @property
@@ -680,9 +705,12 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def recovery_text(self) -> str:
-        rec = self.recovery()
-        if rec is None:
-            return ""
+        lines: list[str] = []
+        for n, rec in enumerate(self.recoveries(), 1):
+            lines += [f"Kill {n}:", ""] + self._recovery_lines(rec) + [""]
+        return "\n".join(lines)
+
+    def _recovery_lines(self, rec: Recovery) -> list[str]:
         k = rec.kill
         lines = [
             f"- SIGKILL to tritonserver pid {', '.join(map(str, k.pids)) or '–'} at {k.t_s:.1f} s "
@@ -695,7 +723,7 @@ class Report:
                 if k.new_triton_s is not None
                 else "not seen"
             ),
-            "- failed requests after the kill: "
+            "- failed requests after the kill (before the next one): "
             + (", ".join(f"{o} × {n}" for o, n in rec.failures.most_common()) or "none")
             + (
                 f" (first ended {rec.first_failure_s:.1f} s, last {rec.last_failure_s:.1f} s after the kill)"
@@ -714,10 +742,12 @@ class Report:
             f"(client timeout {self.settings.timeout_s:g} s); "
             f"{sum(1 for r in self.load.records if r.error == 'timeout')} timeouts; "
             f"{self.load.unfinished} unfinished client(s)",
+            f"- added latency of the {rec.spanning} request(s) that spanned the outage (latency minus the "
+            f"task's p50 before the first kill): median {_f(rec.added_p50_ms)} ms, max {_f(rec.added_max_ms)} ms",
             "- old backend stubs alive at the end: "
             + (", ".join(map(str, k.stubs_left)) if k.stubs_left else "none"),
         ]
-        return "\n".join(lines) + "\n"
+        return lines
 
     def markdown(self) -> str:
         s = self.settings
@@ -733,10 +763,11 @@ class Report:
             "- mix per client: 3 × (clip-visual, faces, ocr) + 1 clip-text (30/30/30/10 %); 503 answers honoured "
             f"with a pause of Retry-After (max {MAX_RETRY_AFTER_S:g} s)",
         ]
-        if s.kill_at_s is not None:
-            out.append(f"- fault: SIGKILL of tritonserver {s.kill_at_s:g} s into the measured phase")
+        if s.kill_at_s:
+            at = ", ".join(f"{t:g}" for t in s.kill_at_s)
+            out.append(f"- fault: SIGKILL of tritonserver {at} s into the measured phase")
         out += ["", "## Requests (measured phase)", "", self.tables(), "## Resident memory", "", self.rss_table()]
-        if self.load.kill is not None:
+        if self.load.kills:
             out += ["## Triton killed under load", "", self.recovery_text()]
         out += ["## Server after the run", ""]
         alive = self.load.server_alive
@@ -839,7 +870,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="limit in %% (default 10); not checked with --kill-triton-at (a restart is no steady state)",
     )
     checks.add_argument(
-        "--kill-triton-at", type=float, metavar="SECONDS", help="SIGKILL tritonserver this long into the measured phase"
+        "--kill-triton-at", type=float, metavar="SECONDS", action="append", default=[],
+        help="SIGKILL tritonserver this long into the measured phase (repeatable: one kill each)",
     )
     checks.add_argument(
         "--max-recovery", type=float, default=60.0, help="with --kill-triton-at: limit in s (default 60)"
@@ -855,10 +887,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.url}: load tests target loopback servers only")
     if args.pid is not None and not args.url:
         raise UsageError("--pid goes with --url")
-    if args.kill_triton_at is not None:
+    if args.kill_triton_at:
         if args.url and args.pid is None:
             raise UsageError("--kill-triton-at needs the server's --pid")
-        if not 0 <= args.kill_triton_at < args.duration:
+        if not all(0 <= t < args.duration for t in args.kill_triton_at):
             raise UsageError("--kill-triton-at must lie within the measured --duration")
     if args.clients < 1 or args.duration <= 0 or args.warmup < 0 or args.max_requests < 1 or args.timeout <= 0:
         raise UsageError("--clients, --duration, --max-requests and --timeout must be positive, --warmup >= 0")
@@ -911,7 +943,7 @@ def execute(args: argparse.Namespace, argv: Sequence[str] | None = None) -> Repo
     models = {"clip": contract.CLIP_MODEL, "faces": contract.FACE_MODEL, "ocr": contract.OCR_MODEL}
     workloads = {task: bench.Workload(task, previews, queries, models) for task in TASKS}
     settings = Settings(
-        args.clients, args.duration, args.warmup, args.max_requests, args.timeout, args.kill_triton_at,
+        args.clients, args.duration, args.warmup, args.max_requests, args.timeout, tuple(args.kill_triton_at),
         args.sample_interval, not args.no_prime,
     )  # fmt: skip
     mean_w = sum(p.width for p in previews) / len(previews)
@@ -994,7 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(report.tables())
     print(report.rss_table())
-    if report.load.kill is not None:
+    if report.load.kills:
         print(report.recovery_text())
     failures = report.failures()
     for failure in failures:

@@ -1,6 +1,6 @@
 """Short CI variant of ``bench/reliability.py``: Immich's four requests from 8 concurrent
-clients against a live server (Triton runtime) for about 20 s, then the same load with
-the ``tritonserver`` process SIGKILLed under it.
+clients against a live server (Triton runtime) for about 20 s, then 16 clients with the
+``tritonserver`` process SIGKILLed twice under them: no request may fail.
 
 The long run (32 clients, 3 minutes) and its figures are in ``bench/RELIABILITY.md``.
 RSS is checked loosely here only: a 20 s run after a 5 s warm-up is too short for a
@@ -22,6 +22,8 @@ pytestmark = requires_data
 
 PHOTOS = SHARED_DATA / "photos"
 CLIENT_TIMEOUT_S = 60.0
+#: With two outages, an OCR request queued behind 15 others may wait through both.
+KILL_CLIENT_TIMEOUT_S = 150.0
 
 
 def _load_script():
@@ -89,26 +91,31 @@ def test_load_mixing_the_four_requests_has_no_5xx_and_stable_memory(server, tmp_
     assert (tmp_path / "rss.csv").is_file()
 
 
-def test_triton_killed_under_load_gives_503s_then_recovers(server, tmp_path: Path) -> None:
-    report = reliability.run(_arguments(server, tmp_path, "--duration", "40", "--kill-triton-at", "3"))
+def test_triton_killed_twice_under_load_loses_no_request(server, tmp_path: Path) -> None:
+    """16 clients, Triton SIGKILLed twice: every request is answered 2xx (those in flight
+    and those arriving meanwhile wait for the restarted Triton), within the client timeout."""
+    report = reliability.run(
+        _arguments(server, tmp_path, "--clients", "16", "--duration", "45", "--kill-triton-at", "3",
+                   "--kill-triton-at", "22", "--timeout", str(KILL_CLIENT_TIMEOUT_S))
+    )  # fmt: skip
     print(report.recovery_text())
 
-    kill = report.load.kill
-    assert kill is not None and kill.pids and not kill.error, _explain(report)
-    recovery = report.recovery()
-    # the failures are retryable 503s only (with Retry-After), nothing else
-    assert set(recovery.failures) <= {"503"}, _explain(report)
-    assert not [r for r in report.load.records if not r.ok and r.status != 503], _explain(report)
-    assert all(r.detail for r in report.load.records if r.status == 503)
-    # the launcher started another Triton and requests succeed again, every task
-    assert kill.new_triton_s is not None, _explain(report)
-    assert recovery.recovered_s is not None and recovery.recovered_s <= 60, _explain(report)
-    assert all(v is not None for v in recovery.recovered_by_task.values()), _explain(report)
-    # nothing hung: every request ended well within the client timeout
+    assert len(report.load.kills) == 2, _explain(report)
+    recoveries = report.recoveries()
+    for kill, recovery in zip(report.load.kills, recoveries):
+        assert kill.pids and not kill.error, _explain(report)
+        # the launcher started another Triton, and no request failed around the kill
+        assert kill.new_triton_s is not None, _explain(report)
+        assert not recovery.failures, _explain(report)
+        assert recovery.recovered_s is not None and recovery.recovered_s <= 60, _explain(report)
+        assert recovery.in_flight > 0 and recovery.spanning > 0, _explain(report)
+        # no backend stub of the killed Triton left behind
+        assert kill.stubs_left == (), _explain(report)
+    assert recoveries[0].added_max_ms is not None and recoveries[0].added_max_ms > 0
+    # zero failed requests in the whole run, nothing hung
+    assert not [r for r in report.load.records if not r.ok], _explain(report)
     assert report.load.unfinished == 0
-    assert max(r.latency_s for r in report.load.records) < CLIENT_TIMEOUT_S
-    # no backend stub of the killed Triton left behind
-    assert kill.stubs_left == (), _explain(report)
+    assert max(r.latency_s for r in report.load.records) < KILL_CLIENT_TIMEOUT_S
     assert report.failures() == [], _explain(report)
 
     # the server itself lived through it and answers

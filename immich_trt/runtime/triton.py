@@ -315,6 +315,7 @@ class TritonRuntime(Runtime):
         self._back = asyncio.Event()  # cleared while an outage lasts (see _wait_through_outage)
         self._back.set()
         self._outage_task: asyncio.Task | None = None
+        self._outages = 0  # outages seen so far
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -411,21 +412,29 @@ class TritonRuntime(Runtime):
         Inference is idempotent, so a call that finds Triton unreachable, restarting or not
         live (:class:`RuntimeUnavailableError`) waits until the server is back (the launched
         one restarted by its watchdog and its models reloaded, or a ``TRITON_URL`` server
-        answering again) and runs again, until ``infer_timeout_s`` after the first attempt;
-        only then the error is raised (the server answers 503 with ``Retry-After``).
+        answering again) and runs again, for up to ``infer_timeout_s`` after its first
+        failure in that outage (a call that lives through several outages gets that long
+        in each); only then the error is raised (the server answers 503 with
+        ``Retry-After``). A call that got no answer within ``infer_timeout_s`` (a hung server)
+        is not repeated.
         One WARNING line per outage, one INFO line when it ends."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.infer_timeout_s
+        deadline = 0.0  # infer_timeout_s after the first failure in the current outage
+        outage = -1  # the outage that deadline belongs to
         while True:
             try:
                 return await operation()
             except RuntimeUnavailableError as exc:
                 if self._client is None:  # stopped (or never started): nothing to wait for
                     raise
+                if isinstance(exc.__cause__, TimeoutError):  # a hung call waited its whole timeout
+                    raise
+                self._begin_outage(exc)
+                if outage != self._outages:  # a new outage (this call may have lived through others)
+                    outage, deadline = self._outages, loop.time() + self.settings.infer_timeout_s
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise
-                self._begin_outage(exc)
                 try:
                     await asyncio.wait_for(self._back.wait(), remaining)
                 except TimeoutError:
@@ -435,6 +444,7 @@ class TritonRuntime(Runtime):
         """Note an outage (once) and start watching for the server's return."""
         if not self._back.is_set():
             return
+        self._outages += 1
         self._back.clear()
         log.warning(
             "Triton is unavailable (%s); requests wait up to %g s for it", cause, self.settings.infer_timeout_s
