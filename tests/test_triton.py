@@ -30,7 +30,7 @@ def settings(ocr_cache: Path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def specs(settings) -> dict[str, ModelSpec]:
-    ctx = ModelContext(settings=settings, runtime=None)  # type: ignore[arg-type]
+    ctx = ModelContext(settings=settings)
     det, rec = TextDetector("PP-OCRv5_mobile", ctx), TextRecognizer("PP-OCRv5_mobile", ctx)
     return {"det": det.specs()[0], "rec": rec.specs()[0]}
 
@@ -161,6 +161,72 @@ async def test_killed_triton_is_restarted_and_models_reloaded(settings, specs) -
     finally:
         await runtime.stop()
     assert runtime.launcher is None
+
+
+async def test_calls_during_a_triton_restart_wait_and_are_answered(settings, specs, caplog) -> None:
+    """Calls made right after the SIGKILL of the launched server (no retry by the caller)
+    wait for the restart and the reload and return the same outputs; one WARNING for the
+    outage, no traceback."""
+    import asyncio
+    import logging
+
+    runtime = TritonRuntime(dataclasses.replace(settings, infer_timeout_s=60.0))
+    await runtime.start()
+    try:
+        await runtime.load(specs["det"])
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        before = await runtime.infer(specs["det"].name, {"x": x})
+        with caplog.at_level(logging.INFO, logger="immich_trt"):
+            os.killpg(runtime.launcher.process.pid, signal.SIGKILL)
+            started = time.monotonic()
+            results = await asyncio.gather(*(runtime.infer(specs["det"].name, {"x": x}) for _ in range(4)))
+            waited = time.monotonic() - started
+        assert runtime.launcher.restarts == 1
+        for after in results:
+            np.testing.assert_array_equal(before["fetch_name_0"], after["fetch_name_0"])
+        assert waited < 60
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "immich_trt.runtime.triton"]
+        assert len(warnings) == 1 and "requests wait up to 60 s" in warnings[0].getMessage()
+        assert not [r for r in caplog.records if r.exc_info], "no traceback for an expected outage"
+        assert any("Triton is back after" in r.getMessage() for r in caplog.records)
+    finally:
+        await runtime.stop()
+
+
+async def test_an_external_triton_that_goes_away_and_comes_back(settings, specs, tmp_path: Path, caplog) -> None:
+    """TRITON_URL: the server is restarted by someone else and comes back without our
+    model; a call made during the outage waits, and the model is loaded again."""
+    import logging
+
+    from immich_trt.runtime.launcher import TritonLauncher
+    from immich_trt.runtime.repository import write_model
+
+    repository = tmp_path / "repository"
+    write_model(repository, specs["det"], settings)
+    (tmp_path / "work").mkdir()
+    other = TritonLauncher(repository, tmp_path / "work")  # restarts itself, reloads nothing
+    await other.start()
+    runtime = TritonRuntime(
+        dataclasses.replace(settings, triton_url=other.grpc_url, engines_dir=repository, infer_timeout_s=60.0)
+    )
+    await runtime.start()
+    try:
+        assert runtime.launcher is None
+        await runtime.load(specs["det"])
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        before = await runtime.infer(specs["det"].name, {"x": x})
+        with caplog.at_level(logging.INFO, logger="immich_trt"):
+            os.killpg(other.process.pid, signal.SIGKILL)
+            after = await runtime.infer(specs["det"].name, {"x": x})
+        assert other.restarts == 1
+        np.testing.assert_array_equal(before["fetch_name_0"], after["fetch_name_0"])
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("Triton is unavailable" in m for m in messages)
+        assert any("no longer has 'ocr__PP-OCRv5_mobile__detection'" in m for m in messages)
+        assert not [r for r in caplog.records if r.exc_info and r.name.startswith("immich_trt.runtime")]
+    finally:
+        await runtime.stop()
+        await other.stop()
 
 
 def test_triton_log_levels() -> None:
