@@ -163,14 +163,17 @@ async def test_killed_triton_is_restarted_and_models_reloaded(settings, specs) -
     assert runtime.launcher is None
 
 
-async def test_calls_during_a_triton_restart_wait_and_are_answered(settings, specs, caplog) -> None:
+@pytest.mark.parametrize("protocol,shm", [("grpc", True), ("grpc", False), ("http", True), ("http", False)])
+async def test_calls_during_a_triton_restart_wait_and_are_answered(settings, specs, caplog, protocol, shm) -> None:
     """Calls made right after the SIGKILL of the launched server (no retry by the caller)
     wait for the restart and the reload and return the same outputs; one WARNING for the
-    outage, no traceback."""
+    outage, no traceback. Over gRPC and HTTP, tensors in shared memory or on the wire."""
     import asyncio
     import logging
 
-    runtime = TritonRuntime(dataclasses.replace(settings, infer_timeout_s=60.0))
+    runtime = TritonRuntime(
+        dataclasses.replace(settings, infer_timeout_s=60.0, triton_protocol=protocol, triton_shm=shm)
+    )
     await runtime.start()
     try:
         await runtime.load(specs["det"])
