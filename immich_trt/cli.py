@@ -1,4 +1,4 @@
-"""Command line: ``immich-trt serve | build-engines | models | bench | ingest | opensearch``.
+"""Command line: ``immich-trt serve | build-engines | models | bench | ingest | opensearch | backup``.
 
 ``python -m immich_trt`` is the same program.
 """
@@ -212,6 +212,21 @@ def cmd_opensearch(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(reindex_command(settings, recreate=args.recreate))
 
 
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    """An online copy of ``$IMMICH_TRT_DATA_DIR/sidecar.db`` (safe while the server
+    runs); prints the file written. Errors print one line and return 1."""
+    from .sidecar.backup import BackupError, backup_database
+    from .sidecar.store import DB_NAME
+
+    try:
+        written = backup_database(settings.data_dir / DB_NAME, Path(args.dest).expanduser())
+    except BackupError as exc:
+        print(f"backup: {exc}", file=sys.stderr)
+        return 1
+    print(written)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="immich-trt", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -278,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     osub = search.add_subparsers(dest="opensearch_command", required=True)
     reindex = osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
     reindex.add_argument("--recreate", action="store_true", help="delete the indices first (mapping changes, stale documents)")
+    backup = sub.add_parser(
+        "backup", help="copy the sidecar database (people, faces, OCR, duplicates) safely, even while serving"
+    )
+    backup.add_argument(
+        "dest", help="backup file, or an existing folder for a sidecar-YYYYmmdd-HHMMSS.db in it"
+    )
     return parser
 
 
@@ -305,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_ingest(args, settings)
     if command == "opensearch":
         return cmd_opensearch(args, settings)
+    if command == "backup":
+        return cmd_backup(args, settings)
     return 2
 
 

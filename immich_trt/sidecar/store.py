@@ -3,7 +3,9 @@
 One database file ``<IMMICH_TRT_DATA_DIR>/sidecar.db`` in WAL mode with foreign keys on.
 The schema is versioned with ``PRAGMA user_version``: :data:`MIGRATIONS` lists the steps,
 applied in order inside one transaction each, so a store written by an older version is
-upgraded on open and a newer one is refused.
+upgraded on open and a newer one is refused. Before an existing database is upgraded, a
+copy of it is written next to it (``sidecar.db.v<old>-<YYYYmmdd-HHMMSS>.bak``); a copy
+that cannot be written leaves the database untouched and unopened.
 
 Content addressing: one ``assets`` row per distinct file content (its imohash); the
 caller's ids or file paths for that content are ``asset_refs`` rows, so ingesting the
@@ -24,6 +26,7 @@ executor).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -31,6 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .backup import BackupError, timestamp, write_backup
+
+log = logging.getLogger("immich_trt.sidecar")
 
 DB_NAME = "sidecar.db"
 
@@ -176,30 +183,62 @@ class Store:
         self.path = path
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the sidecar store {path}: {exc}") from exc
+        try:
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.migrate()
         except sqlite3.DatabaseError as exc:
+            self.conn.close()
             raise StoreError(f"cannot open the sidecar store {path}: {exc}") from exc
+        except BaseException:
+            self.conn.close()
+            raise
 
     @property
     def version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     def migrate(self) -> None:
-        """Apply the missing :data:`MIGRATIONS`, each in its own transaction."""
+        """Apply the missing :data:`MIGRATIONS`, each in its own transaction, after
+        :meth:`backup_before_migration` when the database is not new."""
         current = self.version
         if current > len(MIGRATIONS):
             raise StoreError(
                 f"{self.path} has schema version {current}; this immich-trt knows up to {len(MIGRATIONS)}"
             )
+        if current < len(MIGRATIONS) and self._has_schema():
+            self.backup_before_migration(current)
         for number in range(current, len(MIGRATIONS)):
             with self.transaction():
                 for statement in _split_sql(MIGRATIONS[number]):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version={number + 1}")
+
+    def _has_schema(self) -> bool:
+        return self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+
+    def backup_before_migration(self, version: int) -> Path:
+        """Copy the database to ``<name>.v<version>-<YYYYmmdd-HHMMSS>.bak`` next to it.
+        Raises :class:`StoreError` (nothing migrated) when the copy cannot be written."""
+        target = self.path.with_name(f"{self.path.name}.v{version}-{timestamp()}.bak")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.v{version}-{timestamp()}-{n}.bak")
+            n += 1
+        try:
+            write_backup(self.conn, target, pages=-1)
+        except BackupError as exc:
+            raise StoreError(
+                f"{exc}; the schema of {self.path} (version {version}) was not upgraded to "
+                f"{len(MIGRATIONS)} and the database is untouched"
+            ) from exc
+        log.info("Schema upgrade from version %d to %d: a copy of the database is in %s",
+                 version, len(MIGRATIONS), target)
+        return target
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
