@@ -232,6 +232,26 @@ async def test_an_external_triton_that_goes_away_and_comes_back(settings, specs,
         await other.stop()
 
 
+async def test_a_call_failing_against_a_live_server_is_not_retried_forever(triton) -> None:
+    """An operation that keeps failing as 'unavailable' while Triton answers its liveness
+    check ends after MAX_OUTAGES_PER_CALL waits, quickly, with its error."""
+    from immich_trt.runtime.base import RuntimeUnavailableError
+    from immich_trt.runtime.triton import MAX_OUTAGES_PER_CALL
+
+    attempts = 0
+
+    async def failing():
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeUnavailableError("connection reset")
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeUnavailableError, match="connection reset"):
+        await triton._wait_through_outage(failing)
+    assert attempts == MAX_OUTAGES_PER_CALL + 1
+    assert time.monotonic() - started < 30
+
+
 def test_triton_log_levels() -> None:
     import logging
 

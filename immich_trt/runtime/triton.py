@@ -288,6 +288,11 @@ class _ShmModel:
             self.rule = self.by_rule(inputs, list(shapes)) == shapes
 
 
+#: A call waits through at most this many outages (a call that keeps failing while the
+#: server answers its liveness check is not waiting for an outage to end).
+MAX_OUTAGES_PER_CALL = 8
+
+
 def _lost_model(message: str) -> bool:
     """Whether Triton's error says it does not know (or has not loaded) the model, as it
     answers after a restart: "Request for unknown model: 'x' is not found", "... has no
@@ -421,11 +426,15 @@ class TritonRuntime(Runtime):
         loop = asyncio.get_running_loop()
         deadline = 0.0  # infer_timeout_s after the first failure in the current outage
         outage = -1  # the outage that deadline belongs to
+        outages_seen = 0
         while True:
             try:
                 return await operation()
             except RuntimeUnavailableError as exc:
                 if self._client is None:  # stopped (or never started): nothing to wait for
+                    raise
+                outages_seen += 1
+                if outages_seen > MAX_OUTAGES_PER_CALL:  # failing against a live server: not an outage
                     raise
                 if isinstance(exc.__cause__, TimeoutError):  # a hung call waited its whole timeout
                     raise
