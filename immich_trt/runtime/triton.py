@@ -546,6 +546,10 @@ class TritonRuntime(Runtime):
                 raise InferenceError(f"Triton could not load '{spec.name}': {exc.message()}") from exc
             except (TimeoutError, OSError) as exc:
                 raise RuntimeUnavailableError(f"Triton at {self.url} is unreachable: {exc}") from exc
+            except Exception as exc:  # e.g. aiohttp's ServerDisconnectedError over HTTP during a restart
+                if self._restarting() or not await self._live():
+                    raise RuntimeUnavailableError(f"Triton is not live: {type(exc).__name__}: {exc}") from exc
+                raise InferenceError(f"Triton could not load '{spec.name}': {type(exc).__name__}: {exc}") from exc
             self._ready_models.add(spec.name)
 
     async def unload(self, name: str) -> None:
@@ -733,14 +737,13 @@ class TritonRuntime(Runtime):
                 total += _aligned(nbytes)
         module = self._module()
         pool = self._shm
-        from tritonclient.utils import InferenceServerException
 
         try:
             region = await pool.acquire(self._client, total)
         except ShmUnavailable as exc:
             log.warning("Shared memory unavailable for '%s' (%s); this call goes over the wire", name, exc)
             return None
-        except (InferenceServerException, OSError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 (tritonclient, aiohttp or gRPC errors alike)
             # the region could not be registered (e.g. Triton just resumed or restarting):
             # the wire call reports the server's state with the runtime's own errors
             log.debug("registering shared memory for '%s' failed (%s); this call goes over the wire", name, exc)
