@@ -110,6 +110,7 @@ class Settings:
     ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
     triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
+    triton_max_rss_mb: int = 2048  # the launched tritonserver process is restarted (requests wait) above this; 0 = never
     max_image_pixels: int = 89_478_485  # width x height above which an image is refused unread (PIL's default bound)
     preprocess: str = "cpu"  # "cpu": numpy/PIL/cv2 in the server; "gpu": DALI + TensorRT ensembles in Triton
     trt_precision: str = "fp16"  # TensorRT engines: "fp16", "fp32" or "int8"
@@ -198,6 +199,7 @@ class Settings:
             triton_instances=int(env.get("IMMICH_TRT_TRITON_INSTANCES") or defaults.triton_instances),
             triton_server=Path(env["IMMICH_TRT_TRITON_SERVER"]) if env.get("IMMICH_TRT_TRITON_SERVER") else None,
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
+            triton_max_rss_mb=int(env.get("IMMICH_TRT_TRITON_MAX_RSS_MB") or defaults.triton_max_rss_mb),
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
             triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),
             max_image_pixels=max_pixels,

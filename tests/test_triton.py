@@ -252,6 +252,42 @@ async def test_a_call_failing_against_a_live_server_is_not_retried_forever(trito
     assert time.monotonic() - started < 30
 
 
+async def test_the_rss_guard_restarts_triton_and_calls_keep_being_answered(settings, specs, monkeypatch, caplog) -> None:
+    """IMMICH_TRT_TRITON_MAX_RSS_MB: over the bound the launched server is stopped
+    gracefully and started again; calls made meanwhile are answered, none fails."""
+    import asyncio
+    import logging
+
+    from immich_trt.runtime import launcher as launcher_module
+
+    monkeypatch.setattr(launcher_module, "RSS_CHECK_S", 0.5)
+    runtime = TritonRuntime(dataclasses.replace(settings, triton_max_rss_mb=1, infer_timeout_s=60.0))
+    await runtime.start()
+    try:
+        await runtime.load(specs["det"])
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        before = await runtime.infer(specs["det"].name, {"x": x})
+        first = runtime.launcher.process.pid
+        answered = 0
+        with caplog.at_level(logging.INFO, logger="immich_trt"):
+            deadline = time.monotonic() + 60
+            while runtime.launcher.recycles == 0 or runtime.launcher.restarting:
+                assert time.monotonic() < deadline, "the RSS guard did not restart Triton"
+                out = await runtime.infer(specs["det"].name, {"x": x})  # never raises
+                np.testing.assert_array_equal(before["fetch_name_0"], out["fetch_name_0"])
+                answered += 1
+                await asyncio.sleep(0.05)
+            runtime.launcher.max_rss_mb = 0  # one restart is enough for the test
+            out = await runtime.infer(specs["det"].name, {"x": x})
+        np.testing.assert_array_equal(before["fetch_name_0"], out["fetch_name_0"])
+        assert runtime.launcher.process.pid != first and runtime.launcher.restarts == 0
+        assert answered > 0
+        assert any("IMMICH_TRT_TRITON_MAX_RSS_MB=1" in r.getMessage() for r in caplog.records)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("immich_trt.runtime")]
+    finally:
+        await runtime.stop()
+
+
 def test_triton_log_levels() -> None:
     import logging
 

@@ -31,6 +31,19 @@ import aiohttp
 log = logging.getLogger("immich_trt.triton")
 
 
+#: How often the RSS guard reads the server's resident memory (seconds).
+RSS_CHECK_S = 10.0
+
+
+def _rss_mb(pid: int) -> int:
+    """Resident memory of one process in MB (``/proc/PID/statm``); 0 when it is gone."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
 class TritonLaunchError(RuntimeError):
     """The bundled Triton server is missing, failed to start, or never became ready."""
 
@@ -142,6 +155,7 @@ class TritonLauncher:
         exit_timeout_s: int = 5,
         on_restart: Callable[[], Awaitable[None]] | None = None,
         server_root: Path | None = None,
+        max_rss_mb: int = 0,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.work_dir = Path(work_dir)
@@ -155,6 +169,12 @@ class TritonLauncher:
         #: True from the moment the watchdog sees the server exit until the new one is up
         #: and ``on_restart`` (the runtime's model reload) has returned.
         self.restarting = False
+        #: RSS bound of the tritonserver process (MB; 0 = none): above it the server is
+        #: stopped gracefully and started again, a bound on its slow growth under load.
+        self.max_rss_mb = max_rss_mb
+        self.recycles = 0
+        self._recycling = False
+        self._rss_guard_task: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._log_task: asyncio.Task | None = None
         self._stopping = False
@@ -202,6 +222,8 @@ class TritonLauncher:
         await self._spawn()
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch())
+        if self._rss_guard_task is None:
+            self._rss_guard_task = asyncio.create_task(self._rss_guard())
 
     async def _spawn(self) -> None:
         install = TritonInstallation.find(self.server_root)
@@ -281,6 +303,29 @@ class TritonLauncher:
             finally:
                 self.restarting = False
 
+    async def _rss_guard(self) -> None:
+        """Every :data:`RSS_CHECK_S`, stop the server gracefully (SIGTERM: it finishes the
+        calls in flight within its exit timeout) when its own RSS is over ``max_rss_mb``;
+        the watchdog starts it again and the runtime reloads the models, while calls wait."""
+        while not self._stopping:
+            await asyncio.sleep(RSS_CHECK_S)
+            process = self.process
+            if not self.max_rss_mb or process is None or process.returncode is not None:
+                continue
+            if self.restarting or self._recycling:
+                continue
+            rss_mb = _rss_mb(process.pid)
+            if rss_mb > self.max_rss_mb:
+                log.warning(
+                    "Triton holds %d MB (IMMICH_TRT_TRITON_MAX_RSS_MB=%d); restarting it, requests wait for it",
+                    rss_mb, self.max_rss_mb,
+                )
+                self._recycling = True
+                try:
+                    process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    self._recycling = False
+
     async def _restart(self, process: asyncio.subprocess.Process, code: int | None) -> None:
         """Kill what is left of the dead server, start a new one (retrying with backoff) and
         let the runtime reload its models (``on_restart``)."""
@@ -288,8 +333,12 @@ class TritonLauncher:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.restarts += 1
-        log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
+        if self._recycling:  # stopped by the RSS guard: expected, already logged
+            self._recycling = False
+            self.recycles += 1
+        else:
+            self.restarts += 1
+            log.error("Triton exited unexpectedly (code %s); restarting (restart #%d)", code, self.restarts)
         self._remove_shared_memory()
         delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
         while not self._stopping:
@@ -326,6 +375,9 @@ class TritonLauncher:
     async def stop(self) -> None:
         """Stop the server (and its backend stubs) and the watchdog."""
         self._stopping = True
+        if self._rss_guard_task is not None:
+            self._rss_guard_task.cancel()
+            self._rss_guard_task = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

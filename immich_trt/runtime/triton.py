@@ -344,6 +344,7 @@ class TritonRuntime(Runtime):
                 start_timeout_s=self.settings.triton_start_timeout_s,
                 on_restart=self._reload_all,
                 server_root=self.settings.triton_server,
+                max_rss_mb=self.settings.triton_max_rss_mb,
             )
             try:
                 await self.launcher.start()
