@@ -479,7 +479,8 @@ class TritonRuntime(Runtime):
                     except Exception:  # noqa: BLE001 (a client of a dead connection)
                         log.debug("closing the old Triton client failed", exc_info=True)
                 await asyncio.sleep(0.2)
-            log.info("Triton is back after %.1f s", loop.time() - started)
+            if self._client is not None:
+                log.info("Triton is back after %.1f s", loop.time() - started)
         finally:
             self._outage_task = None
             self._back.set()
