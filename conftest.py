@@ -13,11 +13,25 @@ from pathlib import Path
 
 import pytest
 
+from immich_trt.loopback import is_loopback
+
 REPO = Path(__file__).resolve().parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 GOLDEN = REPO / "tests" / "golden"
 
 requires_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+
+
+def load_bench_script(name: str):
+    """Import ``bench/<name>.py`` (a script, not a package module) as module ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -94,22 +108,18 @@ def is_loopback_destination(family: int, address) -> bool:
         host = host.decode("ascii", "replace")
     if not isinstance(host, str) or not host:
         return False
+    if is_loopback(host):
+        return True
     try:
-        candidates = [ipaddress.ip_address(host.split("%", 1)[0])]
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return False  # an IP literal that is not loopback
     except ValueError:  # a host name
-        try:
-            infos = _real_getaddrinfo(host, None, family)
-        except OSError:
-            return False
-        candidates = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-    if not candidates:
+        pass
+    try:
+        infos = _real_getaddrinfo(host, None, family)
+    except OSError:
         return False
-    for candidate in candidates:
-        if isinstance(candidate, ipaddress.IPv6Address) and candidate.ipv4_mapped is not None:
-            candidate = candidate.ipv4_mapped
-        if not candidate.is_loopback:
-            return False
-    return True
+    return bool(infos) and all(is_loopback(str(info[4][0])) for info in infos)
 
 
 _real_getaddrinfo = socket.getaddrinfo

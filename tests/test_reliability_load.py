@@ -9,14 +9,12 @@ growth figure to mean much (onnxruntime arenas and allocator caches are still se
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, requires_data
+from conftest import SHARED_DATA, load_bench_script, requires_data
 
 pytestmark = requires_data
 
@@ -26,15 +24,7 @@ CLIENT_TIMEOUT_S = 60.0
 KILL_CLIENT_TIMEOUT_S = 150.0
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reliability", REPO / "bench" / "reliability.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-reliability = _load_script()
+reliability = load_bench_script("reliability")
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,14 @@ The 10-minute run and its figures are in ``bench/RELIABILITY.md``."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-from conftest import REPO, SHARED_DATA, requires_data
+from conftest import SHARED_DATA, load_bench_script, requires_data
 
 pytestmark = requires_data
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sidecar_concurrency", REPO / "bench" / "sidecar_concurrency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-concurrency = _load_script()
+concurrency = load_bench_script("sidecar_concurrency")
 
 
 def test_concurrent_sidecar_use_loses_no_write_and_survives_sigkill(model_cache: Path, tmp_path: Path) -> None:

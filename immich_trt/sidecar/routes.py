@@ -11,7 +11,6 @@ Request bodies and face data are never logged.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from PIL import Image
 
 from .. import __version__, contract
 from ..config import Settings
+from ..loopback import is_loopback
 from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
 from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
@@ -757,20 +757,6 @@ def openapi_document() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- auth
-
-
-def is_loopback(remote: str | None) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything else
-    (including an unknown peer)."""
-    if not remote:
-        return False
-    try:
-        address = ipaddress.ip_address(remote.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def bearer_token(header: str) -> str | None:

@@ -36,7 +36,6 @@ import csv
 import dataclasses
 import datetime
 import io
-import ipaddress
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import contract
+from ..loopback import is_loopback
 
 TASKS = ("clip-visual", "clip-text", "faces", "ocr")
 IMAGE_TASKS = ("clip-visual", "faces", "ocr")
@@ -99,15 +99,7 @@ def is_loopback_url(url: str) -> bool:
     """Whether ``url``'s host is ``localhost`` or a loopback address (127.0.0.0/8,
     ``[::1]``, IPv4-mapped loopback): the only servers a benchmark sends traffic to."""
     host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    return host == "localhost" or is_loopback(host)
 
 
 def parse_target(spec: str) -> Target:
