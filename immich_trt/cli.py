@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import NO_OP_VARIABLES, Settings
+from .runtime.select import choose_runtime
 from .tools.bench import add_arguments as add_bench_arguments
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         keepalive_timeout=settings.http_keepalive_timeout_s,
         access_log=None,
         print=lambda *_: log.info(
-            "Listening on %s:%s (runtime: %s)", settings.host, settings.port, settings.runtime
+            "Listening on %s:%s (runtime: %s)", settings.host, settings.port, choose_runtime(settings).name
         ),
     )
     return 0

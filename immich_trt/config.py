@@ -94,7 +94,7 @@ class Settings:
     port: int = 3003
     log_level: str = "info"
     # ---- immich-trt's own settings ----
-    runtime: str = "triton"  # "triton" or "onnxruntime"
+    runtime: str = "auto"  # "auto", "triton" or "onnxruntime"; see resolve_runtime
     triton_url: str | None = None  # external Triton; None = launch the bundled one
     triton_protocol: str = "grpc"  # "http" or "grpc"
     engines_dir: Path = field(default_factory=lambda: default_engines_dir())
@@ -108,6 +108,8 @@ class Settings:
     triton_server: Path | None = None  # a full Triton installation to launch (e.g. /opt/tritonserver); None = the wheel's
     triton_instances: int = 1  # model instances per Triton model (CPU target)
     ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
+    cpu_scheduler: str = "cores"  # in-process runtime: "cores" (runtime/cpu.py) or "upstream" (immich-ml's threads)
+    cpu_narrow_max_mb: float = 64.0  # models up to this size also get a one-thread session (runtime/cpu.py)
     triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
     triton_max_rss_mb: int = 2048  # the launched tritonserver process is restarted (requests wait) above this; 0 = never
@@ -150,8 +152,14 @@ class Settings:
 
         defaults = cls()
         runtime = env.get("IMMICH_TRT_RUNTIME", defaults.runtime).strip().lower()
-        if runtime not in {"triton", "onnxruntime"}:
-            raise ValueError(f"IMMICH_TRT_RUNTIME must be 'triton' or 'onnxruntime', not {runtime!r}")
+        if runtime not in {"auto", "triton", "onnxruntime"}:
+            raise ValueError(f"IMMICH_TRT_RUNTIME must be 'auto', 'triton' or 'onnxruntime', not {runtime!r}")
+        scheduler = (env.get("IMMICH_TRT_CPU_SCHEDULER") or defaults.cpu_scheduler).strip().lower()
+        if scheduler not in {"cores", "upstream"}:
+            raise ValueError(f"IMMICH_TRT_CPU_SCHEDULER must be 'cores' or 'upstream', not {scheduler!r}")
+        narrow_mb = float(env.get("IMMICH_TRT_CPU_NARROW_MAX_MB") or defaults.cpu_narrow_max_mb)
+        if narrow_mb < 0:
+            raise ValueError("IMMICH_TRT_CPU_NARROW_MAX_MB must be 0 (off) or a size in MB")
         protocol = env.get("IMMICH_TRT_TRITON_PROTOCOL", defaults.triton_protocol).strip().lower()
         if protocol not in {"http", "grpc"}:
             raise ValueError(f"IMMICH_TRT_TRITON_PROTOCOL must be 'http' or 'grpc', not {protocol!r}")
@@ -201,6 +209,8 @@ class Settings:
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
             triton_max_rss_mb=int(env.get("IMMICH_TRT_TRITON_MAX_RSS_MB") or defaults.triton_max_rss_mb),
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
+            cpu_scheduler=scheduler,
+            cpu_narrow_max_mb=narrow_mb,
             triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),
             max_image_pixels=max_pixels,
             preprocess=preprocess,

@@ -79,7 +79,7 @@ def check_gpu_settings(settings: Settings) -> None:
     onnxruntime runtime have neither backend)."""
     if settings.preprocess != "gpu":
         return
-    if settings.runtime != "triton":
+    if settings.runtime not in {"triton", "auto"}:  # auto chooses Triton for the GPU path (runtime.select)
         raise ValueError(
             f"IMMICH_TRT_PREPROCESS=gpu needs IMMICH_TRT_RUNTIME=triton (not {settings.runtime!r}): "
             "GPU preprocessing runs in Triton ensembles"

@@ -10,11 +10,13 @@ import asyncio
 import gc
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .base import InferenceError, ModelSpec, Runtime
+from .cpu import CoreBudget, CpuPlan
 
 
 def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: bool = True, spinning: bool = True):
@@ -45,26 +47,57 @@ def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: 
     )
 
 
-class OnnxRuntime(Runtime):
-    """Runs each model in an in-process ``InferenceSession``.
+@dataclass
+class _Sessions:
+    """A model's wide session and, for a small model, its one-thread session."""
 
-    Inference runs in a dedicated thread pool (onnxruntime releases the GIL), so the
-    event loop stays free.
+    wide: object
+    narrow: object | None = None
+
+
+class OnnxRuntime(Runtime):
+    """Runs each model in-process, in ONNX Runtime sessions set up by a :class:`CpuPlan`.
+
+    Every call takes cores from one :class:`CoreBudget` for the threads it will use
+    (all of them on the wide session, one on a narrow session when calls overlap; see
+    :mod:`.cpu`) and runs in a pool of ``plan.cores`` threads (onnxruntime releases the
+    GIL), so the event loop stays free and inference never oversubscribes the cores.
+    ``plan=None``: immich-ml's setup (``intra_op`` threads per session, calls limited only
+    by the pool of ``threads``), the reference the plan is measured against.
     """
 
     def __init__(
-        self, inter_op: int = 1, intra_op: int = 2, arena: bool = True, threads: int = 4, spinning: bool = True
+        self,
+        inter_op: int = 1,
+        intra_op: int = 2,
+        arena: bool = True,
+        threads: int = 4,
+        spinning: bool = True,
+        plan: CpuPlan | None = None,
     ) -> None:
+        self.plan = plan
         self._opts = (inter_op, intra_op, arena, spinning)
-        self._sessions: dict[str, object] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ort")
+        self._sessions: dict[str, _Sessions] = {}
+        self.budget = CoreBudget(plan.cores) if plan is not None else None
+        workers = plan.cores if plan is not None else max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
+
+    def _open(self, path: Path) -> _Sessions:
+        inter_op, intra_op, arena, spinning = self._opts
+        plan = self.plan
+        if plan is None:
+            return _Sessions(make_session(path, inter_op, intra_op, arena, spinning))
+        wide = make_session(path, inter_op, plan.wide_threads, arena, plan.spinning)
+        narrow = None
+        if plan.has_narrow(Path(path).stat().st_size):
+            narrow = make_session(path, 1, 1, arena, False)
+        return _Sessions(wide, narrow)
 
     async def load(self, spec: ModelSpec) -> None:
         if spec.name in self._sessions:
             return
         loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(self._pool, lambda: make_session(spec.onnx_path, *self._opts))
-        self._sessions[spec.name] = session
+        self._sessions[spec.name] = await loop.run_in_executor(self._pool, self._open, spec.onnx_path)
 
     async def unload(self, name: str) -> None:
         if self._sessions.pop(name, None) is not None:
@@ -73,15 +106,25 @@ class OnnxRuntime(Runtime):
     async def infer(
         self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        session = self._sessions.get(name)
-        if session is None:
+        sessions = self._sessions.get(name)
+        if sessions is None:
             raise InferenceError(f"model '{name}' is not loaded")
+        session, cores = sessions.wide, 0
+        if self.budget is not None and self.plan is not None:
+            if sessions.narrow is not None and self.budget.contended:
+                session, cores = sessions.narrow, 1
+            else:
+                cores = self.plan.wide_threads
+            cores = await self.budget.acquire(cores)
         names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
         loop = asyncio.get_running_loop()
         try:
             values = await loop.run_in_executor(self._pool, session.run, names, dict(inputs))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise InferenceError(f"onnxruntime failed on '{name}': {exc}") from exc
+        finally:
+            if self.budget is not None and cores:
+                self.budget.release(cores)
         return dict(zip(names, values))
 
     async def stop(self) -> None:

@@ -6,6 +6,8 @@ perspective transform, output format) around RapidOCR 3.8.1 ``ch_ppocr_rec/main.
 
 from __future__ import annotations
 
+import asyncio
+
 import math
 from typing import Any
 
@@ -206,8 +208,12 @@ class TextRecognizer(_PaddleModel):
         assert self.decode is not None
         batches = await self.ctx.run(self._prepare_batches, image, boxes)
         results: list[tuple[str, float]] = [("", 0.0)] * len(boxes)
-        for indices, batch in batches:
-            out = await self.ctx.runtime.infer(self.triton_name, {"x": batch}, [CTC_INDEX, CTC_PROB])
+        # the batches are independent calls: issued together, the runtime may run them side
+        # by side (the in-process runtime's narrow sessions, Triton's instances)
+        outs = await asyncio.gather(
+            *(self.ctx.runtime.infer(self.triton_name, {"x": batch}, [CTC_INDEX, CTC_PROB]) for _, batch in batches)
+        )
+        for (indices, _), out in zip(batches, outs):
             decoded = self.decode.decode(out[CTC_INDEX], out[CTC_PROB])
             for i, result in zip(indices, decoded):
                 results[i] = result
