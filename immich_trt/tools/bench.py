@@ -14,9 +14,9 @@ Two scenarios (``--scenario``; ``both`` by default, the job mix first):
   concurrency: ``--job-mix clip-visual=2,faces=2,ocr=1``, Immich's default job
   concurrencies (smart search 2, face detection 2, OCR 1; ``server/src/config.ts``). A
   worker takes the next asset of its queue's list when its previous request is answered;
-  a round ends when every queue has sent all K. Measured per target, summed over the
+  a round ends when every queue has its K answers. Measured per target, summed over the
   rounds: assets/s (assets answered with 2xx by every queue over the wall time of the
-  rounds; K / wall when nothing fails), per task the requests/s while its queue ran
+  rounds; K × rounds / wall when nothing fails), per task the requests/s while its queue ran
   (2xx over the time from the round's start to that queue's last answer), p50/p95/p99
   latency and errors, and the process tree's CPU seconds (also per asset) and peak RSS.
 - ``tasks``: one task at a time at each ``--concurrency`` level. Each round is a closed
@@ -1335,7 +1335,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "when K is larger)",
     )
     parser.add_argument(
-        "--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)} (default: all)"
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"tasks of the per-task scenario, comma-separated, from {','.join(TASKS)} (default: all)",
     )
     parser.add_argument(
         "--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)), help="concurrency levels (default 1,2,4,8)"
