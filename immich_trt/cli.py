@@ -276,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
             "bench",
             help="send Immich's requests to one or more ML servers, side by side",
             description="Immich's own /predict requests (CLIP on previews and queries, faces, OCR) to each "
-            "target in turn at several concurrency levels; writes results.md, results.csv and throughput.png. "
+            "target in turn: Immich's job mix (its job queues at once over the same assets, in assets/s), then "
+            "each task at several concurrency levels; writes results.md, jobmix.csv, results.csv and "
+            "throughput.png. "
             "Meant for servers you run on this machine: targets are loopback URLs (http://127.0.0.1:PORT).",
         )
     )

@@ -1,16 +1,22 @@
 """``immich-trt bench`` and the request builders it shares with compat_tests: the pure
-parts against hand-computed values, then one short run against a live server."""
+parts against hand-computed values, the job mix against a stand-in server on loopback that
+records what arrives, then one short run against a live server."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +156,22 @@ def test_parse_levels_and_tasks() -> None:
             bench.parse_levels(bad)
     with pytest.raises(ValueError):
         bench.parse_tasks("clip")
+
+
+def test_parse_job_mix() -> None:
+    assert bench.parse_job_mix("clip-visual=2,faces=2,ocr=1") == bench.DEFAULT_JOB_MIX
+    assert bench.DEFAULT_JOB_MIX == (("clip-visual", 2), ("faces", 2), ("ocr", 1))  # Immich's defaults
+    assert bench.parse_job_mix(" ocr = 3 , faces=1,") == (("ocr", 3), ("faces", 1))
+    for bad, message in [
+        ("clip-text=1", "'clip-text' is not a job; choose from clip-visual,faces,ocr"),
+        ("faces=0", "faces needs a concurrency >= 1"),
+        ("faces", "faces needs a concurrency >= 1"),
+        ("faces=two", "faces needs a concurrency >= 1"),
+        ("faces=1,faces=2", "faces is given twice"),
+        ("", "expected TASK=N,..."),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bench.parse_job_mix(bad)
 
 
 @pytest.mark.parametrize(
@@ -378,6 +400,46 @@ def test_markdown_tables_and_file(tmp_path: Path) -> None:
         assert needle in text
 
 
+def _job_mixes() -> tuple[bench.JobMix, bench.JobMix]:
+    def queues(target: str, scale: float) -> dict[str, bench.Cell]:
+        return {
+            "clip-visual": bench.Cell(target, "clip-visual", 2, latencies=[0.1 * scale] * 10, wall_s=1.0 * scale),
+            "ocr": bench.Cell(target, "ocr", 1, latencies=[0.4 * scale] * 10, wall_s=5.0 * scale),
+        }
+
+    base = bench.JobMix("stock", queues("stock", 1.0), assets=10, wall_s=5.0, cpu_s=5.0, rss_bytes=2**30)
+    ours = bench.JobMix("ours", queues("ours", 0.5), assets=10, wall_s=2.5, cpu_s=2.5, rss_bytes=2**29)
+    ours.queues["ocr"].errors = 1
+    return base, ours
+
+
+def test_job_mix_rows_and_tables() -> None:
+    base, ours = _job_mixes()
+    rows = base.rows(base) + ours.rows(base)
+    assert [(r["target"], r["task"], r["concurrency"]) for r in rows] == [
+        ("stock", "job-mix", 3), ("stock", "clip-visual", 2), ("stock", "ocr", 1),
+        ("ours", "job-mix", 3), ("ours", "clip-visual", 2), ("ours", "ocr", 1),
+    ]  # fmt: skip
+    mix = rows[3]
+    assert (mix["assets"], mix["requests"], mix["errors"], mix["seconds"]) == (10, 21, 1, 2.5)
+    assert mix["assets_per_s"] == 4.0 and rows[0]["assets_per_s"] == 2.0 and mix["assets_ratio"] == 2.0
+    assert mix["cpu_s_per_asset"] == 0.25 and mix["cpu_per_asset_ratio"] == 0.5
+    assert mix["rss_mb"] == 512.0 and mix["rss_ratio"] == 0.5
+    ocr = rows[5]
+    assert ocr["throughput_rps"] == 4.0 and ocr["throughput_ratio"] == 2.0  # 10 answered in 2.5 s against 2/s
+    assert ocr["p95_ms"] == 200.0 and ocr["p95_ratio"] == 0.5 and ocr["errors"] == 1
+    assert ocr["rss_mb"] is None and ocr["cpu_s"] is None and ocr["client_cpu_s"] is None  # shared: on job-mix only
+    tables = bench.job_mix_tables(rows, ["stock", "ours"], (("clip-visual", 2), ("ocr", 1)))
+    lines = tables.splitlines()
+    assert lines[0] == (
+        "| target | assets/s | × stock | clip-visual p95 ms | × stock | ocr p95 ms | × stock | CPU s/asset "
+        "| peak RSS MB | RSS × stock | errors |"
+    )
+    assert lines[2] == "| stock | 2.00 | 1.00× | 100.0 | 1.00× | 400.0 | 1.00× | 0.500 | 1024 | 1.00× | 0/20 |"
+    assert lines[3] == "| ours | 4.00 | 2.00× | 50.0 | 0.50× | 200.0 | 0.50× | 0.250 | 512 | 0.50× | 1/21 |"
+    assert "| ours | ocr | 1 | 4.00 | 2.00× | 200.0 | 200.0 | 200.0 | 1/11 |" in lines
+
+
 # -------------------------------------------------------------------------- CLI
 
 
@@ -392,6 +454,246 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys) -> None:
         main(["bench", "--target", "a=http://127.0.0.1:9", "--images", str(tmp_path), "--tasks", "ocr"]) == 2
     )  # no images
     assert "bench:" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_job_mix_arguments(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a.jpg").write_bytes(_jpeg(64, 48))
+    start = ["bench", "--target", "a=http://127.0.0.1:9", "--no-progress", "--out", str(tmp_path / "out")]
+    for extra, line in [
+        (["--job-mix", "clip-text=1"], "bench: job mix 'clip-text=1': 'clip-text' is not a job; choose from "
+         "clip-visual,faces,ocr"),
+        (["--job-mix", "faces=0,ocr=1"], "bench: job mix 'faces=0,ocr=1': faces needs a concurrency >= 1, as in faces=2"),
+        (["--job-mix", "ocr=1,ocr=2"], "bench: job mix 'ocr=1,ocr=2': ocr is given twice"),
+        (["--job-mix-assets", "0"], "bench: --job-mix-assets must be >= 1"),
+    ]:  # fmt: skip
+        assert main(start + ["--images", str(tmp_path)] + extra) == 2, extra
+        assert capsys.readouterr().err.strip() == line
+    assert main(start + ["--scenario", "job-mix"]) == 2
+    assert capsys.readouterr().err.strip() == "bench: --images is needed for the job mix (--scenario job-mix)"
+    with pytest.raises(SystemExit) as exit_info:
+        main(start + ["--images", str(tmp_path), "--scenario", "mix"])
+    assert exit_info.value.code == 2
+    assert "argument --scenario: invalid choice: 'mix'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any request is sent
+
+
+class StandInServer:
+    """A stand-in ML server on loopback, in a thread of its own: ``/NAME/predict`` answers for
+    target NAME after a delay per task, with answers derived from the image (or text). It
+    records every request in arrival order (target, task, SHA-1 of the image, arrival and
+    answer time on ``time.perf_counter``), the most requests in flight per (target, task) and
+    per target, and the most targets served at once. ``fail``: (target, task, digest) answered 500."""
+
+    def __init__(self, delays: dict[str, float], fail: frozenset = frozenset()) -> None:
+        self.delays = delays
+        self.fail = fail
+        self.log: list[tuple[str, str, str, float, float]] = []
+        self.in_flight: Counter = Counter()
+        self.max_in_flight: Counter = Counter()
+        self.targets_at_once = 0
+
+    async def _predict(self, request):
+        from aiohttp import web
+
+        arrived = time.perf_counter()
+        target = request.match_info["target"]
+        form = await request.post()
+        entries = json.loads(form["entries"])
+        if "clip" in entries:
+            task = "clip-text" if "textual" in entries["clip"] else "clip-visual"
+        else:
+            task = "faces" if "facial-recognition" in entries else "ocr"
+        digest = hashlib.sha1(form["image"].file.read() if "image" in form else form["text"].encode()).hexdigest()
+        keys = ((target, task), target)
+        for key in keys:
+            self.in_flight[key] += 1
+            self.max_in_flight[key] = max(self.max_in_flight[key], self.in_flight[key])
+        serving = sum(1 for key, n in self.in_flight.items() if n and isinstance(key, str))
+        self.targets_at_once = max(self.targets_at_once, serving)
+        try:
+            await asyncio.sleep(self.delays[task])
+        finally:
+            for key in keys:
+                self.in_flight[key] -= 1
+        self.log.append((target, task, digest, arrived, time.perf_counter()))
+        if (target, task, digest) in self.fail:
+            return web.json_response({"detail": "stand-in failure"}, status=500)
+        vector = json.dumps([int(c, 16) / 15.0 for c in digest[:8]])
+        if task.startswith("clip"):
+            return web.json_response({"clip": vector})
+        if task == "faces":
+            box = {"x1": 1.0, "y1": 2.0, "x2": 30.0, "y2": 40.0}
+            return web.json_response({"facial-recognition": [{"boundingBox": box, "embedding": vector, "score": 0.9}]})
+        return web.json_response({"ocr": {"text": ["receipt", digest[:6]], "box": [], "boxScore": [], "textScore": []}})
+
+    def __enter__(self) -> StandInServer:
+        from aiohttp import web
+
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            app = web.Application()
+            app.router.add_post("/{target}/predict", self._predict)
+            runner = web.AppRunner(app, access_log=None)
+            self._loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            self._loop.run_until_complete(site.start())
+            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "the stand-in server did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def segments(self) -> list[tuple[str, list[tuple]]]:
+        """The log cut where the target changes: (target, its consecutive requests)."""
+        out: list[tuple[str, list[tuple]]] = []
+        for entry in self.log:
+            if out and out[-1][0] == entry[0]:
+                out[-1][1].append(entry)
+            else:
+                out.append((entry[0], [entry]))
+        return out
+
+
+def _images(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:02d}.jpg").write_bytes(_jpeg(64 + 8 * i, 48))
+    return folder
+
+
+JOB_MIX_DELAYS = {"clip-visual": 0.04, "faces": 0.04, "ocr": 0.08, "clip-text": 0.01}
+
+
+def test_job_mix_runs_immichs_queues_at_once_then_the_tasks(tmp_path: Path, capsys) -> None:
+    images, out, k, rounds = _images(tmp_path / "images", 6), tmp_path / "out", 6, 2
+    with StandInServer(JOB_MIX_DELAYS) as server:
+        argv = [
+            "bench", "--target", f"A={server.url}/A/,pid={os.getpid()}", "--target", f"B={server.url}/B/",
+            "--images", str(images), "--tasks", "ocr", "--concurrency", "1", "--requests-per-level", "2",
+            "--rounds", str(rounds), "--warmup", "1", "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+        assert main(argv) == 0
+    stdout = capsys.readouterr().out
+
+    # arrival order: warm-ups (task by task, targets in turn), job-mix rounds A B A B, then the per-task rounds
+    segments = server.segments()
+    assert [(t, len(entries)) for t, entries in segments] == (
+        [("A", 1), ("B", 1)] * 3 + [("A", 3 * k), ("B", 3 * k)] * rounds + [("A", 1), ("B", 1)] * rounds
+    )
+    assert [entries[0][1] for _, entries in segments[:6]] == ["clip-visual"] * 2 + ["faces"] * 2 + ["ocr"] * 2
+    digests = {entry[2] for _, entries in segments[6 : 6 + 2 * rounds] for entry in entries}
+    assert len(digests) == k
+    for _, entries in segments[6 : 6 + 2 * rounds]:  # every queue sends each of the K assets once a round
+        assert Counter((task, digest) for _, task, digest, *_ in entries) == {
+            (task, d): 1 for task in ("clip-visual", "faces", "ocr") for d in digests
+        }
+    assert all(entry[1] == "ocr" for _, entries in segments[6 + 2 * rounds :] for entry in entries)
+    # each queue at its concurrency, the three at once, one target at a time
+    for target in "AB":
+        assert [server.max_in_flight[(target, t)] for t in ("clip-visual", "faces", "ocr")] == [2, 2, 1]
+        assert server.max_in_flight[target] == 5
+    assert server.targets_at_once == 1
+
+    with open(out / "jobmix.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == bench.JOB_MIX_CSV_FIELDS
+    assert [(r["target"], r["task"], r["concurrency"]) for r in rows] == [
+        (t, task, c) for t in "AB" for task, c in (("job-mix", "5"), ("clip-visual", "2"), ("faces", "2"), ("ocr", "1"))
+    ]
+    for target in "AB":
+        mix, *queues = [r for r in rows if r["target"] == target]
+        assert (mix["assets"], mix["requests"], mix["errors"]) == (str(k * rounds), str(3 * k * rounds), "0")
+        seconds = float(mix["seconds"])
+        assert float(mix["assets_per_s"]) == pytest.approx(k * rounds / seconds, rel=2e-3)
+        # the wall time of a round spans its first arrival to its last answer at the server, and little more
+        served = sum(es[-1][4] - es[0][3] for t, es in segments[6 : 6 + 2 * rounds] if t == target)
+        assert served <= seconds < served + 0.5 * rounds
+        by_task = {r["task"]: r for r in queues}
+        for row in queues:
+            assert (row["requests"], row["errors"]) == (str(k * rounds), "0")
+            assert float(row["throughput_rps"]) == pytest.approx(k * rounds / float(row["seconds"]), rel=2e-3)
+        # OCR, one at a time, is the longest queue: it ends the round; CLIP's two workers end long before
+        assert float(by_task["ocr"]["seconds"]) >= k * rounds * JOB_MIX_DELAYS["ocr"]
+        assert float(by_task["clip-visual"]["seconds"]) < float(by_task["ocr"]["seconds"]) <= seconds
+        assert float(by_task["ocr"]["p50_ms"]) >= 1000 * JOB_MIX_DELAYS["ocr"]
+    a_mix = rows[0]
+    assert float(a_mix["rss_mb"]) > 10 and float(a_mix["cpu_s"]) > 0 and float(a_mix["assets_ratio"]) == 1.0
+    assert float(a_mix["cpu_s_per_asset"]) == pytest.approx(float(a_mix["cpu_s"]) / (k * rounds), abs=1e-3)
+    assert rows[4]["rss_mb"] == "" and rows[4]["cpu_s"] == "" and float(rows[4]["assets_ratio"]) > 0
+
+    with open(out / "results.csv", newline="") as handle:
+        assert [(r["target"], r["task"], r["requests"]) for r in csv.DictReader(handle)] == [
+            ("A", "ocr", "2"), ("B", "ocr", "2")
+        ]  # fmt: skip
+    text = (out / "results.md").read_text()
+    order = [
+        "# immich-trt bench",
+        "## Job mix",
+        "| target | assets/s | × A | clip-visual p95 ms | × A | faces p95 ms",
+        "### Agreement (job mix)",
+        "## Setup",
+        "- scenario: both",
+        "## Per task",
+        "### ocr",
+        "### Agreement\n",
+    ]
+    positions = [text.index(needle) for needle in order]
+    assert positions == sorted(positions)
+    assert f"- job mix: clip-visual c=2, faces c=2, ocr c=1 at once over {k} assets, {rounds} rounds" in text
+    assert f"| B | clip-visual | {k} | cosine min 1.000000, mean 1.000000 |" in text
+    assert f"| B | faces | {k} | face count equal {k}/{k}; {k} matched faces: box IoU min 1.0000" in text
+    assert f"| B | ocr | {k} | texts equal {k}/{k} (100.0%) |" in text
+    assert "### Errors" not in text
+    assert stdout.index("Job mix") < stdout.index("| target | assets/s |") < stdout.index("### ocr")
+    assert "written to" in stdout and "jobmix.csv" in stdout and "results.csv" in stdout
+
+
+def test_job_mix_alone_with_a_mix_of_its_own_and_a_failure(tmp_path: Path, capsys) -> None:
+    images, out = _images(tmp_path / "images", 6), tmp_path / "out"
+    previews, _ = bench.load_previews(images)
+    failing = hashlib.sha1(previews[2].data).hexdigest()
+    with StandInServer(JOB_MIX_DELAYS, fail=frozenset({("B", "ocr", failing)})) as server:
+        argv = [
+            "bench", "--target", f"A={server.url}/A/", "--target", f"B={server.url}/B/", "--images", str(images),
+            "--scenario", "job-mix", "--job-mix", "faces=3,ocr=1", "--job-mix-assets", "8", "--rounds", "1",
+            "--warmup", "0", "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+        assert main(argv) == 0
+    capsys.readouterr()
+    # 8 assets over 6 previews: the first two come again; no CLIP request, faces 3 at a time
+    sent = Counter((target, task) for target, task, *_ in server.log)
+    assert sent == {("A", "faces"): 8, ("A", "ocr"): 8, ("B", "faces"): 8, ("B", "ocr"): 8}
+    assert Counter(d for t, task, d, *_ in server.log if (t, task) == ("A", "faces")) == Counter(
+        hashlib.sha1(previews[i % 6].data).hexdigest() for i in range(8)
+    )
+    assert [server.max_in_flight[("A", t)] for t in ("faces", "ocr")] == [3, 1]
+    assert server.max_in_flight["A"] == 4
+    with open(out / "jobmix.csv", newline="") as handle:
+        rows = {(r["target"], r["task"]): r for r in csv.DictReader(handle)}
+    assert (rows[("A", "job-mix")]["assets"], rows[("A", "job-mix")]["errors"]) == ("8", "0")
+    assert (rows[("B", "job-mix")]["assets"], rows[("B", "job-mix")]["errors"]) == ("7", "1")  # asset 2 failed OCR
+    assert (rows[("B", "ocr")]["requests"], rows[("B", "ocr")]["errors"]) == ("8", "1")
+    assert float(rows[("B", "job-mix")]["assets_per_s"]) == pytest.approx(
+        7 / float(rows[("B", "job-mix")]["seconds"]), rel=2e-3
+    )
+    assert not (out / "results.csv").exists() and not (out / "throughput.png").exists()
+    text = (out / "results.md").read_text()
+    assert "## Job mix" in text and "## Per task" not in text and "- scenario: job-mix" in text
+    assert "| B | ocr | 5 | texts equal 5/5 (100.0%) |" in text  # B has no OCR answer for image 2
+    assert "| B | faces | 6 | face count equal 6/6" in text
+    assert "- B: HTTP 500 × 1" in text
 
 
 def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Path, capsys) -> None:
@@ -413,6 +715,17 @@ def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Pat
         assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "### Throughput ratio against A" in stdout and "Agreement" in stdout
+    assert stdout.index("Job mix") < stdout.index("### Throughput ratio against A")
+    with open(out / "jobmix.csv", newline="") as handle:
+        mix_rows = list(csv.DictReader(handle))
+    assert [(r["target"], r["task"], r["concurrency"]) for r in mix_rows] == [
+        (t, task, c) for t in "AB" for task, c in (("job-mix", "5"), ("clip-visual", "2"), ("faces", "2"), ("ocr", "1"))
+    ]
+    for row in mix_rows:  # 2 previews, 2 rounds: each queue sent 4 requests per target
+        expected = ("4", "12", "0") if row["task"] == "job-mix" else ("", "4", "0")
+        assert (row["assets"], row["requests"], row["errors"]) == expected
+    assert float(mix_rows[0]["rss_mb"]) > 50 and float(mix_rows[0]["cpu_s_per_asset"]) > 0
+    assert float(mix_rows[4]["assets_per_s"]) > 0 and mix_rows[4]["rss_mb"] == ""
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 4 * 2
@@ -430,6 +743,10 @@ def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Pat
             assert row["rss_mb"] == "" and row["cpu_s"] == ""
     text = (out / "results.md").read_text()
     assert "### Agreement" in text
+    job_mix = text[text.index("## Job mix") : text.index("## Setup")]
+    assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in job_mix
+    assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in job_mix
+    assert "| B | ocr | 2 | texts equal 2/2 (100.0%) |" in job_mix
     assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in text
     assert "| B | clip-text | 8 | cosine min 1.000000" in text
     assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in text

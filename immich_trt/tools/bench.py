@@ -6,26 +6,45 @@ queries). Previews are made once, in memory, as Immich makes them: EXIF orientat
 applied, shorter side down to ``--preview-size`` (1440) if larger (sharp's ``fit:
 outside, withoutEnlargement``), JPEG quality 80.
 
-How: for each task, each target gets a few warm-up requests (model loading, not counted);
-then for each concurrency level the requests are sent in rounds, the targets in turn
-(A B A B ...), so that drift of the machine (thermal, caches, other load) hits every
-target alike. Each round is a closed loop: ``concurrency`` workers, each sending its next
-request when the previous one is answered. Every target sees the same images and
-queries in the same order.
+Two scenarios (``--scenario``; ``both`` by default, the job mix first):
 
-Measured per (target, task, concurrency): requests/s (answered with 2xx, over the wall
-time of the rounds), p50/p95/p99 latency of those, errors (non-2xx or exceptions), and,
-when the target's PID is given, the peak resident memory of the process tree (the
-process and all its descendants, summed, sampled every 0.5 s) and the CPU seconds it
-used (user + system of the tree, reaped children included), read from ``/proc``; also
-this client's own CPU seconds. Ratios are against the first target.
+- ``job-mix``, the headline: what Immich's server does after a bulk upload. Its job
+  queues run at once over the same K assets (``--job-mix-assets``, all previews by
+  default, cycling over them when K is larger), each queue a closed loop of its own
+  concurrency: ``--job-mix clip-visual=2,faces=2,ocr=1``, Immich's default job
+  concurrencies (smart search 2, face detection 2, OCR 1; ``server/src/config.ts``). A
+  worker takes the next asset of its queue's list when its previous request is answered;
+  a round ends when every queue has its K answers. Measured per target, summed over the
+  rounds: assets/s (assets answered with 2xx by every queue over the wall time of the
+  rounds; K × rounds / wall when nothing fails), per task the requests/s while its queue ran
+  (2xx over the time from the round's start to that queue's last answer), p50/p95/p99
+  latency and errors, and the process tree's CPU seconds (also per asset) and peak RSS.
+- ``tasks``: one task at a time at each ``--concurrency`` level. Each round is a closed
+  loop: ``concurrency`` workers, each sending its next request when the previous one is
+  answered. Measured per (target, task, concurrency): requests/s (answered with 2xx, over
+  the wall time of the rounds), p50/p95/p99 latency of those, errors (non-2xx or
+  exceptions), and the process tree's peak RSS and CPU seconds.
 
-Agreement: the first answer of each target to each image or query is kept and compared
-with the first target's: CLIP cosine, faces (count equal, box IoU and embedding cosine of
-matched faces), OCR texts equal.
+How: each target first gets a few warm-up requests per task (model loading, not
+counted). Then the rounds (``--rounds``: job-mix rounds; each level's requests split into
+that many rounds) visit the targets in turn (A B A B ...), so that drift of the machine
+(thermal, caches, other load) hits every target alike. Every target sees the same images
+and queries in the same order.
 
-Output: ``results.md``, ``results.csv`` and ``throughput.png`` (matplotlib, when
-installed) in ``--out``, and the tables on stdout.
+Process tree, when the target's PID is given: the process and all its descendants,
+summed, read from ``/proc``: peak resident memory (sampled every 0.5 s) and CPU seconds
+(user + system of the tree, reaped children included). Also this client's own CPU
+seconds. Ratios are against the first target.
+
+Agreement, per scenario: the first answer of each target to each image or query is kept
+and compared with the first target's: CLIP cosine, faces (count equal, box IoU and
+embedding cosine of matched faces), OCR texts equal.
+
+Output in ``--out``: ``results.md`` (the job mix first, then the per-task tables),
+``results.csv`` (per-task levels), ``jobmix.csv`` (one ``job-mix`` row per target, then
+a row per queue whose ``concurrency`` is the queue's; the ``job-mix`` row's is their
+sum) and ``throughput.png`` (per-task levels; matplotlib, when installed); the tables
+also on stdout.
 """
 
 from __future__ import annotations
@@ -54,6 +73,10 @@ from ..loopback import is_loopback
 TASKS = ("clip-visual", "clip-text", "faces", "ocr")
 IMAGE_TASKS = ("clip-visual", "faces", "ocr")
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
+SCENARIOS = ("job-mix", "tasks", "both")
+#: Immich's default job concurrencies (``server/src/config.ts``): smart search (CLIP visual) 2,
+#: face detection (detection + recognition in one request) 2, OCR 1.
+DEFAULT_JOB_MIX = (("clip-visual", 2), ("faces", 2), ("ocr", 1))
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic"}
 
 #: Smart-search queries (CLIP textual) when no --queries file is given.
@@ -136,6 +159,31 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     if not tasks or unknown:
         raise ValueError(f"tasks {text!r}: choose from {','.join(TASKS)}")
     return tasks
+
+
+def parse_job_mix(text: str) -> tuple[tuple[str, int], ...]:
+    """``TASK=N,...`` (e.g. ``clip-visual=2,faces=2,ocr=1``): the job queues that run at once
+    and the concurrency of each, in the order given. Raises ValueError for a task that is not
+    one of :data:`IMAGE_TASKS`, a task given twice, or a concurrency that is not an integer >= 1."""
+    queues: list[tuple[str, int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        task, sep, value = (v.strip() for v in part.partition("="))
+        if task not in IMAGE_TASKS:
+            raise ValueError(f"job mix {text!r}: {task!r} is not a job; choose from {','.join(IMAGE_TASKS)}")
+        try:
+            concurrency = int(value) if sep else 0
+        except ValueError:
+            concurrency = 0
+        if concurrency < 1:
+            raise ValueError(f"job mix {text!r}: {task} needs a concurrency >= 1, as in {task}=2")
+        if task in (t for t, _ in queues):
+            raise ValueError(f"job mix {text!r}: {task} is given twice")
+        queues.append((task, concurrency))
+    if not queues:
+        raise ValueError(f"job mix {text!r}: expected TASK=N,... such as clip-visual=2,faces=2,ocr=1")
+    return tuple(queues)
 
 
 def preview_dimensions(width: int, height: int, size: int = contract.PREVIEW_SIZE) -> tuple[int, int]:
@@ -437,6 +485,76 @@ CSV_FIELDS = [
 ]  # fmt: skip
 
 
+@dataclasses.dataclass
+class JobMix:
+    """Immich's job mix on one target, summed over its rounds: the queues ran at once over
+    the same assets. ``queues`` maps each task to its :class:`Cell` (``concurrency``: the
+    queue's; ``wall_s``: from each round's start to the queue's last answer)."""
+
+    target: str
+    queues: dict[str, Cell]
+    assets: int = 0  # assets answered with 2xx by every queue
+    wall_s: float = 0.0  # rounds' wall time: until the last queue's last answer
+    client_cpu_s: float = 0.0
+    cpu_s: float | None = None
+    rss_bytes: int | None = None
+
+    @property
+    def concurrency(self) -> int:
+        return sum(cell.concurrency for cell in self.queues.values())
+
+    @property
+    def requests(self) -> int:
+        return sum(cell.requests for cell in self.queues.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(cell.errors for cell in self.queues.values())
+
+    @property
+    def assets_per_s(self) -> float | None:
+        return self.assets / self.wall_s if self.wall_s > 0 else None
+
+    @property
+    def cpu_s_per_asset(self) -> float | None:
+        return self.cpu_s / self.assets if self.cpu_s is not None and self.assets else None
+
+    def rows(self, base: JobMix | None) -> list[dict]:
+        """The ``jobmix.csv`` rows: the ``job-mix`` row, then one per queue (as
+        :meth:`Cell.row`); ratios against ``base`` (the first target's job mix)."""
+        row = {
+            "target": self.target,
+            "task": "job-mix",
+            "concurrency": self.concurrency,
+            "assets": self.assets,
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": round(self.wall_s, 3),
+            "assets_per_s": _round(self.assets_per_s, 3),
+            "rss_mb": _round(self.rss_bytes / 2**20 if self.rss_bytes is not None else None, 1),
+            "cpu_s": _round(self.cpu_s, 2),
+            "cpu_s_per_asset": _round(self.cpu_s_per_asset, 4),
+            "client_cpu_s": round(self.client_cpu_s, 2),
+        }
+        if base is not None:
+            row["assets_ratio"] = _round(ratio(self.assets_per_s, base.assets_per_s), 3)
+            row["rss_ratio"] = _round(ratio(self.rss_bytes, base.rss_bytes), 3)
+            row["cpu_per_asset_ratio"] = _round(ratio(self.cpu_s_per_asset, base.cpu_s_per_asset), 3)
+        rows = [row]
+        for task, cell in self.queues.items():
+            queue_row = cell.row(base.queues.get(task) if base is not None else None)
+            queue_row["client_cpu_s"] = None  # the queues share this client: only the job-mix row has it
+            rows.append(queue_row)
+        return rows
+
+
+JOB_MIX_CSV_FIELDS = [
+    "target", "task", "concurrency", "assets", "requests", "errors", "seconds", "assets_per_s", "throughput_rps",
+    "p50_ms", "p95_ms", "p99_ms", "mean_ms", "rss_mb", "cpu_s", "cpu_s_per_asset", "client_cpu_s",
+    "assets_ratio", "throughput_ratio", "p95_ratio", "rss_ratio", "cpu_per_asset_ratio",
+]  # fmt: skip
+
+
 # ---------------------------------------------------------------------- agreement
 
 
@@ -569,13 +687,15 @@ def agreements(
 @dataclasses.dataclass
 class Plan:
     targets: list[Target]
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...]  # per-task scenario; () to leave it out
     levels: tuple[int, ...]
     requests_per_level: int | None  # per target; or
     seconds_per_level: float | None
     rounds: int
     warmup: int
     timeout_s: float
+    job_mix: tuple[tuple[str, int], ...] = ()  # (task, concurrency) of each queue; () to leave the job mix out
+    job_mix_assets: int = 0  # K: assets per job-mix round
 
 
 class Bench:
@@ -586,17 +706,26 @@ class Bench:
         self.cells: dict[tuple[str, str, int], Cell] = {}
         self.answers: dict[tuple[str, str], dict[str, bytes]] = {}
         self.cursors: dict[tuple[str, str], int] = {}
+        self.job_mixes: dict[str, JobMix] = {}
+        self.job_mix_answers: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.warmed: set[tuple[str, str]] = set()
         self.monitors = {t.name: Monitor(ProcessTree(t.pids)) for t in plan.targets if t.pids}
 
     def _round_sizes(self) -> list[int]:
         n, r = self.plan.requests_per_level or 0, self.plan.rounds
         return [n // r + (1 if i < n % r else 0) for i in range(r)]
 
+    def _warmup_tasks(self) -> list[str]:
+        tasks = [task for task, _ in self.plan.job_mix]
+        return tasks + [task for task in self.plan.tasks if task not in tasks]
+
     def total_requests(self) -> int | None:
-        if self.plan.requests_per_level is None:
+        plan = self.plan
+        if plan.tasks and plan.requests_per_level is None:
             return None
-        per_task = self.plan.warmup + self.plan.requests_per_level * len(self.plan.levels)
-        return per_task * len(self.plan.targets) * len(self.plan.tasks)
+        per_target = plan.warmup * len(self._warmup_tasks()) + plan.job_mix_assets * len(plan.job_mix) * plan.rounds
+        per_target += (plan.requests_per_level or 0) * len(plan.levels) * len(plan.tasks)
+        return per_target * len(plan.targets)
 
     def _session(self):
         import aiohttp
@@ -615,6 +744,10 @@ class Bench:
         return time.perf_counter() - started, status, body, "" if 200 <= status < 300 else f"HTTP {status}"
 
     async def warm_up(self, target: Target, task: str, bar) -> None:
+        """``plan.warmup`` uncounted requests, once per target and task."""
+        if (target.name, task) in self.warmed:
+            return
+        self.warmed.add((target.name, task))
         workload = self.workloads[task]
         async with self._session() as session:
             for i in range(self.plan.warmup):
@@ -666,6 +799,57 @@ class Bench:
                     cell.cpu_s = (cell.cpu_s or 0.0) + cpu
                     cell.rss_bytes = max(cell.rss_bytes or 0, rss)
 
+    async def run_job_mix_round(self, target: Target, count: int, bar) -> None:
+        """One job-mix round on ``target``: every queue of ``plan.job_mix`` at once, each a
+        closed loop of its concurrency over assets 0..count-1 of its workload."""
+        mix = self.job_mixes.setdefault(
+            target.name,
+            JobMix(target.name, {task: Cell(target.name, task, c) for task, c in self.plan.job_mix}),
+        )
+        answered: Counter = Counter()  # asset index -> queues that answered it with 2xx
+        monitor = self.monitors.get(target.name)
+        async with self._session() as session:
+            if monitor is not None:
+                monitor.start()
+            client_cpu0 = time.process_time()
+            started = time.perf_counter()
+
+            async def queue(task: str, concurrency: int) -> None:
+                workload, cell = self.workloads[task], mix.queues[task]
+                taken = 0
+
+                async def worker() -> None:
+                    nonlocal taken
+                    while taken < count:
+                        index = taken
+                        taken += 1
+                        request = workload.request(index)
+                        latency, _status, body, error = await self._send(session, target, request)
+                        if error:
+                            cell.errors += 1
+                            cell.error_kinds[error] += 1
+                        else:
+                            cell.latencies.append(latency)
+                            answered[index] += 1
+                            self.job_mix_answers.setdefault((task, request.key), {}).setdefault(target.name, body)
+                        bar.update(1)
+
+                try:
+                    await asyncio.gather(*(worker() for _ in range(concurrency)))
+                finally:
+                    cell.wall_s += time.perf_counter() - started
+
+            try:
+                await asyncio.gather(*(queue(task, c) for task, c in self.plan.job_mix))
+            finally:  # also when interrupted: the assets answered so far keep their time
+                mix.wall_s += time.perf_counter() - started
+                mix.client_cpu_s += time.process_time() - client_cpu0
+                mix.assets += sum(1 for n in answered.values() if n == len(self.plan.job_mix))
+                if monitor is not None:
+                    cpu, rss = await monitor.stop()
+                    mix.cpu_s = (mix.cpu_s or 0.0) + cpu
+                    mix.rss_bytes = max(mix.rss_bytes or 0, rss)
+
     async def run(self) -> None:
         from tqdm import tqdm
 
@@ -673,6 +857,15 @@ class Bench:
         seconds = plan.seconds_per_level / plan.rounds if plan.seconds_per_level is not None else None
         sizes = self._round_sizes() if plan.requests_per_level is not None else [None] * plan.rounds
         with tqdm(total=self.total_requests(), unit="req", disable=not self.progress, dynamic_ncols=True) as bar:
+            if plan.job_mix:
+                for task, _ in plan.job_mix:
+                    for target in plan.targets:
+                        bar.set_postfix_str(f"{task} warm-up {target.name}")
+                        await self.warm_up(target, task, bar)
+                for round_index in range(plan.rounds):
+                    for target in plan.targets:  # A B A B ...
+                        bar.set_postfix_str(f"job mix round {round_index + 1}/{plan.rounds} {target.name}")
+                        await self.run_job_mix_round(target, plan.job_mix_assets, bar)
             for task in plan.tasks:
                 for target in plan.targets:
                     bar.set_postfix_str(f"{task} warm-up {target.name}")
@@ -697,13 +890,27 @@ class Bench:
                         rows.append(cell.row(base))
         return rows
 
+    def job_mix_rows(self) -> list[dict]:
+        base = self.job_mixes.get(self.plan.targets[0].name)
+        rows = []
+        for target in self.plan.targets:
+            mix = self.job_mixes.get(target.name)
+            if mix is not None:
+                rows += mix.rows(base)
+        return rows
+
     def agreements(self) -> list[Agreement]:
         return agreements(self.answers, [t.name for t in self.plan.targets], self.plan.tasks)
 
+    def job_mix_agreements(self) -> list[Agreement]:
+        names = [t.name for t in self.plan.targets]
+        return agreements(self.job_mix_answers, names, [task for task, _ in self.plan.job_mix])
+
     def error_kinds(self) -> dict[str, Counter]:
         kinds: dict[str, Counter] = {}
-        for (target, _, _), cell in self.cells.items():
-            kinds.setdefault(target, Counter()).update(cell.error_kinds)
+        cells = [*self.cells.values(), *(cell for mix in self.job_mixes.values() for cell in mix.queues.values())]
+        for cell in cells:
+            kinds.setdefault(cell.target, Counter()).update(cell.error_kinds)
         return {k: v for k, v in kinds.items() if v}
 
 
@@ -758,12 +965,53 @@ def _fmt(value, digits: int = 1, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
 
 
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
+def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] = CSV_FIELDS) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+
+
+def job_mix_tables(rows: Sequence[dict], targets: Sequence[str], queues: Sequence[tuple[str, int]]) -> str:
+    """The job-mix tables from :meth:`JobMix.rows`: one line per target (assets/s, p95 of each
+    queue, CPU per asset, peak RSS, ratios against the first target), then one per queue."""
+    first = targets[0]
+    by_key = {(r["target"], r["task"]): r for r in rows}
+    header = f"| target | assets/s | × {first} |"
+    rule = "|---|---:|---:|"
+    for task, _ in queues:
+        header += f" {task} p95 ms | × {first} |"
+        rule += "---:|---:|"
+    out = [header + f" CPU s/asset | peak RSS MB | RSS × {first} | errors |", rule + "---:|---:|---:|---:|"]
+    for target in targets:
+        mix = by_key.get((target, "job-mix"))
+        if mix is None:
+            continue
+        line = f"| {target} | {_fmt(mix['assets_per_s'], 2)} | {_fmt(mix.get('assets_ratio'), 2, '×')} |"
+        for task, _ in queues:
+            queue = by_key.get((target, task), {})
+            line += f" {_fmt(queue.get('p95_ms'))} | {_fmt(queue.get('p95_ratio'), 2, '×')} |"
+        line += (
+            f" {_fmt(mix['cpu_s_per_asset'], 3)} | {_fmt(mix['rss_mb'], 0)} | {_fmt(mix.get('rss_ratio'), 2, '×')} "
+            f"| {mix['errors']}/{mix['requests']} |"
+        )
+        out.append(line)
+    out += [
+        "",
+        f"| target | task | c | requests/s | × {first} | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target in targets:
+        for task, _ in queues:
+            r = by_key.get((target, task))
+            if r is not None:
+                out.append(
+                    f"| {target} | {task} | {r['concurrency']} | {_fmt(r['throughput_rps'], 2)} "
+                    f"| {_fmt(r.get('throughput_ratio'), 2, '×')} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} "
+                    f"| {_fmt(r['p99_ms'])} | {r['errors']}/{r['requests']} |"
+                )
+    return "\n".join(out) + "\n"
 
 
 def markdown_tables(rows: Sequence[dict], targets: Sequence[str], tasks: Sequence[str], levels: Sequence[int]) -> str:
@@ -820,23 +1068,47 @@ def write_markdown(
     tables: str,
     agreement: str,
     errors: dict[str, Counter],
+    job_mix: str = "",
+    job_mix_agreement: str = "",
 ) -> None:
+    """``results.md``: the job mix first (when run), then the setup, the per-task tables
+    (when run), the agreement and the errors."""
     lines = ["# immich-trt bench", ""]
+    if job_mix:
+        lines += [
+            "## Job mix",
+            "",
+            (
+                "Immich's job queues after a bulk upload, run at once over the same assets, each a closed loop of "
+                "its concurrency (c). assets/s: assets answered with 2xx by every queue over the wall time of the "
+                "rounds (until the last queue's last answer); a queue's requests/s: its 2xx answers over the time "
+                "it ran. CPU s/asset: user + system seconds of the target's process tree during the rounds, per "
+                "asset; peak RSS: that tree's summed resident memory (sampled every 0.5 s)."
+            ),
+            "",
+            job_mix,
+        ]
+        if job_mix_agreement:
+            lines += ["### Agreement (job mix)", "", job_mix_agreement]
+        lines += ["## Setup", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
     lines += ["", "| target | URL | process tree measured |", "|---|---|---|"]
     lines += [f"| {t.name} | {t.url} | {'yes' if t.pids else 'no'} |" for t in targets]
-    lines += [
-        "",
-        (
-            "Throughput counts the requests answered with 2xx over the wall time of the rounds; latencies "
-            "are those of the same requests. RSS: peak over the level of the summed resident memory of "
-            "the target's process tree (sampled every 0.5 s); CPU s: user + system seconds of that tree "
-            "during the level. client CPU s: this benchmark process."
-        ),
-        "",
-        tables,
-    ]
+    lines.append("")
+    if tables:
+        if job_mix:
+            lines += ["## Per task", ""]
+        lines += [
+            (
+                "Throughput counts the requests answered with 2xx over the wall time of the rounds; latencies "
+                "are those of the same requests. RSS: peak over the level of the summed resident memory of "
+                "the target's process tree (sampled every 0.5 s); CPU s: user + system seconds of that tree "
+                "during the level. client CPU s: this benchmark process."
+            ),
+            "",
+            tables,
+        ]
     if agreement:
         lines += ["### Agreement", "", agreement]
     if errors:
@@ -896,8 +1168,10 @@ def run(args: argparse.Namespace) -> int:
     """``immich-trt bench`` (the arguments of :func:`add_arguments`)."""
     try:
         targets = [parse_target(spec) for spec in args.target]
-        tasks = parse_tasks(args.tasks)
+        run_job_mix = args.scenario in ("job-mix", "both")
+        tasks = parse_tasks(args.tasks) if args.scenario in ("tasks", "both") else ()
         levels = parse_levels(args.concurrency)
+        job_mix = parse_job_mix(args.job_mix) if run_job_mix else ()
         if len({t.name for t in targets}) != len(targets):
             raise ValueError("target names must differ")
         remote = [t.url for t in targets if not is_loopback_url(t.url)]
@@ -912,6 +1186,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--seconds must be positive")
         if args.requests_per_level is not None and args.requests_per_level < 1:
             raise ValueError("--requests-per-level must be >= 1")
+        if args.job_mix_assets is not None and args.job_mix_assets < 1:
+            raise ValueError("--job-mix-assets must be >= 1")
+        if job_mix and not args.images:
+            raise ValueError(f"--images is needed for the job mix (--scenario {args.scenario})")
         if any(t in IMAGE_TASKS for t in tasks) and not args.images:
             raise ValueError(f"--images is needed for {', '.join(t for t in tasks if t in IMAGE_TASKS)}")
         queries = load_queries(Path(args.queries) if args.queries else None, args.language or None)
@@ -919,8 +1197,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
+    needed = [task for task, _ in job_mix] + [task for task in tasks if task not in dict(job_mix)]
     previews: list[Preview] = []
-    if args.images and any(t in IMAGE_TASKS for t in tasks):
+    if args.images and any(t in IMAGE_TASKS for t in needed):
         folder = Path(args.images)
         if not folder.is_dir():
             print(f"bench: {folder} is not a folder", file=sys.stderr)
@@ -934,13 +1213,17 @@ def run(args: argparse.Namespace) -> int:
         )
     models = {"clip": args.clip_model, "faces": args.face_model, "ocr": args.ocr_model}
     try:
-        workloads = {task: Workload(task, previews, queries, models) for task in tasks}
+        workloads = {task: Workload(task, previews, queries, models) for task in needed}
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
+    assets = (args.job_mix_assets or len(previews)) if job_mix else 0
     requests_per_level = None if args.seconds is not None else (args.requests_per_level or 128)
-    plan = Plan(targets, tasks, levels, requests_per_level, args.seconds, args.rounds, args.warmup, args.timeout)
+    plan = Plan(
+        targets, tasks, levels, requests_per_level, args.seconds, args.rounds, args.warmup, args.timeout,
+        job_mix, assets,
+    )  # fmt: skip
     bench = Bench(plan, workloads, progress=not args.no_progress)
     interrupted = False
     try:
@@ -951,10 +1234,13 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = bench.rows()
     names = [t.name for t in targets]
-    tables = markdown_tables(rows, names, tasks, levels)
-    agreement = agreement_table(bench.agreements(), names[0]) if len(targets) > 1 else ""
+    rows = bench.rows()
+    tables = markdown_tables(rows, names, tasks, levels) if tasks else ""
+    agreement = agreement_table(bench.agreements(), names[0]) if len(targets) > 1 and tasks else ""
+    mix_rows = bench.job_mix_rows()
+    mix_tables = job_mix_tables(mix_rows, names, job_mix) if job_mix else ""
+    mix_agreement = agreement_table(bench.job_mix_agreements(), names[0]) if len(targets) > 1 and job_mix else ""
     if previews:
         mean_w = sum(p.width for p in previews) / len(previews)
         mean_h = sum(p.height for p in previews) / len(previews)
@@ -962,32 +1248,55 @@ def run(args: argparse.Namespace) -> int:
         images = f"{len(previews)} from `{folder_name}/`, previews {mean_w:.0f}x{mean_h:.0f} px on average"
     else:
         images = "none"
-    settings = {
-        "tasks": ", ".join(tasks),
+    settings = {"scenario": args.scenario}
+    if job_mix:
+        settings["job mix"] = (
+            ", ".join(f"{task} c={c}" for task, c in job_mix)
+            + f" at once over {assets} assets, {args.rounds} rounds per target (targets in turn), "
+            f"after {args.warmup} warm-up requests per task"
+        )
+    if tasks:
+        settings["tasks"] = ", ".join(tasks)
+    settings |= {
         "images": images,
         "preview": f"shorter side <= {args.preview_size} px, JPEG quality {contract.PREVIEW_QUALITY}",
-        "queries": f"{len(queries)} ({'from ' + Path(args.queries).name if args.queries else 'built in'})",
-        "models": f"CLIP {models['clip']}, faces {models['faces']}, OCR {models['ocr']}",
-        "concurrency": ", ".join(map(str, levels)),
-        "per level and target": (
-            f"{args.seconds:g} s" if args.seconds is not None else f"{requests_per_level} requests"
-        )
-        + f" in {args.rounds} rounds (targets in turn), after {args.warmup} warm-up requests per task",
     }
+    if "clip-text" in tasks:
+        settings["queries"] = f"{len(queries)} ({'from ' + Path(args.queries).name if args.queries else 'built in'})"
+    settings["models"] = f"CLIP {models['clip']}, faces {models['faces']}, OCR {models['ocr']}"
+    if tasks:
+        settings["concurrency"] = ", ".join(map(str, levels))
+        settings["per level and target"] = (
+            f"{args.seconds:g} s" if args.seconds is not None else f"{requests_per_level} requests"
+        ) + f" in {args.rounds} rounds (targets in turn), after {args.warmup} warm-up requests per task"
     if interrupted:
-        settings["interrupted"] = "yes: the last levels are incomplete or missing"
-    write_markdown(out / "results.md", environment(), settings, targets, tables, agreement, bench.error_kinds())
-    write_csv(out / "results.csv", rows)
-    plotted = write_plot(out / "throughput.png", rows, names, tasks, levels)
+        settings["interrupted"] = "yes: the last rounds are incomplete or missing"
+    write_markdown(
+        out / "results.md", environment(), settings, targets, tables, agreement, bench.error_kinds(),
+        mix_tables, mix_agreement,
+    )  # fmt: skip
+    written = ["results.md"]
+    if job_mix:
+        write_csv(out / "jobmix.csv", mix_rows, JOB_MIX_CSV_FIELDS)
+        written.append("jobmix.csv")
+    plotted = False
+    if tasks:
+        write_csv(out / "results.csv", rows)
+        plotted = write_plot(out / "throughput.png", rows, names, tasks, levels)
+        written += ["results.csv"] + (["throughput.png"] if plotted else [])
 
-    print(tables)
-    if agreement:
-        print("Agreement\n\n" + agreement)
+    if job_mix:
+        print("Job mix\n\n" + mix_tables)
+        if mix_agreement:
+            print("Agreement (job mix)\n\n" + mix_agreement)
+    if tasks:
+        print(tables)
+        if agreement:
+            print("Agreement\n\n" + agreement)
     for target, kinds in bench.error_kinds().items():
         print(f"errors from {target}: " + ", ".join(f"{k} × {n}" for k, n in kinds.most_common()))
-    written = ["results.md", "results.csv"] + (["throughput.png"] if plotted else [])
     print(f"written to {out}: {', '.join(written)}")
-    if not plotted:
+    if tasks and not plotted:
         print("throughput.png not written: matplotlib is not installed", file=sys.stderr)
     return 130 if interrupted else 0
 
@@ -1004,7 +1313,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--images", metavar="DIR", help="folder of images (recursive), sent as Immich previews")
     parser.add_argument(
-        "--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)} (default: all)"
+        "--scenario",
+        choices=SCENARIOS,
+        default="both",
+        help="job-mix: Immich's job queues at once (the headline); tasks: one task at a time at each "
+        "--concurrency level; both (default): the job mix, then the tasks",
+    )
+    parser.add_argument(
+        "--job-mix",
+        default=",".join(f"{task}={c}" for task, c in DEFAULT_JOB_MIX),
+        metavar="TASK=N,...",
+        help="the job queues run at once and their concurrencies, from "
+        f"{','.join(IMAGE_TASKS)} (default {','.join(f'{task}={c}' for task, c in DEFAULT_JOB_MIX)}: "
+        "Immich's default job concurrencies)",
+    )
+    parser.add_argument(
+        "--job-mix-assets",
+        type=int,
+        metavar="K",
+        help="assets per job-mix round, every queue sends each once (default: all previews; cycles over them "
+        "when K is larger)",
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"tasks of the per-task scenario, comma-separated, from {','.join(TASKS)} (default: all)",
     )
     parser.add_argument(
         "--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)), help="concurrency levels (default 1,2,4,8)"
@@ -1014,7 +1347,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--requests-per-level", type=int, metavar="N", help="requests per target and level (default 128)"
     )
     amount.add_argument("--seconds", type=float, metavar="S", help="seconds per target and level instead")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per level, targets in turn in each (default 4)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="job-mix rounds, and rounds per level, targets in turn in each (default 4)",
+    )
     parser.add_argument(
         "--warmup", type=int, default=2, help="uncounted requests per target and task first (default 2)"
     )
