@@ -91,6 +91,7 @@ class CoreBudget:
             raise ValueError("a core budget needs at least one core")
         self.cores = cores
         self.free = cores
+        self.peak_held = 0  # the most cores held at once so far
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
 
     @property
@@ -107,7 +108,7 @@ class CoreBudget:
         how many were taken (give that to :meth:`release`)."""
         n = min(max(1, n), self.cores)
         if not self._waiting and self.free >= n:
-            self.free -= n
+            self._take(n)
             return n
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((n, future))
@@ -132,5 +133,9 @@ class CoreBudget:
             n, future = self._waiting.popleft()
             if future.cancelled():
                 continue
-            self.free -= n
+            self._take(n)
             future.set_result(None)
+
+    def _take(self, n: int) -> None:
+        self.free -= n
+        self.peak_held = max(self.peak_held, self.cores - self.free)

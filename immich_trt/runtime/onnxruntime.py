@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class OnnxRuntime(Runtime):
         self.plan = plan
         self._opts = (inter_op, intra_op, arena, spinning)
         self._sessions: dict[str, _Sessions] = {}
+        self.calls: Counter[str] = Counter()  # inferences run on "wide" / "narrow" sessions
         self.budget = CoreBudget(plan.cores) if plan is not None else None
         workers = plan.cores if plan is not None else max(1, threads)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
@@ -116,6 +118,7 @@ class OnnxRuntime(Runtime):
             else:
                 cores = self.plan.wide_threads
             cores = await self.budget.acquire(cores)
+        self.calls["narrow" if session is sessions.narrow else "wide"] += 1
         names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
         loop = asyncio.get_running_loop()
         try:

@@ -7,7 +7,6 @@ perspective transform, output format) around RapidOCR 3.8.1 ``ch_ppocr_rec/main.
 from __future__ import annotations
 
 import asyncio
-
 import math
 from typing import Any
 
