@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import NO_OP_VARIABLES, Settings
 from .tools.bench import add_arguments as add_bench_arguments
 
@@ -133,12 +134,20 @@ def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: Columns of ``models list``.
+LIST_HEADER = ("task", "model", "type", "MiB")
+
+
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from .models.fetch import ensure_model_files, list_cache
 
     if args.models_command == "list":
-        for row in list_cache(settings.cache_folder):
+        rows = list_cache(settings.cache_folder)
+        print("\t".join(LIST_HEADER))
+        for row in rows:
             print("\t".join(row))
+        if not rows:
+            print(f"no models in {settings.cache_folder} (MACHINE_LEARNING_CACHE_FOLDER)", file=sys.stderr)
         return 0
     if args.models_command == "fetch":
         for path in ensure_model_files(settings, args.name, args.task, args.type):
@@ -227,10 +236,38 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: ``serve --help``: the settings most deployments set, all read from the environment.
+SERVE_SETTINGS = """\
+settings (environment variables; every one is listed in README.md, "Settings"):
+  IMMICH_HOST                    address to listen on (default [::], IPv6 and IPv4)
+  IMMICH_PORT                    port (default 3003)
+  MACHINE_LEARNING_CACHE_FOLDER  model cache, Immich's layout (default ~/.cache/immich_ml)
+  IMMICH_TRT_RUNTIME             triton (default: launches the bundled Triton) or onnxruntime (in-process)
+  TRITON_URL                     use this Triton (host:port) instead of launching one
+  IMMICH_TRT_API_KEY             bearer key for the /v1 sidecar routes (unset: loopback clients only)
+  IMMICH_TRT_DATA_DIR            sidecar store (default ~/.local/share/immich_trt)
+  OPENSEARCH_URL                 mirror the sidecar store into this OpenSearch (default: no mirror)
+  IMMICH_LOG_LEVEL               verbose, debug, info (default), warn or error
+
+example: IMMICH_PORT=3004 IMMICH_TRT_RUNTIME=onnxruntime immich-trt serve"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="immich-trt", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the /predict server (the default command)")
+    parser = argparse.ArgumentParser(
+        prog="immich-trt",
+        description="A drop-in replacement for Immich's machine-learning service (POST /predict), with a sidecar "
+        "that keeps faces, people, duplicates and OCR text (/v1). 'immich-trt COMMAND --help' tells more.",
+    )
+    parser.add_argument("--version", action="version", version=f"immich-trt {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="what to do (default: serve)")
+    sub.add_parser(
+        "serve",
+        help="run the /predict server and the /v1 sidecar (the default command)",
+        description="Immich's machine-learning API (/predict) and the sidecar (/v1), configured by the environment.",
+        epilog=SERVE_SETTINGS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     build = sub.add_parser("build-engines", help="write the Triton model repository for the cached models")
     build.add_argument(
         "--target",
@@ -253,12 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--force", action="store_true", help="tensorrt: rebuild engines whose cache key matches")
     models = sub.add_parser("models", help="inspect or fetch the model cache")
-    msub = models.add_subparsers(dest="models_command", required=True)
+    msub = models.add_subparsers(dest="models_command", required=True, help="what to do with the cache")
     msub.add_parser("list", help="list the ONNX files in the cache")
     fetch = msub.add_parser("fetch", help="download (or take offline) a model's files")
-    fetch.add_argument("name")
-    fetch.add_argument("--task", required=True, choices=["clip", "facial-recognition", "ocr"])
-    fetch.add_argument("--type", required=True, choices=["visual", "textual", "detection", "recognition"])
+    fetch.add_argument("name", help="Immich model name, e.g. ViT-B-32__openai, buffalo_l, PP-OCRv5_mobile")
+    fetch.add_argument("--task", required=True, choices=["clip", "facial-recognition", "ocr"], help="the model's task")
+    fetch.add_argument(
+        "--type", required=True, choices=["visual", "textual", "detection", "recognition"], help="the model's type"
+    )
     pack = msub.add_parser(
         "make-test-pack", help="build test models shaped like Immich's (no real weights) into a model cache folder"
     )
@@ -290,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-ocr", action="store_true", help="skip OCR")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
     search = sub.add_parser("opensearch", help="OpenSearch mirror maintenance")
-    osub = search.add_subparsers(dest="opensearch_command", required=True)
+    osub = search.add_subparsers(dest="opensearch_command", required=True, help="what to do with the mirror")
     reindex = osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
     reindex.add_argument("--recreate", action="store_true", help="delete the indices first (mapping changes, stale documents)")
     backup = sub.add_parser(
