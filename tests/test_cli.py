@@ -84,7 +84,7 @@ def test_every_command_and_option_has_help_text() -> None:
     ]
     assert missing == []
     commands = {path[1] for path, _ in _actions(build_parser()) if len(path) > 1}
-    assert {"serve", "models", "ingest", "bench", "backup", "opensearch", "build-engines"} <= commands
+    assert {"serve", "models", "ingest", "doctor", "bench", "backup", "opensearch", "build-engines"} <= commands
 
 
 def test_version_and_serve_help(capsys) -> None:

@@ -39,6 +39,19 @@ CHUNK = 1 << 20
 class DownloadError(OSError):
     """A model file could not be downloaded or failed its checksum."""
 
+    @property
+    def reason(self) -> str:
+        """Why, in one line: the cause's first line (the Hugging Face client adds a
+        paragraph of generic advice after it)."""
+        cause = self.__cause__ if self.__cause__ is not None else self
+        text = str(cause).strip() or type(cause).__name__
+        if isinstance(cause, urllib.error.URLError) and not isinstance(cause, urllib.error.HTTPError):
+            text = str(cause.reason)
+        first = text.splitlines()[0].strip()
+        if first.startswith("Got: "):  # huggingface_hub's wording of a transport error
+            first = first[len("Got: "):]
+        return first[:300]
+
 
 @dataclass(frozen=True)
 class RemoteFile:
