@@ -135,7 +135,7 @@ def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
 
 
 #: Columns of ``models list``.
-LIST_HEADER = ("task", "model", "type", "MiB")
+LIST_HEADER = ("task", "model", "type", "MiB", "note")
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
@@ -177,7 +177,23 @@ def cmd_make_test_pack(args: argparse.Namespace) -> int:
         return 2
     for path in written:
         print(path)
+    print(TEST_PACK_WARNING_FULL if args.full_size else TEST_PACK_WARNING, file=sys.stderr)
     return 0
+
+
+#: Printed after ``models make-test-pack``: what the files are, and what they are not.
+TEST_PACK_WARNING = (
+    "WARNING: these are test models, not Immich's: their answers are placeholders. CLIP embeddings are random "
+    "projections (smart search results are random), the face detector finds bright squares (it finds 'faces' on "
+    "screenshots and misses real ones) and face embeddings are random. Use them for smoke tests only; the server "
+    "logs a warning when it loads one and lists them under testPack in /v1/status. For real models remove them "
+    "and run 'immich-trt models fetch' (see 'immich-trt doctor')."
+)
+TEST_PACK_WARNING_FULL = (
+    "WARNING: these are test models, not Immich's: real architectures with random weights, for timing only; "
+    "their answers mean nothing. The server logs a warning when it loads one and lists them under testPack in "
+    "/v1/status. For real models remove them and run 'immich-trt models fetch' (see 'immich-trt doctor')."
+)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -300,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--type", required=True, choices=["visual", "textual", "detection", "recognition"], help="the model's type"
     )
     pack = msub.add_parser(
-        "make-test-pack", help="build test models shaped like Immich's (no real weights) into a model cache folder"
+        "make-test-pack",
+        help="build test models shaped like Immich's (placeholder answers, for smoke tests) into a model cache folder",
     )
     pack.add_argument("dir", help="model cache folder to write (Immich layout)")
     pack.add_argument("--full-size", action="store_true", help="real architectures, random weights (large files)")

@@ -121,19 +121,16 @@ async def check_model(settings: Settings, task: str, name: str, model_type: str)
                                "on first use, and that location answers")
             return Finding("FAIL", subject, f"not in the cache: expected {model.model_file}; its download location "
                            f"{url} does not answer ({why}). To fix: "
-                           + advice.fixes(name, task, model_type, settings.cache_folder, url))
+                           + advice.fixes(name, task, model_type, settings.cache_folder, url) + ".")
         try:
             await model.load()
         except ModelLoadError as exc:
             return Finding("FAIL", subject, f"{model.model_file} cannot be loaded: {exc}. To fix: delete "
                            f"{model.model_file.parent} and fetch it again: `{advice.cli_command()} models fetch "
                            f"{name} --task {task} --type {model_type}`")
-        marker = getattr(model, "test_pack", None)
-        if marker:
-            return Finding("warn", subject, f"{model.model_file} is a test-pack model ({marker}): its answers are "
-                           f"placeholders, fine for a smoke test only. For real answers delete "
-                           f"{model.model_file.parent}, then "
-                           + advice.fixes(name, task, model_type, settings.cache_folder))
+        if model.test_pack:
+            return Finding("warn", subject, advice.placeholder_loaded(
+                name, task, model_type, settings.cache_folder, model.model_file, model.test_pack))
         return Finding("ok", subject, f"{model.model_file} loads")
     finally:
         await model.unload()

@@ -44,7 +44,7 @@ def test_build_engines_script_is_the_same_program(env: Path) -> None:
 def test_models_list_and_fetch(env: Path, capsys) -> None:
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "task\tmodel\ttype\tMiB"
+    assert out.splitlines()[0] == "task\tmodel\ttype\tMiB\tnote"
     assert "ocr\tPP-OCRv5_mobile\tdetection" in out and "ocr\tPP-OCRv5_mobile\trecognition" in out
     assert main(["models", "fetch", "PP-OCRv5_mobile", "--task", "ocr", "--type", "recognition"]) == 0
     assert "characters.txt" in capsys.readouterr().out
@@ -116,5 +116,5 @@ def test_models_list_prints_a_header_even_for_an_empty_cache(monkeypatch, tmp_pa
     monkeypatch.setenv("MACHINE_LEARNING_CACHE_FOLDER", str(tmp_path / "empty"))
     assert main(["models", "list"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == ["task\tmodel\ttype\tMiB"]
+    assert captured.out.splitlines() == ["task\tmodel\ttype\tMiB\tnote"]
     assert "no models in" in captured.err

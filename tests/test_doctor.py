@@ -91,6 +91,9 @@ async def test_a_working_setup_passes(offline: Path, model_cache: Path, monkeypa
                     "Triton", "model repository", "sidecar data", "OpenSearch"):
         assert found[subject].startswith("ok "), found[subject]
     assert found["ocr PP-OCRv5_mobile recognition"].endswith("loads")
+    for subject in ("clip ViT-B-32__openai visual", "facial-recognition buffalo_l detection"):
+        assert found[subject].startswith("warn Model ") and "is a test-pack file (placeholder" in found[subject]
+    assert out.splitlines()[-1] == "0 problem(s), 4 warning(s)"
     assert "schema 1, 0 assets" in found["sidecar data"]
 
 

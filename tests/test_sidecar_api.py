@@ -94,6 +94,14 @@ async def test_ingest_runs_every_task_once_and_is_idempotent(client, settings) -
     assert by_hash["id"] == asset["id"]
 
 
+async def test_status_lists_the_loaded_test_pack_models(client) -> None:
+    """The test pack's CLIP and face models are placeholders: /v1/status says so once
+    they are loaded; PP-OCRv5 (real weights) is not listed."""
+    assert (await ok(await client.get("/v1/status")))["testPack"] == []
+    await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(100, 100)]))))
+    assert (await ok(await client.get("/v1/status")))["testPack"] == ["ViT-B-32__openai", "buffalo_l"]
+
+
 async def test_ingest_generated_faces_then_cluster_search_and_thumbnail(client) -> None:
     # the same face (white square) in three images, a fourth image without faces
     images = [faces_image([(96, 96)]), faces_image([(320, 160)]), faces_image([(160, 448), (448, 448)]),

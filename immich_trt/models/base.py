@@ -83,6 +83,9 @@ class InferenceModel(ABC):
         self.ctx = ctx
         self.options = dict(options)
         self.loaded = False
+        #: The test-pack mark of the loaded file (``"placeholder"``, ``"full-size random
+        #: weights"``) or ``None`` for a real model; read by :meth:`load`.
+        self.test_pack: str | None = None
 
     @property
     def identity(self) -> tuple[ModelType, ModelTask]:
@@ -103,13 +106,17 @@ class InferenceModel(ABC):
         return f"{self.task}__{self.model_name}__{self.type}"
 
     async def load(self) -> None:
-        """Obtain the model files (downloading if needed) and load them into the runtime.
+        """Obtain the model files (downloading if needed) and load them into the runtime;
+        note whether the file is a test-pack placeholder (:attr:`test_pack`).
 
         Raises :class:`ModelLoadError` when files cannot be had or the runtime fails.
         """
         if self.loaded:
             return
         await self._load()
+        from .onnxfile import marked_test_pack
+
+        self.test_pack = await self.ctx.run(marked_test_pack, self.model_file)
         self.loaded = True
 
     async def unload(self) -> None:

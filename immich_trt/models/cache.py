@@ -59,6 +59,7 @@ class ModelCache:
         self._expires: dict[str, float | None] = {}
         self._create_lock = asyncio.Lock()
         self._load_lock = asyncio.Lock()
+        self._warned: set = set()  # test-pack files already warned about (once per file)
 
     @staticmethod
     def key(name: str, model_type: str, model_task: str) -> str:
@@ -70,6 +71,10 @@ class ModelCache:
     @property
     def models(self) -> list[InferenceModel]:
         return list(self._models.values())
+
+    def test_pack_models(self) -> list[str]:
+        """Names of the loaded models whose files are test-pack placeholders, sorted."""
+        return sorted({m.model_name for m in self._models.values() if m.loaded and m.test_pack})
 
     async def get(
         self, name: str, model_type: str, model_task: str, *, ttl: float | None = None, **options: Any
@@ -116,6 +121,12 @@ class ModelCache:
                     continue
                 self._count_load(model, "ok", started)
                 log.info("Loaded %s model '%s'", model.type, model.model_name)
+                if model.test_pack and model.model_file not in self._warned:
+                    self._warned.add(model.model_file)
+                    log.warning("%s", advice.placeholder_loaded(
+                        model.model_name, str(model.task), str(model.type), self.ctx.settings.cache_folder,
+                        model.model_file, model.test_pack,
+                    ))
                 return model
         raise FailedToLoad(model.model_name)
 

@@ -604,8 +604,10 @@ async def openapi(call: Call) -> dict:
 
 async def status(call: Call) -> dict:
     """``GET /v1/status``: the store's row counts (assets, faces, persons, OCR lines,
-    duplicate groups, outbox), its schema version and the OpenSearch mirror's status (null
-    without a mirror). Answers 200."""
+    duplicate groups, outbox), its schema version, the OpenSearch mirror's status (null
+    without a mirror) and ``"testPack"``: the names of loaded models whose files are
+    test-pack placeholders (``immich-trt models make-test-pack``; ``[]`` when none).
+    Answers 200."""
     def counts(store) -> dict:
         """The store's row counts and schema version, keyed as the response (store thread)."""
         rows = store.counts()
@@ -622,6 +624,8 @@ async def status(call: Call) -> dict:
     result = await call.sidecar.call(counts)
     mirror = call.app.get(MIRROR)
     result["opensearch"] = mirror.status() if mirror is not None else None
+    cache = call.app[STATE].cache
+    result["testPack"] = cache.test_pack_models() if cache is not None else []
     return result
 
 
