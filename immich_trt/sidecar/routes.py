@@ -391,7 +391,9 @@ async def _duplicates_of(call: Call, asset_id: int) -> list[dict]:
 
 async def get_asset(call: Call) -> dict:
     """``GET /v1/assets/{ref}``: the asset named by a ref (caller's assetId, file path or
-    ``imohash:<hex>``) or by a bare imohash.
+    ``imohash:<hex>``), by the asset id the API answers (``"assetId": 19``) or by a bare
+    imohash (:func:`~immich_trt.sidecar.assets.resolve_ref`); a file path may be sent
+    percent-encoded or as it is (``/v1/assets//home/ada/a.jpg``).
 
     Answers 200 with its summary plus ``"tasks"`` (``{task: [model]}``), ``"faces"`` (by
     face id) and ``"ocr"`` (lines by model and position); 404 for an unknown ref."""
@@ -651,7 +653,8 @@ ROUTES: tuple[Route, ...] = (
               Param("ocrModel", str, enum=OCR_NAMES, description=f"default {contract.OCR_MODEL}"),
               _FACE_MIN_SCORE,
           )),
-    Route("GET", "/assets/{ref}", get_asset, "An asset by its ref (assetId, path or imohash), with faces and OCR lines",
+    Route("GET", "/assets/{ref}", get_asset,
+          "An asset by its ref (caller's assetId or path), its asset id or its imohash, with faces and OCR lines",
           path_params=(Param("ref", str, required=True, max_length=1024),)),
     Route("POST", "/faces/cluster", cluster, "Cluster faces into persons (Immich's incremental DBSCAN)",
           body="json", params=(
@@ -799,6 +802,8 @@ def add_routes(app: web.Application) -> None:
         for param in route.path_params:  # integer ids only match digits: /persons/merge is not /persons/{id}
             if param.kind is int:
                 path = path.replace(f"{{{param.name}}}", f"{{{param.name}:\\d+}}")
+            elif param.kind is str:  # a ref may be a file path: slashes included, encoded or not
+                path = path.replace(f"{{{param.name}}}", f"{{{param.name}:.+}}")
         app.router.add_route(route.method, PREFIX + path, _handler(route))
 
 
