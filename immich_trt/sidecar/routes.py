@@ -27,11 +27,12 @@ from ..config import Settings
 from ..loopback import is_loopback
 from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
-from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
+from ..models.transforms import ImageTooLarge, UndecodableImage
 from ..web import STATE, HTTPError, json_response, read_form
 from . import duplicates, persons, search
 from .duplicates import imohash_of
 from .errors import BadRequest, NotFound, SidecarError
+from .images import decode_upload
 from .ingest import IngestOptions, ingest_bytes
 from .service import Sidecar
 
@@ -301,7 +302,8 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
 
 
 async def _decode(call: Call, data: bytes) -> Image.Image:
-    """Decode uploaded image bytes to an RGB PIL image, off the event loop.
+    """Decode uploaded image bytes to an RGB PIL image, off the event loop (HEIC/HEIF
+    included: :func:`~immich_trt.sidecar.images.decode_upload`).
 
     Raises ``HTTPError`` 413 when the header announces more pixels than
     ``IMMICH_TRT_MAX_IMAGE_PIXELS``, :class:`BadRequest` (400) for bytes Pillow cannot
@@ -309,7 +311,7 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
     try:
         state = call.app[STATE]
         assert state.ctx is not None
-        image = await state.ctx.run(decode_pil, data, state.settings.max_image_pixels)
+        image = await state.ctx.run(decode_upload, data, state.settings.max_image_pixels)
     except ImageTooLarge as exc:
         raise HTTPError(413, str(exc), "image_too_large") from None
     except UndecodableImage as exc:
@@ -642,7 +644,7 @@ _FACE_MIN_SCORE = Param("faceMinScore", float, default=contract.FACE_MIN_SCORE, 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/ingest", ingest, "Run every enabled model on an image in one pass and store the results",
           body="multipart", params=(
-              Param("image", "image", required=True, description="encoded image (JPEG, PNG, WebP, ...)"),
+              Param("image", "image", required=True, description="encoded image (JPEG, PNG, WebP, HEIC, ...)"),
               Param("assetId", str, max_length=512, description="caller's id for the asset (default: the imohash)"),
               Param("filename", str, max_length=1024),
               Param("clip", bool, default=True), Param("faces", bool, default=True),
