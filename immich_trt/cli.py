@@ -203,25 +203,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    """Ingest a folder through a running server. Prints the files that failed (once: they
+    are remembered and skipped later while unchanged, unless ``--retry-failed``) and a
+    JSON summary; exit 1 when a file failed. A problem that would fail every file (no
+    such folder, server unreachable or refusing the key) is one line and exit 1."""
     import asyncio
 
-    from .sidecar.folder import ingest_folder
+    from .sidecar.folder import FAILURES_FILE, IngestAborted, ingest_folder
 
     url = (args.url or f"http://127.0.0.1:{settings.port}").rstrip("/")
-    report = asyncio.run(
-        ingest_folder(
-            url,
-            Path(args.dir),
-            concurrency=args.concurrency,
-            api_key=settings.api_key,
-            clip=not args.no_clip,
-            faces=not args.no_faces,
-            ocr=not args.no_ocr,
-            progress=not args.quiet,
+    failures = settings.data_dir / FAILURES_FILE
+    try:
+        report = asyncio.run(
+            ingest_folder(
+                url,
+                Path(args.dir).expanduser(),
+                concurrency=args.concurrency,
+                api_key=settings.api_key,
+                clip=not args.no_clip,
+                faces=not args.no_faces,
+                ocr=not args.no_ocr,
+                progress=not args.quiet,
+                failures=failures,
+                retry_failed=args.retry_failed,
+            )
         )
-    )
+    except IngestAborted as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        return 1
     for error in report.errors:
         print(f"failed: {error}", file=sys.stderr)
+    if report.failed_before:
+        print(f"{report.failed_before} file(s) failed on an earlier run and are unchanged: skipped (listed in "
+              f"{failures}; --retry-failed tries them again)", file=sys.stderr)
     print(json.dumps(report.as_dict()))
     return 1 if report.failed else 0
 
@@ -346,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-faces", action="store_true", help="skip faces")
     ingest.add_argument("--no-ocr", action="store_true", help="skip OCR")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="upload again the files the server refused on an earlier run (skipped while unchanged otherwise; "
+        "they are listed in $IMMICH_TRT_DATA_DIR/ingest-failures.json)",
+    )
     sub.add_parser(
         "doctor",
         help="check the model cache, the default models, Triton, the data folder and OpenSearch; print the fixes",
