@@ -706,7 +706,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/duplicates/resolve", duplicates_resolve, "Keep one asset of a group and hide the others",
           body="json", params=(_id("groupId"), Param("keep", int, minimum=1, maximum=MAX_INT, nullable=True),
                                Param("undo", bool, default=False, description="undo the group's resolution"))),
-    Route("GET", "/status", status, "Store counts and the OpenSearch mirror's backlog"),
+    Route("GET", "/status", status, "Store counts, the OpenSearch mirror's backlog, loaded test-pack models"),
     Route("GET", "/openapi.json", openapi, "This document"),
 )
 
