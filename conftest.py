@@ -19,7 +19,20 @@ REPO = Path(__file__).resolve().parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 GOLDEN = REPO / "tests" / "golden"
 
-requires_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+#: Why a test that needs the real images skips on a checkout without them.
+NO_DATA_REASON = (
+    f"needs the real test images in {SHARED_DATA} (a folder shared/data beside the checkout: ocr/ with RapidOCR's "
+    "python/tests/test_files images, photos/ with Immich's public-domain test-assets); not found"
+)
+requires_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=NO_DATA_REASON)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """One header line saying whether the real test images are there (tests that need
+    them skip otherwise; ``-rs`` lists the reasons at the end)."""
+    if SHARED_DATA.is_dir():
+        return f"real test images: {SHARED_DATA}"
+    return f"real test images: not found at {SHARED_DATA}; the tests that need them are skipped (reasons at the end)"
 
 
 def load_bench_script(name: str):

@@ -1,4 +1,4 @@
-"""Command line: ``immich-trt serve | build-engines | models | bench | ingest | opensearch | backup``.
+"""Command line: ``immich-trt serve | doctor | build-engines | models | bench | ingest | opensearch | backup``.
 
 ``python -m immich_trt`` is the same program.
 """
@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import NO_OP_VARIABLES, Settings
 from .runtime.select import choose_runtime
 from .tools.bench import add_arguments as add_bench_arguments
@@ -134,12 +135,20 @@ def cmd_build_engines(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: Columns of ``models list``.
+LIST_HEADER = ("task", "model", "type", "MiB", "note")
+
+
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from .models.fetch import ensure_model_files, list_cache
 
     if args.models_command == "list":
-        for row in list_cache(settings.cache_folder):
+        rows = list_cache(settings.cache_folder)
+        print("\t".join(LIST_HEADER))
+        for row in rows:
             print("\t".join(row))
+        if not rows:
+            print(f"no models in {settings.cache_folder} (MACHINE_LEARNING_CACHE_FOLDER)", file=sys.stderr)
         return 0
     if args.models_command == "fetch":
         for path in ensure_model_files(settings, args.name, args.task, args.type):
@@ -169,7 +178,23 @@ def cmd_make_test_pack(args: argparse.Namespace) -> int:
         return 2
     for path in written:
         print(path)
+    print(TEST_PACK_WARNING_FULL if args.full_size else TEST_PACK_WARNING, file=sys.stderr)
     return 0
+
+
+#: Printed after ``models make-test-pack``: what the files are, and what they are not.
+TEST_PACK_WARNING = (
+    "WARNING: these are test models, not Immich's: their answers are placeholders. CLIP embeddings are random "
+    "projections (smart search results are random), the face detector finds bright squares (it finds 'faces' on "
+    "screenshots and misses real ones) and face embeddings are random. Use them for smoke tests only; the server "
+    "logs a warning when it loads one and lists them under testPack in /v1/status. For real models remove them "
+    "and run 'immich-trt models fetch' (see 'immich-trt doctor')."
+)
+TEST_PACK_WARNING_FULL = (
+    "WARNING: these are test models, not Immich's: real architectures with random weights, for timing only; "
+    "their answers mean nothing. The server logs a warning when it loads one and lists them under testPack in "
+    "/v1/status. For real models remove them and run 'immich-trt models fetch' (see 'immich-trt doctor')."
+)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -179,25 +204,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    """Ingest a folder through a running server. Prints the files that failed (once: they
+    are remembered and skipped later while unchanged, unless ``--retry-failed``) and a
+    JSON summary; exit 1 when a file failed. A problem that would fail every file (no
+    such folder, server unreachable or refusing the key) is one line and exit 1."""
     import asyncio
 
-    from .sidecar.folder import ingest_folder
+    from .sidecar.folder import FAILURES_FILE, IngestAborted, ingest_folder
 
     url = (args.url or f"http://127.0.0.1:{settings.port}").rstrip("/")
-    report = asyncio.run(
-        ingest_folder(
-            url,
-            Path(args.dir),
-            concurrency=args.concurrency,
-            api_key=settings.api_key,
-            clip=not args.no_clip,
-            faces=not args.no_faces,
-            ocr=not args.no_ocr,
-            progress=not args.quiet,
+    failures = settings.data_dir / FAILURES_FILE
+    try:
+        report = asyncio.run(
+            ingest_folder(
+                url,
+                Path(args.dir).expanduser(),
+                concurrency=args.concurrency,
+                api_key=settings.api_key,
+                clip=not args.no_clip,
+                faces=not args.no_faces,
+                ocr=not args.no_ocr,
+                progress=not args.quiet,
+                failures=failures,
+                retry_failed=args.retry_failed,
+            )
         )
-    )
+    except IngestAborted as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        return 1
     for error in report.errors:
         print(f"failed: {error}", file=sys.stderr)
+    if report.failed_before:
+        print(f"{report.failed_before} file(s) failed on an earlier run and are unchanged: skipped (listed in "
+              f"{failures}; --retry-failed tries them again)", file=sys.stderr)
     print(json.dumps(report.as_dict()))
     return 1 if report.failed else 0
 
@@ -228,10 +267,39 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: ``serve --help``: the settings most deployments set, all read from the environment.
+SERVE_SETTINGS = """\
+settings (environment variables; every one is listed in README.md, "Settings"):
+  IMMICH_HOST                    address to listen on (default [::], IPv6 and IPv4)
+  IMMICH_PORT                    port (default 3003)
+  MACHINE_LEARNING_CACHE_FOLDER  model cache, Immich's layout (default ~/.cache/immich_ml)
+  IMMICH_TRT_RUNTIME             triton (default: launches the bundled Triton) or onnxruntime (in-process)
+  TRITON_URL                     use this Triton (host:port) instead of launching one
+  IMMICH_TRT_API_KEY             bearer key for the /v1 sidecar routes (unset: loopback clients only)
+  IMMICH_TRT_DATA_DIR            sidecar store (default ~/.local/share/immich_trt)
+  OPENSEARCH_URL                 mirror the sidecar store into this OpenSearch (default: no mirror)
+  IMMICH_LOG_LEVEL               verbose, debug, info (default), warn or error
+
+example: IMMICH_PORT=3004 IMMICH_TRT_RUNTIME=onnxruntime immich-trt serve
+before a first start: immich-trt doctor checks the cache, the models, Triton, the data folder and OpenSearch"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="immich-trt", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the /predict server (the default command)")
+    parser = argparse.ArgumentParser(
+        prog="immich-trt",
+        description="A drop-in replacement for Immich's machine-learning service (POST /predict), with a sidecar "
+        "that keeps faces, people, duplicates and OCR text (/v1). 'immich-trt COMMAND --help' tells more.",
+    )
+    parser.add_argument("--version", action="version", version=f"immich-trt {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="what to do (default: serve)")
+    sub.add_parser(
+        "serve",
+        help="run the /predict server and the /v1 sidecar (the default command)",
+        description="Immich's machine-learning API (/predict) and the sidecar (/v1), configured by the environment.",
+        epilog=SERVE_SETTINGS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     build = sub.add_parser("build-engines", help="write the Triton model repository for the cached models")
     build.add_argument(
         "--target",
@@ -254,14 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--force", action="store_true", help="tensorrt: rebuild engines whose cache key matches")
     models = sub.add_parser("models", help="inspect or fetch the model cache")
-    msub = models.add_subparsers(dest="models_command", required=True)
+    msub = models.add_subparsers(dest="models_command", required=True, help="what to do with the cache")
     msub.add_parser("list", help="list the ONNX files in the cache")
     fetch = msub.add_parser("fetch", help="download (or take offline) a model's files")
-    fetch.add_argument("name")
-    fetch.add_argument("--task", required=True, choices=["clip", "facial-recognition", "ocr"])
-    fetch.add_argument("--type", required=True, choices=["visual", "textual", "detection", "recognition"])
+    fetch.add_argument("name", help="Immich model name, e.g. ViT-B-32__openai, buffalo_l, PP-OCRv5_mobile")
+    fetch.add_argument("--task", required=True, choices=["clip", "facial-recognition", "ocr"], help="the model's task")
+    fetch.add_argument(
+        "--type", required=True, choices=["visual", "textual", "detection", "recognition"], help="the model's type"
+    )
     pack = msub.add_parser(
-        "make-test-pack", help="build test models shaped like Immich's (no real weights) into a model cache folder"
+        "make-test-pack",
+        help="build test models shaped like Immich's (placeholder answers, for smoke tests) into a model cache folder",
     )
     pack.add_argument("dir", help="model cache folder to write (Immich layout)")
     pack.add_argument("--full-size", action="store_true", help="real architectures, random weights (large files)")
@@ -292,8 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-faces", action="store_true", help="skip faces")
     ingest.add_argument("--no-ocr", action="store_true", help="skip OCR")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="upload again the files the server refused on an earlier run (skipped while unchanged otherwise; "
+        "they are listed in $IMMICH_TRT_DATA_DIR/ingest-failures.json)",
+    )
+    sub.add_parser(
+        "doctor",
+        help="check the model cache, the default models, Triton, the data folder and OpenSearch; print the fixes",
+        description="Checks what serve needs, with the same settings (environment variables), and prints one "
+        "line per check: ok, warn or FAIL with the fix. Exit status 1 when something required is wrong. "
+        "Nothing is downloaded.",
+    )
     search = sub.add_parser("opensearch", help="OpenSearch mirror maintenance")
-    osub = search.add_subparsers(dest="opensearch_command", required=True)
+    osub = search.add_subparsers(dest="opensearch_command", required=True, help="what to do with the mirror")
     reindex = osub.add_parser("reindex", help="put the index templates and rebuild every document from the SQLite store")
     reindex.add_argument("--recreate", action="store_true", help="delete the indices first (mapping changes, stale documents)")
     backup = sub.add_parser(
@@ -327,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args)
     if command == "ingest":
         return cmd_ingest(args, settings)
+    if command == "doctor":
+        from .doctor import run as run_doctor
+
+        return run_doctor(settings)
     if command == "opensearch":
         return cmd_opensearch(args, settings)
     if command == "backup":

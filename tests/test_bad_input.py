@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, requires_data
+from conftest import NO_DATA_REASON, SHARED_DATA, requires_data
 from immich_trt.application import create_app
 from immich_trt.contract import CLIP_MODEL, build_form, clip_textual_entries, clip_visual_entries
 from immich_trt.tools.testing import offline_settings
@@ -79,7 +79,7 @@ def jpeg_with_size(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def photo() -> bytes:
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
+        pytest.skip(NO_DATA_REASON)
     return (SHARED_DATA / "photos" / "prairie_falcon.jpg").read_bytes()
 
 

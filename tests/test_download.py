@@ -123,7 +123,7 @@ async def test_download_url_verifies_sha256_atomically(aiohttp_server, tmp_path:
 
     with pytest.raises(DownloadError, match="checksum mismatch"):
         await asyncio.to_thread(download_url, url, dest, "0" * 64)
-    assert list(dest.parent.iterdir()) == []  # no partial or temporary file left
+    assert list(tmp_path.iterdir()) == []  # no partial or temporary file, no empty folder left
 
     with pytest.raises(DownloadError, match="404"):
         await asyncio.to_thread(download_url, str(server.make_url("/missing.onnx")), dest)
@@ -146,10 +146,11 @@ async def test_a_download_cut_midway_leaves_no_file_and_succeeds_on_retry(aiohtt
         cut["rec/model.onnx"] = 1
         with pytest.raises(DownloadError, match=message):
             await asyncio.to_thread(download_url, url, dest, sha256)
-        assert list(dest.parent.iterdir()) == []  # no partial or temporary file
+        assert not dest.parent.exists()  # no partial or temporary file, no empty folder
         await asyncio.to_thread(download_url, url, dest, sha256)  # the next attempt is whole
         assert dest.read_bytes() == payload
         dest.unlink()
+        dest.parent.rmdir()
 
 
 async def test_a_hub_download_cut_midway_is_never_used_and_is_fetched_again(aiohttp_server, tmp_path: Path) -> None:
@@ -201,3 +202,42 @@ def test_offline_package_is_the_fallback_for_pp_ocrv5_mobile(tmp_path: Path) -> 
     assert len((rec.model_file.parent / "characters.txt").read_text(encoding="utf-8").splitlines()) == 18383
     with pytest.raises(ModelLoadError):  # no offline source for other languages
         TextRecognizer("EN__PP-OCRv5_mobile", ctx)._obtain()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+async def test_a_failed_download_leaves_no_empty_model_folder(tmp_path: Path) -> None:
+    """Offline (a closed loopback port): neither the Hugging Face snapshot of a CLIP or
+    face model nor an OCR file leaves a folder behind; a model folder that was already
+    there stays, with its files."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ctx = ModelContext(settings=offline_settings(cache, offline_models=False), runtime=None)  # type: ignore[arg-type]
+    from immich_trt.models import build_model
+    from immich_trt.models.registry import ModelTask, ModelType, resolve
+
+    for name, model_type, task in (
+        ("ViT-B-32__openai", "visual", "clip"),
+        ("buffalo_l", "detection", "facial-recognition"),
+        ("EN__PP-OCRv5_mobile", "recognition", "ocr"),
+        ("PP-OCRv5_server", "detection", "ocr"),
+    ):
+        source, _ = resolve(name, model_type, task)
+        model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
+        with pytest.raises(ModelLoadError):
+            await asyncio.to_thread(model._obtain)
+        assert _tree(cache) == [], name
+    # an existing model folder with other files keeps them; only what the download made goes
+    kept = cache / "clip" / "ViT-B-32__openai" / "textual"
+    kept.mkdir(parents=True)
+    (kept / "model.onnx").write_bytes(b"kept")
+    source, _ = resolve("ViT-B-32__openai", "visual", "clip")
+    visual = build_model(source, "ViT-B-32__openai", ModelType.VISUAL, ModelTask.SEARCH, ctx, {})
+    with pytest.raises(ModelLoadError):  # huggingface_hub answers the existing folder; it has no visual model
+        await asyncio.to_thread(visual._obtain)
+    with pytest.raises(DownloadError):
+        await asyncio.to_thread(download_url, f"{UNREACHABLE}/x.onnx", kept.parent / "visual" / "model.onnx")
+    assert _tree(cache) == ["clip", "clip/ViT-B-32__openai", "clip/ViT-B-32__openai/textual",
+                            "clip/ViT-B-32__openai/textual/model.onnx"]

@@ -125,11 +125,33 @@ async def test_head_ping_for_health_probes(client) -> None:
     assert (await client.head("/ping")).status == 200
 
 
-async def test_clip_model_that_cannot_be_downloaded_is_500_failed_to_load(client, caplog) -> None:
+async def test_clip_model_that_cannot_be_downloaded_is_500_failed_to_load(client, settings, caplog) -> None:
+    """Offline: Immich's body, and one log line with the file expected, why the download
+    failed and the ways to fix it."""
     resp = await client.post("/predict", data=form({"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}, text="a dog"))
     assert resp.status == 500
     assert await resp.json() == {"detail": "Failed to load model 'ViT-B-32__openai'"}
-    assert "download of Hugging Face repository immich-app/ViT-B-32__openai failed" in caplog.text
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "ViT-B-32__openai" in r.getMessage()]
+    expected = settings.cache_folder / "clip" / "ViT-B-32__openai" / "textual" / "model.onnx"
+    assert f"expected {expected}" in line
+    assert "downloading it from http://127.0.0.1:9/immich-app/ViT-B-32__openai failed: " in line
+    assert "Connection refused" in line and "\n" not in line
+    assert "models fetch ViT-B-32__openai --task clip --type textual" in line
+    assert "MACHINE_LEARNING_CACHE_FOLDER" in line and f"models make-test-pack {settings.cache_folder}" in line
+    assert not (settings.cache_folder / "clip").exists()  # the failed download left no folder
+
+
+async def test_face_model_that_cannot_be_downloaded_is_500_failed_to_load(client, settings, caplog) -> None:
+    resp = await client.post(
+        "/predict",
+        data=form({"facial-recognition": {"detection": {"modelName": "buffalo_l"},
+                                          "recognition": {"modelName": "buffalo_l"}}}, jpeg(64, 64)),
+    )
+    assert resp.status == 500
+    assert await resp.json() == {"detail": "Failed to load model 'buffalo_l'"}
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "buffalo_l" in r.getMessage()]
+    assert str(settings.cache_folder / "facial-recognition" / "buffalo_l" / "detection" / "model.onnx") in line
+    assert "models fetch buffalo_l --task facial-recognition --type detection" in line
 
 
 async def test_face_recognition_without_detection_is_400(client) -> None:

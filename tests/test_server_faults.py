@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, requires_data
+from conftest import NO_DATA_REASON, SHARED_DATA, requires_data
 from immich_trt.contract import build_form, clip_visual_entries, ocr_entries
 from immich_trt.tools.testing import LiveServer
 
@@ -62,7 +62,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def preview() -> bytes:
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
+        pytest.skip(NO_DATA_REASON)
     with Image.open(SHARED_DATA / "photos" / "book-beside-flowers.jpg") as image:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="JPEG", quality=90)

@@ -94,6 +94,37 @@ async def test_ingest_runs_every_task_once_and_is_idempotent(client, settings) -
     assert by_hash["id"] == asset["id"]
 
 
+async def test_every_asset_id_the_api_answers_is_accepted_where_it_takes_one(client) -> None:
+    """``"assetId": N`` of /v1/ingest and of search results, the imohash, and a file path
+    sent percent-encoded, as it is, or without its leading slash all name the asset."""
+    path = "/photos/2024 trip/IMG 0001.png"
+    first = await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(50, 50)]), assetId=path)))
+    second = await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(300, 300)]), assetId="42")))
+    asset_id = first["assetId"]
+    for ref in (str(asset_id), path, path.replace(" ", "%20").replace("/", "%2F"), path[1:],
+                first["imohash"], f"imohash:{first['imohash']}"):
+        response = await client.get(f"/v1/assets/{ref}")
+        body = await response.read()
+        assert response.status == 200, (ref, body[:200])
+        assert json.loads(body)["id"] == asset_id, ref
+    # a caller's ref made of digits names its own asset, before an asset id of the same digits
+    assert (await ok(await client.get("/v1/assets/42")))["id"] == second["assetId"]
+    assert (await client.get("/v1/assets/999999")).status == 404
+    assert (await client.get("/v1/assets//photos/nope.png")).status == 404
+    search = await ok(await client.post("/v1/search/text", json={"query": "squares", "k": 10}))
+    assert {hit["assetId"] for hit in search["results"]} == {first["assetId"], second["assetId"]}
+    for hit in search["results"]:
+        assert (await ok(await client.get(f"/v1/assets/{hit['assetId']}")))["id"] == hit["assetId"]
+
+
+async def test_status_lists_the_loaded_test_pack_models(client) -> None:
+    """The test pack's CLIP and face models are placeholders: /v1/status says so once
+    they are loaded; PP-OCRv5 (real weights) is not listed."""
+    assert (await ok(await client.get("/v1/status")))["testPack"] == []
+    await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(100, 100)]))))
+    assert (await ok(await client.get("/v1/status")))["testPack"] == ["ViT-B-32__openai", "buffalo_l"]
+
+
 async def test_ingest_generated_faces_then_cluster_search_and_thumbnail(client) -> None:
     # the same face (white square) in three images, a fourth image without faces
     images = [faces_image([(96, 96)]), faces_image([(320, 160)]), faces_image([(160, 448), (448, 448)]),

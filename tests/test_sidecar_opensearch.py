@@ -468,3 +468,35 @@ def test_messages_never_show_the_opensearch_password() -> None:
 
     assert redact_url("https://admin:s3cret@search.lan:9200") == "https://admin:***@search.lan:9200"
     assert redact_url("http://search.lan:9200") == "http://search.lan:9200"
+
+
+async def test_no_backlog_without_opensearch_and_reindex_covers_the_past(tmp_path, fake, caplog):
+    """Without OPENSEARCH_URL no change notice is kept; a backlog left by a run with a
+    mirror is dropped (one warning saying to reindex); a later reindex mirrors it all."""
+    with_mirror = offline_settings(tmp_path, opensearch_url=fake.url)
+    sidecar = Sidecar(with_mirror)
+    await sidecar.start()
+    await sidecar.save(results(80))  # queued for a mirror that never drained it
+    assert len(outbox(sidecar.store)) == 5
+    await sidecar.stop()
+
+    without = dataclasses.replace(with_mirror, opensearch_url=None)
+    sidecar = Sidecar(without)
+    await sidecar.start()
+    assert outbox(sidecar.store) == []
+    [warning] = [r.getMessage() for r in caplog.records if "OpenSearch change notice" in r.getMessage()]
+    assert warning.startswith("Dropped 5 pending OpenSearch change notice(s)") and "opensearch reindex" in warning
+    await sidecar.save(results(81))
+    person = add_person(sidecar.store, "Ada", 1)
+    delete_person(sidecar.store, person)
+    assert outbox(sidecar.store) == [] and sidecar.store.counts()["outbox"] == 0
+    await sidecar.stop()
+
+    caplog.clear()
+    sidecar = Sidecar(without)  # nothing to drop the next time: no second warning
+    await sidecar.start()
+    await sidecar.stop()
+    assert "OpenSearch change notice" not in caplog.text
+
+    assert await reindex_command(with_mirror) == 0  # the mirror configured later catches up
+    assert fake.count(ASSETS) == 2 and fake.count(FACES) == 4 and fake.count(OCR) == 4

@@ -410,3 +410,40 @@ def test_cli_make_test_pack(tmp_path: Path, bpe_vocab: Path, capsys: pytest.Capt
     detector = session(tmp_path / "facial-recognition" / "antelopev2" / "detection" / "model.onnx")
     assert len(detector.get_outputs()[0].shape) == 3
     assert main(["models", "make-test-pack", str(tmp_path), "--clip", "nope"]) == 2
+
+
+def test_every_model_file_of_the_pack_is_marked(pack: Path, tmp_path: Path) -> None:
+    """The ONNX metadata says "test pack" in every model.onnx written; the server's
+    reader (which skips the graph) agrees with onnx's full parse."""
+    from immich_trt.models.onnxfile import TEST_PACK_KEY, marked_test_pack, metadata
+
+    files = sorted(pack.glob("*/*/*/model.onnx"))
+    assert len(files) == 4
+    for path in files:
+        assert marked_test_pack(path) == "placeholder", path
+        assert metadata(path) == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    full = tp._save(tp.arcface_model(), tmp_path / "full" / "model.onnx", full_size=True)
+    assert marked_test_pack(full) == "full-size random weights"
+    assert {p.key for p in onnx.load(str(full)).metadata_props} == {TEST_PACK_KEY}
+
+
+def test_real_and_damaged_files_are_not_marked(ocr_cache: Path, tmp_path: Path) -> None:
+    from immich_trt.models.onnxfile import marked_test_pack, metadata
+
+    for path in sorted(ocr_cache.glob("ocr/*/*/model.onnx")):  # real PP-OCRv5 files
+        assert marked_test_pack(path) is None
+        assert metadata(path) == {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff" * 64 + b"not protobuf")
+    assert marked_test_pack(garbage) is None
+    assert marked_test_pack(tmp_path / "absent.onnx") is None
+
+
+def test_cli_make_test_pack_warns_that_answers_are_placeholders(tmp_path: Path, bpe_vocab: Path, capsys) -> None:
+    assert main(["models", "make-test-pack", str(tmp_path), "--bpe-vocab", str(bpe_vocab)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("WARNING: these are test models") and "placeholders" in err and "smoke tests only" in err
+    from immich_trt.models.fetch import list_cache
+
+    rows = list_cache(tmp_path)
+    assert len(rows) == 4 and all(row[4] == "test pack: placeholder" for row in rows)

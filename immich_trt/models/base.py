@@ -39,6 +39,20 @@ class ModelLoadError(Exception):
         self.corrupt = corrupt
 
 
+class ModelDownloadError(ModelLoadError):
+    """A model file is not in the cache and downloading it failed.
+
+    ``expected``: the file the cache should hold (``<cache>/<task>/<model>/<type>/model.onnx``);
+    ``source``: where it was downloaded from (a URL or a Hugging Face repository);
+    ``reason``: why the download failed, one line."""
+
+    def __init__(self, message: str, *, expected: Path, source: str, reason: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.source = source
+        self.reason = reason
+
+
 @dataclass
 class ModelContext:
     """What every model needs from the server: settings, the runtime, the CPU executor.
@@ -69,6 +83,9 @@ class InferenceModel(ABC):
         self.ctx = ctx
         self.options = dict(options)
         self.loaded = False
+        #: The test-pack mark of the loaded file (``"placeholder"``, ``"full-size random
+        #: weights"``) or ``None`` for a real model; read by :meth:`load`.
+        self.test_pack: str | None = None
 
     @property
     def identity(self) -> tuple[ModelType, ModelTask]:
@@ -89,13 +106,17 @@ class InferenceModel(ABC):
         return f"{self.task}__{self.model_name}__{self.type}"
 
     async def load(self) -> None:
-        """Obtain the model files (downloading if needed) and load them into the runtime.
+        """Obtain the model files (downloading if needed) and load them into the runtime;
+        note whether the file is a test-pack placeholder (:attr:`test_pack`).
 
         Raises :class:`ModelLoadError` when files cannot be had or the runtime fails.
         """
         if self.loaded:
             return
         await self._load()
+        from .onnxfile import marked_test_pack
+
+        self.test_pack = await self.ctx.run(marked_test_pack, self.model_file)
         self.loaded = True
 
     async def unload(self) -> None:
@@ -146,6 +167,15 @@ class InferenceModel(ABC):
     def _spec(self) -> ModelSpec:
         raise NotImplementedError
 
+    def download_source(self) -> str:
+        """Where this model's missing files are downloaded from: the URL of the Hugging
+        Face repository ``immich-app/<model>`` (CLIP and faces, as immich-ml)."""
+        return f"{self.ctx.settings.hf_endpoint}/immich-app/{self.model_name}"
+
+    def has_offline_copy(self) -> bool:
+        """Whether the files can be had without a download (an installed package ships them)."""
+        return False
+
     def _obtain_from_hub(self, model_file: Path) -> None:
         """Download ``immich-app/<model>`` from Hugging Face into the cache folder unless
         ``model_file`` is there (CLIP and faces, as immich-ml). Raises ModelLoadError."""
@@ -156,7 +186,10 @@ class InferenceModel(ABC):
         try:
             hf_snapshot(f"immich-app/{self.model_name}", self.cache_dir, endpoint=self.ctx.settings.hf_endpoint)
         except DownloadError as exc:
-            raise ModelLoadError(str(exc)) from exc
+            source = self.download_source()
+            raise ModelDownloadError(
+                f"download of {source} failed: {exc.reason}", expected=model_file, source=source, reason=exc.reason
+            ) from exc
         if not model_file.is_file():
             raise ModelLoadError(f"immich-app/{self.model_name} has no {self.type}/model.onnx")
 

@@ -8,7 +8,9 @@ Reproduces immich-ml 3.1.0 ``ModelCache`` and ``load`` (``immich_ml/models/cache
 * every hit renews the TTL (``revalidate=True``); ``MODEL_TTL <= 0`` disables it;
 * models load one at a time (one lock per process); a load that fails on a corrupt
   or missing file clears the model's cache folder and is retried once, and a second
-  failure is :class:`FailedToLoad` (HTTP 500 ``Failed to load model '<name>'``).
+  failure is :class:`FailedToLoad` (HTTP 500 ``Failed to load model '<name>'``). A
+  model whose download failed is then logged in one line saying which file was
+  expected where, why the download failed and how to fix it (:mod:`.advice`).
 
 Upstream unloads idle models by sending SIGINT to its gunicorn worker. This server is
 one process, so :meth:`ModelCache.evict_idle` unloads the models whose TTL lapsed
@@ -23,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .base import InferenceModel, ModelContext, ModelLoadError
+from . import advice
+from .base import InferenceModel, ModelContext, ModelDownloadError, ModelLoadError
 from .registry import ModelSource, ModelTask, ModelType, resolve
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class ModelCache:
         self._expires: dict[str, float | None] = {}
         self._create_lock = asyncio.Lock()
         self._load_lock = asyncio.Lock()
+        self._warned: set = set()  # test-pack files already warned about (once per file)
 
     @staticmethod
     def key(name: str, model_type: str, model_task: str) -> str:
@@ -67,6 +71,10 @@ class ModelCache:
     @property
     def models(self) -> list[InferenceModel]:
         return list(self._models.values())
+
+    def test_pack_models(self) -> list[str]:
+        """Names of the loaded models whose files are test-pack placeholders, sorted."""
+        return sorted({m.model_name for m in self._models.values() if m.loaded and m.test_pack})
 
     async def get(
         self, name: str, model_type: str, model_task: str, *, ttl: float | None = None, **options: Any
@@ -99,16 +107,34 @@ class ModelCache:
                     await model.load()
                 except ModelLoadError as exc:
                     self._count_load(model, "error", started)
-                    log.error(
-                        "Failed to load %s model '%s' (attempt %d): %s", model.type, model.model_name, attempt, exc
-                    )
-                    if attempt == 1 and exc.corrupt:
-                        await self.ctx.run(model.clear_cache)
+                    if attempt == 1:
+                        log.warning("Failed to load %s model '%s' (attempt 1 of 2): %s",
+                                    model.type, model.model_name, exc)
+                        if exc.corrupt:
+                            await self.ctx.run(model.clear_cache)
+                    elif isinstance(exc, ModelDownloadError):
+                        log.error("Failed to load %s model '%s'. %s", model.type, model.model_name,
+                                  self._download_advice(model, exc))
+                    else:
+                        log.error("Failed to load %s model '%s' (attempt 2 of 2): %s",
+                                  model.type, model.model_name, exc)
                     continue
                 self._count_load(model, "ok", started)
                 log.info("Loaded %s model '%s'", model.type, model.model_name)
+                if model.test_pack and model.model_file not in self._warned:
+                    self._warned.add(model.model_file)
+                    log.warning("%s", advice.placeholder_loaded(
+                        model.model_name, str(model.task), str(model.type), self.ctx.settings.cache_folder,
+                        model.model_file, model.test_pack,
+                    ))
                 return model
         raise FailedToLoad(model.model_name)
+
+    def _download_advice(self, model: InferenceModel, exc: ModelDownloadError) -> str:
+        return advice.download_failed(
+            model.model_name, str(model.task), str(model.type), self.ctx.settings.cache_folder,
+            exc.expected, exc.source, exc.reason,
+        )
 
     def _count_load(self, model: InferenceModel, outcome: str, started: float) -> None:
         if self.metrics is None:

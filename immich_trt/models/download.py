@@ -9,7 +9,8 @@
   dict file, copied next to the model as :data:`DICT_FILENAME`.
 
 Every file lands through a temporary file in the destination folder and ``os.replace``,
-so a crash or a failed download never leaves a partial ``model.onnx``.
+so a crash or a failed download never leaves a partial ``model.onnx``; the folders a
+failed download created are removed again when they hold no file (:func:`new_folder`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,19 @@ CHUNK = 1 << 20
 
 class DownloadError(OSError):
     """A model file could not be downloaded or failed its checksum."""
+
+    @property
+    def reason(self) -> str:
+        """Why, in one line: the cause's first line (the Hugging Face client adds a
+        paragraph of generic advice after it)."""
+        cause = self.__cause__ if self.__cause__ is not None else self
+        text = str(cause).strip() or type(cause).__name__
+        if isinstance(cause, urllib.error.URLError) and not isinstance(cause, urllib.error.HTTPError):
+            text = str(cause.reason)
+        first = text.splitlines()[0].strip()
+        if first.startswith("Got: "):  # huggingface_hub's wording of a transport error
+            first = first[len("Got: "):]
+        return first[:300]
 
 
 @dataclass(frozen=True)
@@ -75,13 +91,45 @@ def _atomic_target(dest: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
 
 
+@contextmanager
+def new_folder(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` (and its missing parents) for a download; if the body raises,
+    remove again every folder this created that holds no file (a failed download leaves
+    no empty model folder behind; a partial file kept for a resumed download stays).
+
+    Only empty folders are removed (``os.rmdir``, deepest first), so a file another
+    process writes meanwhile is never lost."""
+    created: list[Path] = []
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for top in created:  # deepest first
+            if top.is_dir():
+                for root, _, _ in os.walk(top, topdown=False):
+                    try:
+                        os.rmdir(root)
+                    except OSError:  # holds a file: keep it
+                        pass
+        raise
+
+
 def download_url(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` through a temporary file, verifying ``sha256``.
 
     Raises :class:`DownloadError` on network errors, HTTP errors, a body shorter than
     its ``Content-Length`` (a connection cut midway) or a checksum mismatch; ``dest`` is
-    then untouched.
+    then untouched, and folders created for it are removed again (:func:`new_folder`).
     """
+    with new_folder(dest.parent):
+        return _download_url(url, dest, sha256, timeout)
+
+
+def _download_url(url: str, dest: Path, sha256: str | None, timeout: float) -> Path:
     fd, tmp = _atomic_target(dest)
     try:
         digest = hashlib.sha256()
@@ -126,12 +174,17 @@ def hf_snapshot(repo_id: str, local_dir: Path, endpoint: str | None = None) -> P
     for ONNX (``ignore_patterns=["*.armnn", "*.rknn"]``).
 
     huggingface_hub downloads each file to an ``.incomplete`` file and renames it.
-    Raises :class:`DownloadError` when the hub cannot be reached or has no such repo.
+    Raises :class:`DownloadError` when the hub cannot be reached or has no such repo;
+    folders created for it that hold no file are then removed (:func:`new_folder`).
     """
+    with new_folder(local_dir):
+        return _hf_snapshot(repo_id, local_dir, endpoint)
+
+
+def _hf_snapshot(repo_id: str, local_dir: Path, endpoint: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    local_dir.mkdir(parents=True, exist_ok=True)
     try:
         snapshot_download(
             repo_id,

@@ -24,10 +24,15 @@ def ensure_model_files(settings: Settings, name: str, task: str, model_type: str
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def list_cache(cache_folder: Path) -> list[tuple[str, str, str, str]]:
-    """``(task, model, type, size in MiB)`` for every ``model.onnx`` in an Immich cache."""
+def list_cache(cache_folder: Path) -> list[tuple[str, str, str, str, str]]:
+    """``(task, model, type, size in MiB, note)`` for every ``model.onnx`` in an Immich
+    cache; the note is ``test pack: <mark>`` for a test-pack file, else empty."""
+    from .onnxfile import marked_test_pack
+
     rows = []
     for path in sorted(Path(cache_folder).glob("*/*/*/model.onnx")):
         model_type, model, task = path.parent.name, path.parent.parent.name, path.parent.parent.parent.name
-        rows.append((task, model, model_type, f"{path.stat().st_size / 2**20:.1f}"))
+        mark = marked_test_pack(path)
+        note = f"test pack: {mark}" if mark else ""
+        rows.append((task, model, model_type, f"{path.stat().st_size / 2**20:.1f}", note))
     return rows

@@ -230,11 +230,20 @@ def clip_embeddings(store: Store) -> dict[str, tuple[list[int], list[np.ndarray]
 
 
 def resolve_ref(store: Store, ref: str) -> int:
-    """Asset id of a ref (caller's assetId / path / ``imohash:<hex>``), or of a bare
-    imohash. Raises :class:`NotFound`."""
+    """Asset id named by ``ref``, tried in this order: a stored ref (the caller's
+    ``assetId``, a file path, ``imohash:<hex>``); the asset id the API answers
+    (``"assetId": 19`` of ``/v1/ingest`` and of search results: decimal digits); an
+    imohash, bare or as ``imohash:<hex>``; a file path given without its leading ``/`` (as an unencoded path in a URL
+    reads). A caller's ref that is a number wins over an asset id of the same digits.
+    Raises :class:`NotFound`."""
     row = store.conn.execute("SELECT asset FROM asset_refs WHERE ref = ?", (ref,)).fetchone()
+    if row is None and ref.isascii() and ref.isdigit() and len(ref) <= 18:
+        row = store.conn.execute("SELECT id FROM assets WHERE id = ?", (int(ref),)).fetchone()
     if row is None:
-        row = store.conn.execute("SELECT id FROM assets WHERE imohash = ?", (ref,)).fetchone()
+        digest = ref[len("imohash:"):] if ref.startswith("imohash:") else ref
+        row = store.conn.execute("SELECT id FROM assets WHERE imohash = ?", (digest,)).fetchone()
+    if row is None and not ref.startswith("/"):
+        row = store.conn.execute("SELECT asset FROM asset_refs WHERE ref = ?", ("/" + ref,)).fetchone()
     if row is None:
         raise NotFound(f"asset {ref!r} not found")
     return int(row[0])

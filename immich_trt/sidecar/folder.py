@@ -4,12 +4,24 @@ Files are hashed locally (imohash reads three 16 KiB samples, so this is cheap) 
 file whose content already has every requested task stored is skipped without
 uploading: an interrupted run resumes where it stopped. Uploads run with bounded
 concurrency; transient failures (connection errors, 5xx) are retried with backoff.
+
+A file the server refuses (4xx: undecodable, too large) is reported once and remembered
+in a small JSON file (:class:`FailedFiles`, ``$IMMICH_TRT_DATA_DIR/ingest-failures.json``
+by default) with its imohash; later runs skip it while its content is unchanged, unless
+``--retry-failed``.
+
+Problems that would fail every file stop the run at once with one line
+(:class:`IngestAborted`): the folder missing, the server unreachable (before the first
+upload, or for good in the middle of the run), the API key refused, no sidecar there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +35,16 @@ from ..config import clean_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 RETRIES = 3
+#: Name of the file that remembers refused files, in ``IMMICH_TRT_DATA_DIR``.
+FAILURES_FILE = "ingest-failures.json"
+
+
+class IngestAborted(Exception):
+    """The folder ingest cannot go on: the message is the one line to print."""
+
+
+class _Unreachable(Exception):
+    """The server could not be reached after the retries (connection errors)."""
 
 
 @dataclass
@@ -31,10 +53,56 @@ class FolderReport:
     skipped: int = 0
     failed: int = 0
     faces: int = 0
+    failed_before: int = 0  # refused on an earlier run, unchanged since: not uploaded again
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"ingested": self.ingested, "skipped": self.skipped, "failed": self.failed, "faces": self.faces}
+        return {"ingested": self.ingested, "skipped": self.skipped, "failed": self.failed, "faces": self.faces,
+                "failedBefore": self.failed_before}
+
+
+class FailedFiles:
+    """Files the server refused, by absolute path: ``{path: {"imohash", "error", "at"}}``
+    in a JSON file (written through a temporary file and renamed). A file is "known
+    failed" while its imohash is the one recorded; an unreadable JSON file counts as empty."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                self.entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self.entries = {}
+        self._dirty = False
+
+    def known(self, path: str, digest: str) -> dict | None:
+        entry = self.entries.get(path)
+        return entry if isinstance(entry, dict) and entry.get("imohash") == digest else None
+
+    def add(self, path: str, digest: str, error: str) -> None:
+        self.entries[path] = {"imohash": digest, "error": error, "at": time.time()}
+        self._dirty = True
+
+    def forget(self, path: str) -> None:
+        if self.entries.pop(path, None) is not None:
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the file if anything changed (nothing without a path). Raises ``OSError``."""
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(self.entries, out, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._dirty = False
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -44,6 +112,29 @@ def image_files(folder: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return found
+
+
+async def check_server(session: aiohttp.ClientSession, base_url: str) -> None:
+    """``GET /v1/status`` once before any upload. Raises :class:`IngestAborted` with the
+    reason and the fix when the server is unreachable, refuses the key, or has no sidecar."""
+    try:
+        async with session.get(f"{base_url}/v1/status", timeout=aiohttp.ClientTimeout(total=30)) as response:
+            status = response.status
+            body = (await response.read())[:300].decode(errors="replace")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise IngestAborted(
+            f"cannot reach the server at {base_url} ({type(exc).__name__}: {exc}); start it "
+            "(immich-trt serve) or pass --url"
+        ) from None
+    if status in (401, 403):
+        raise IngestAborted(
+            f"the server at {base_url} refused the request (HTTP {status}): set IMMICH_TRT_API_KEY to the server's "
+            "key (a server without a key serves loopback clients only)"
+        )
+    if status == 404:
+        raise IngestAborted(f"the server at {base_url} has no /v1 sidecar (IMMICH_TRT_SIDECAR=false there?)")
+    if status != 200:
+        raise IngestAborted(f"the server at {base_url} answered /v1/status with HTTP {status}: {body}")
 
 
 async def ingest_folder(
@@ -56,9 +147,18 @@ async def ingest_folder(
     faces: bool = True,
     ocr: bool = True,
     progress: bool = True,
+    failures: Path | None = None,
+    retry_failed: bool = False,
 ) -> FolderReport:
     """Ingest every image of ``folder`` (see the module docstring). The file's
-    absolute path is its ``assetId``."""
+    absolute path is its ``assetId``. ``failures``: the JSON file of refused files
+    (``None``: remember nothing); ``retry_failed``: upload them again.
+
+    Raises :class:`IngestAborted` for a missing folder, a server that cannot be reached
+    or refuses the key, or a server lost for good during the run."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IngestAborted(f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist")
     wanted = {
         task: clean_name(model)
         for task, model, on in (
@@ -66,30 +166,53 @@ async def ingest_folder(
         )
         if on
     }
-    files = image_files(Path(folder))
+    files = image_files(folder)
     report = FolderReport()
+    failed_files = FailedFiles(failures)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(max(1, concurrency))
-    bar = tqdm(total=len(files), unit="img", disable=not progress)
+    lost: list[str] = []  # why the run stops (server gone, key refused): the first one is reported
 
-    async def one(session: aiohttp.ClientSession, path: Path) -> None:
+    async def one(session: aiohttp.ClientSession, path: Path, bar: tqdm) -> None:
         async with limit:
+            if lost:
+                return
+            key = str(path.resolve())
+            digest = None
             try:
                 digest = await asyncio.to_thread(hashfile, str(path), hexdigest=True)
-                async with session.get(f"{base_url}/v1/assets/{digest}") as response:
-                    if response.status == 200:
-                        asset = orjson.loads(await response.read())
-                        done = asset.get("tasks", {})
-                        ref_known = str(path.resolve()) in asset.get("refs", [])
-                        if ref_known and all(model in done.get(task, []) for task, model in wanted.items()):
-                            report.skipped += 1
-                            return
-                    elif response.status != 404:
-                        raise RuntimeError(f"GET asset: HTTP {response.status}")
+                if not retry_failed and failed_files.known(key, digest) is not None:
+                    report.failed_before += 1
+                    return
+                try:
+                    async with session.get(f"{base_url}/v1/assets/{digest}") as response:
+                        if response.status == 200:
+                            asset = orjson.loads(await response.read())
+                            done = asset.get("tasks", {})
+                            ref_known = key in asset.get("refs", [])
+                            if ref_known and all(model in done.get(task, []) for task, model in wanted.items()):
+                                report.skipped += 1
+                                failed_files.forget(key)
+                                return
+                        elif response.status != 404:
+                            raise RuntimeError(f"GET asset: HTTP {response.status}")
+                except aiohttp.ClientConnectionError as exc:
+                    raise _Unreachable(f"{type(exc).__name__}: {exc}") from None
                 data = await asyncio.to_thread(path.read_bytes)
                 result = await _post_ingest(session, base_url, path, data, clip, faces, ocr)
                 report.ingested += 1
                 report.faces += result.get("faces", 0)
+                failed_files.forget(key)
+            except _Unreachable as exc:
+                lost.append(f"lost the server at {base_url} while ingesting {path}: {exc}; the files done so far "
+                            "are stored, and the next run resumes")
+            except IngestAborted as exc:
+                lost.append(str(exc))
+            except _Refused as exc:
+                report.failed += 1
+                report.errors.append(f"{path}: {exc}")
+                if digest is not None:
+                    failed_files.add(key, digest, str(exc))
             except Exception as exc:  # noqa: BLE001 (one bad file never stops the folder)
                 report.failed += 1
                 report.errors.append(f"{path}: {exc}")
@@ -97,9 +220,23 @@ async def ingest_folder(
                 bar.update(1)
 
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        await asyncio.gather(*(one(session, path) for path in files))
-    bar.close()
+        await check_server(session, base_url)
+        bar = tqdm(total=len(files), unit="img", disable=not progress)
+        try:
+            await asyncio.gather(*(one(session, path, bar) for path in files))
+        finally:
+            bar.close()
+            try:
+                failed_files.save()
+            except OSError as exc:
+                report.errors.append(f"cannot write {failures}: {exc}")
+    if lost:
+        raise IngestAborted(lost[0])
     return report
+
+
+class _Refused(RuntimeError):
+    """The server refused the file itself (4xx): not retried, remembered."""
 
 
 async def _post_ingest(
@@ -118,12 +255,17 @@ async def _post_ingest(
                 body = await response.read()
                 if response.status == 200:
                     return orjson.loads(body)
+                if response.status in (401, 403):
+                    raise IngestAborted(f"the server refused the upload (HTTP {response.status}): "
+                                        f"{body[:200].decode(errors='replace')}")
                 if response.status < 500:  # the file itself is bad: no retry
-                    raise RuntimeError(f"HTTP {response.status}: {body[:200].decode(errors='replace')}")
-                error = f"HTTP {response.status}"
+                    raise _Refused(f"HTTP {response.status}: {body[:200].decode(errors='replace')}")
+                error, unreachable = f"HTTP {response.status}", False
         except aiohttp.ClientConnectionError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error, unreachable = f"{type(exc).__name__}: {exc}", True
         if attempt < RETRIES:
             await asyncio.sleep(delay)
             delay *= 2
+    if unreachable:
+        raise _Unreachable(f"gave up after {RETRIES + 1} attempts: {error}")
     raise RuntimeError(f"gave up after {RETRIES + 1} attempts: {error}")

@@ -27,11 +27,12 @@ from ..config import Settings
 from ..loopback import is_loopback
 from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
-from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
+from ..models.transforms import ImageTooLarge, UndecodableImage
 from ..web import STATE, HTTPError, json_response, read_form
 from . import duplicates, persons, search
 from .duplicates import imohash_of
 from .errors import BadRequest, NotFound, SidecarError
+from .images import decode_upload
 from .ingest import IngestOptions, ingest_bytes
 from .service import Sidecar
 
@@ -301,7 +302,8 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
 
 
 async def _decode(call: Call, data: bytes) -> Image.Image:
-    """Decode uploaded image bytes to an RGB PIL image, off the event loop.
+    """Decode uploaded image bytes to an RGB PIL image, off the event loop (HEIC/HEIF
+    included: :func:`~immich_trt.sidecar.images.decode_upload`).
 
     Raises ``HTTPError`` 413 when the header announces more pixels than
     ``IMMICH_TRT_MAX_IMAGE_PIXELS``, :class:`BadRequest` (400) for bytes Pillow cannot
@@ -309,7 +311,7 @@ async def _decode(call: Call, data: bytes) -> Image.Image:
     try:
         state = call.app[STATE]
         assert state.ctx is not None
-        image = await state.ctx.run(decode_pil, data, state.settings.max_image_pixels)
+        image = await state.ctx.run(decode_upload, data, state.settings.max_image_pixels)
     except ImageTooLarge as exc:
         raise HTTPError(413, str(exc), "image_too_large") from None
     except UndecodableImage as exc:
@@ -391,7 +393,9 @@ async def _duplicates_of(call: Call, asset_id: int) -> list[dict]:
 
 async def get_asset(call: Call) -> dict:
     """``GET /v1/assets/{ref}``: the asset named by a ref (caller's assetId, file path or
-    ``imohash:<hex>``) or by a bare imohash.
+    ``imohash:<hex>``), by the asset id the API answers (``"assetId": 19``) or by a bare
+    imohash (:func:`~immich_trt.sidecar.assets.resolve_ref`); a file path may be sent
+    percent-encoded or as it is (``/v1/assets//home/ada/a.jpg``).
 
     Answers 200 with its summary plus ``"tasks"`` (``{task: [model]}``), ``"faces"`` (by
     face id) and ``"ocr"`` (lines by model and position); 404 for an unknown ref."""
@@ -604,8 +608,10 @@ async def openapi(call: Call) -> dict:
 
 async def status(call: Call) -> dict:
     """``GET /v1/status``: the store's row counts (assets, faces, persons, OCR lines,
-    duplicate groups, outbox), its schema version and the OpenSearch mirror's status (null
-    without a mirror). Answers 200."""
+    duplicate groups, outbox), its schema version, the OpenSearch mirror's status (null
+    without a mirror) and ``"testPack"``: the names of loaded models whose files are
+    test-pack placeholders (``immich-trt models make-test-pack``; ``[]`` when none).
+    Answers 200."""
     def counts(store) -> dict:
         """The store's row counts and schema version, keyed as the response (store thread)."""
         rows = store.counts()
@@ -622,6 +628,8 @@ async def status(call: Call) -> dict:
     result = await call.sidecar.call(counts)
     mirror = call.app.get(MIRROR)
     result["opensearch"] = mirror.status() if mirror is not None else None
+    cache = call.app[STATE].cache
+    result["testPack"] = cache.test_pack_models() if cache is not None else []
     return result
 
 
@@ -636,7 +644,7 @@ _FACE_MIN_SCORE = Param("faceMinScore", float, default=contract.FACE_MIN_SCORE, 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/ingest", ingest, "Run every enabled model on an image in one pass and store the results",
           body="multipart", params=(
-              Param("image", "image", required=True, description="encoded image (JPEG, PNG, WebP, ...)"),
+              Param("image", "image", required=True, description="encoded image (JPEG, PNG, WebP, HEIC, ...)"),
               Param("assetId", str, max_length=512, description="caller's id for the asset (default: the imohash)"),
               Param("filename", str, max_length=1024),
               Param("clip", bool, default=True), Param("faces", bool, default=True),
@@ -647,7 +655,8 @@ ROUTES: tuple[Route, ...] = (
               Param("ocrModel", str, enum=OCR_NAMES, description=f"default {contract.OCR_MODEL}"),
               _FACE_MIN_SCORE,
           )),
-    Route("GET", "/assets/{ref}", get_asset, "An asset by its ref (assetId, path or imohash), with faces and OCR lines",
+    Route("GET", "/assets/{ref}", get_asset,
+          "An asset by its ref (caller's assetId or path), its asset id or its imohash, with faces and OCR lines",
           path_params=(Param("ref", str, required=True, max_length=1024),)),
     Route("POST", "/faces/cluster", cluster, "Cluster faces into persons (Immich's incremental DBSCAN)",
           body="json", params=(
@@ -697,7 +706,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/duplicates/resolve", duplicates_resolve, "Keep one asset of a group and hide the others",
           body="json", params=(_id("groupId"), Param("keep", int, minimum=1, maximum=MAX_INT, nullable=True),
                                Param("undo", bool, default=False, description="undo the group's resolution"))),
-    Route("GET", "/status", status, "Store counts and the OpenSearch mirror's backlog"),
+    Route("GET", "/status", status, "Store counts, the OpenSearch mirror's backlog, loaded test-pack models"),
     Route("GET", "/openapi.json", openapi, "This document"),
 )
 
@@ -795,6 +804,8 @@ def add_routes(app: web.Application) -> None:
         for param in route.path_params:  # integer ids only match digits: /persons/merge is not /persons/{id}
             if param.kind is int:
                 path = path.replace(f"{{{param.name}}}", f"{{{param.name}:\\d+}}")
+            elif param.kind is str:  # a ref may be a file path: slashes included, encoded or not
+                path = path.replace(f"{{{param.name}}}", f"{{{param.name}:.+}}")
         app.router.add_route(route.method, PREFIX + path, _handler(route))
 
 

@@ -41,8 +41,9 @@ class Sidecar:
         self.listeners: list[Callable[[], None]] = []  # called by changed() (the mirror's wake-up)
 
     async def start(self) -> None:
-        """Open the store (migrating it) and rebuild the indices."""
-        self.store = await self._run(Store, self.settings.data_dir)
+        """Open the store (migrating it; change notices kept only with ``OPENSEARCH_URL``)
+        and rebuild the indices."""
+        self.store = await self._run(Store, self.settings.data_dir, outbox=bool(self.settings.opensearch_url))
         await self.call(self.load_indices)
         log.info(
             "Sidecar store %s: %d CLIP embeddings, %d faces",

@@ -19,6 +19,13 @@ the same transaction: an ``outbox`` row naming the changed entity. The mirror re
 entity's current row when it drains (absent = delete), so a row is a change notice, and
 its ``version`` makes a notice raised during a drain survive that drain.
 
+Without a mirror (``Store(..., outbox=False)``: no ``OPENSEARCH_URL``) no notice is
+written, so no backlog grows, and notices left by earlier runs (a store written while a
+mirror was configured, or by a version that always wrote them) are deleted on open,
+logged once. The mirror is then behind the store for good; ``immich-trt opensearch
+reindex`` brings it level (it rebuilds every document from SQLite), which is what a
+mirror configured later needs anyway.
+
 The store is not thread-safe by itself: the sidecar calls it from one thread
 (:class:`immich_trt.sidecar.service.Sidecar` runs every store call on a single-thread
 executor).
@@ -167,13 +174,16 @@ def from_blob(blob: bytes, shape: tuple[int, ...] | None = None) -> np.ndarray:
 
 
 class Store:
-    """An open SQLite store. ``path`` is the data directory or a ``.db`` file.
+    """An open SQLite store. ``path`` is the data directory or a ``.db`` file;
+    ``outbox``: whether change notices are kept for an OpenSearch mirror (see the module
+    docstring; ``False`` deletes a backlog left by earlier runs).
 
     Raises :class:`StoreError` when the file holds a newer schema than
     :data:`MIGRATIONS` knows, or is not an SQLite database.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, outbox: bool = True) -> None:
+        self.outbox = outbox
         path = Path(path)
         if path.suffix != ".db":
             path.mkdir(parents=True, exist_ok=True)
@@ -191,6 +201,8 @@ class Store:
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.migrate()
+            if not outbox:
+                self._drop_backlog()
         except sqlite3.DatabaseError as exc:
             self.conn.close()
             raise StoreError(f"cannot open the sidecar store {path}: {exc}") from exc
@@ -254,10 +266,24 @@ class Store:
             raise
         self.conn.execute("COMMIT")
 
+    def _drop_backlog(self) -> None:
+        """Delete the change notices of earlier runs (no mirror now), logged once."""
+        with self.transaction() as conn:
+            dropped = conn.execute("DELETE FROM outbox").rowcount
+        if dropped:
+            log.warning(
+                "Dropped %d pending OpenSearch change notice(s) from %s: OPENSEARCH_URL is not set, so the store "
+                "keeps no backlog. If you mirror into OpenSearch again, run 'immich-trt opensearch reindex' once "
+                "after setting OPENSEARCH_URL: it copies everything the store holds.", dropped, self.path,
+            )
+
     def touch(self, entity: str, *ids: int) -> None:
-        """Enqueue change notices for the mirror (call inside the writing transaction)."""
+        """Enqueue change notices for the mirror (call inside the writing transaction);
+        nothing without one (``outbox=False``)."""
         if entity not in ENTITIES:
             raise ValueError(f"unknown outbox entity {entity!r}")
+        if not self.outbox:
+            return
         now = time.time()
         self.conn.executemany(
             "INSERT INTO outbox (entity, entity_id, created_at) VALUES (?, ?, ?) "

