@@ -86,6 +86,16 @@ def live_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def default_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``immich-trt serve`` with the default runtime choice (``IMMICH_TRT_RUNTIME=auto``:
+    in-process ONNX Runtime on a host without a GPU, as README's first command runs it)."""
+    from immich_trt.tools.testing import LiveServer
+
+    with LiveServer(model_cache, tmp_path_factory.mktemp("default-server"), {"IMMICH_TRT_RUNTIME": "auto"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def base_url(request: pytest.FixtureRequest) -> str:
     """The server under test: ``--base-url``, or a live server started here."""
     url = request.config.getoption("--base-url")

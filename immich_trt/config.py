@@ -107,7 +107,7 @@ class Settings:
     triton_start_timeout_s: float = 120.0
     triton_server: Path | None = None  # a full Triton installation to launch (e.g. /opt/tritonserver); None = the wheel's
     triton_instances: int = 1  # model instances per Triton model (CPU target)
-    ort_spinning: bool = True  # onnxruntime intra-op threads busy-wait when idle (its default)
+    ort_spinning: bool = False  # onnxruntime intra-op threads busy-wait when idle (its default; off: bench/NOTES.md)
     cpu_scheduler: str = "cores"  # in-process runtime: "cores" (runtime/cpu.py) or "upstream" (immich-ml's threads)
     cpu_narrow_max_mb: float = 64.0  # models up to this size also get a one-thread session (runtime/cpu.py)
     triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
@@ -208,7 +208,7 @@ class Settings:
             triton_server=Path(env["IMMICH_TRT_TRITON_SERVER"]) if env.get("IMMICH_TRT_TRITON_SERVER") else None,
             infer_timeout_s=float(env.get("IMMICH_TRT_INFER_TIMEOUT_S") or defaults.infer_timeout_s),
             triton_max_rss_mb=int(env.get("IMMICH_TRT_TRITON_MAX_RSS_MB") or defaults.triton_max_rss_mb),
-            ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "true"),
+            ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "false"),
             cpu_scheduler=scheduler,
             cpu_narrow_max_mb=narrow_mb,
             triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),

@@ -14,7 +14,7 @@ def test_defaults_match_immich_ml() -> None:
     assert s.max_batch_size_facial_recognition is None
     assert s.ort_threads == (1, 2)
     assert s.cache_folder == Path("~/.cache/immich_ml").expanduser()
-    assert s.runtime == "triton" and s.triton_url is None
+    assert s.runtime == "auto" and s.triton_url is None
     assert s.preload == {}
 
 

@@ -4,22 +4,26 @@ at once and with how many threads each, across all models of the in-process runt
 Why (measured in ``bench/NOTES.md``): immich-ml runs every model in an ONNX Runtime
 session with 2 intra-op threads that busy-wait, called from 2 request threads, so under
 Immich's job mix (smart search, face detection and OCR at once) 4 or more threads compete
-for 2 cores and part of the CPU goes to spinning. Here every inference first takes
-*cores* from one :class:`CoreBudget` (as many as its session has threads) and gives them
-back when it returns, so inference never asks for more threads than the machine has.
+for 2 cores and part of the CPU goes to spinning (CLIP visual at concurrency 2, 2 cores:
+141 ms of CPU per image against 101 ms for the same work without the contention).
 
-A model has a *wide* session (``intra_op_num_threads`` = all usable cores): a request
-that arrives alone is computed on every core, as fast as upstream at concurrency 1. A
-model whose file is small (``IMMICH_TRT_CPU_NARROW_MAX_MB``) also has a *narrow* session
-of one thread: an ONNX Runtime session with one intra-op thread runs a call entirely on
-the calling thread, with no pool to spin or wake. When other inferences are running or
-waiting, such a call takes one core and the narrow session, so concurrent calls run side
-by side on separate cores instead of sharing threads (two copies of a small model cost a
-few MB). Large models (CLIP, ArcFace) keep one wide session and take their turn; their
-kernels scale well over cores, so a turn on all cores costs the same CPU as a narrow call.
+Here:
+
+- at most one inference call per core runs at once: each takes one core from a
+  :class:`CoreBudget`, first come first served, for its calling thread;
+- a model has a *wide* session whose ``intra_op_num_threads`` is every usable core, and
+  whose pool threads never spin (``session.intra_op.allow_spinning=0``): a call that runs
+  alone is computed on every core, as fast as upstream's (measured: same images/s at
+  concurrency 1, less CPU); when calls overlap, the pool threads sleep unless a core is
+  idle, so overlapping calls cost about what they would on one thread each;
+- a model whose file is small (``IMMICH_TRT_CPU_NARROW_MAX_MB``) also has a *narrow*
+  session of one thread, used when other calls are running or waiting: an ONNX Runtime
+  session with one intra-op thread runs a call entirely on the calling thread, with no pool
+  at all (a second copy of a small model costs a few MB; of CLIP's 350 MB, too much).
+
 Both sessions compute the same graph with the same kernels; MLAS splits work over rows
 and columns, never over the reduction, so results do not depend on the thread count
-(checked by the parity tests and the bench's agreement table).
+(bit-identical outputs: tests/test_cpu_plan.py, and the bench's agreement table).
 """
 
 from __future__ import annotations
@@ -43,18 +47,19 @@ def usable_cores() -> int:
 class CpuPlan:
     """Thread counts of the in-process runtime.
 
-    ``cores``: usable cores, the size of the :class:`CoreBudget`; ``wide_threads``: intra-op
-    threads of a model's wide session (``MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`` when
-    set, else ``cores``); ``narrow_max_bytes``: models whose ONNX file is at most this many
-    bytes also get a one-thread session (0: none); ``spinning``: whether the wide
-    sessions' idle pool threads busy-wait (ONNX Runtime's default, kept: the narrow
-    sessions have no pool threads to spin).
+    ``cores``: usable cores, the size of the :class:`CoreBudget` (calls at once);
+    ``wide_threads``: intra-op threads of a model's wide session
+    (``MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`` when set, else ``cores``);
+    ``narrow_max_bytes``: models whose ONNX file is at most this many bytes also get a
+    one-thread session (0: none); ``spinning``: whether the wide sessions' idle pool
+    threads busy-wait (``IMMICH_TRT_ORT_SPINNING``, off by default; narrow sessions have
+    no pool threads).
     """
 
     cores: int
     wide_threads: int
     narrow_max_bytes: int
-    spinning: bool = True
+    spinning: bool = False
 
     @property
     def narrow_enabled(self) -> bool:
@@ -73,13 +78,13 @@ class CpuPlan:
         )
         return (
             f"{self.cores} cores: each model runs on {self.wide_threads} intra-op threads "
-            f"(spinning {'on' if self.spinning else 'off'}), {narrow}; at most {self.cores} inference threads at once"
+            f"(spinning {'on' if self.spinning else 'off'}), {narrow}; at most {self.cores} inference calls at once"
         )
 
 
 class CoreBudget:
-    """Counts the cores held by running inferences; callers wait, first come first
-    served, until the cores they ask for are free.
+    """Counts the cores held by running inferences (one per call in the in-process
+    runtime); callers wait, first come first served, until the cores they ask for are free.
 
     Not thread-safe: use it from one event loop. ``acquire(n)`` with ``n > cores`` waits
     for every core (it is clamped). Strict FIFO order: a wide call waiting for all cores

@@ -59,10 +59,11 @@ class _Sessions:
 class OnnxRuntime(Runtime):
     """Runs each model in-process, in ONNX Runtime sessions set up by a :class:`CpuPlan`.
 
-    Every call takes cores from one :class:`CoreBudget` for the threads it will use
-    (all of them on the wide session, one on a narrow session when calls overlap; see
-    :mod:`.cpu`) and runs in a pool of ``plan.cores`` threads (onnxruntime releases the
-    GIL), so the event loop stays free and inference never oversubscribes the cores.
+    Every call takes one core from one :class:`CoreBudget` (its calling thread; at most
+    ``plan.cores`` calls run at once, first come first served), on the wide session when
+    it is alone and on the narrow one, when the model has one, when other calls overlap
+    (see :mod:`.cpu`); calls run in a pool of ``plan.cores`` threads (onnxruntime releases
+    the GIL), so the event loop stays free.
     ``plan=None``: immich-ml's setup (``intra_op`` threads per session, calls limited only
     by the pool of ``threads``), the reference the plan is measured against.
     """
@@ -112,12 +113,10 @@ class OnnxRuntime(Runtime):
         if sessions is None:
             raise InferenceError(f"model '{name}' is not loaded")
         session, cores = sessions.wide, 0
-        if self.budget is not None and self.plan is not None:
+        if self.budget is not None:
             if sessions.narrow is not None and self.budget.contended:
-                session, cores = sessions.narrow, 1
-            else:
-                cores = self.plan.wide_threads
-            cores = await self.budget.acquire(cores)
+                session = sessions.narrow
+            cores = await self.budget.acquire(1)
         self.calls["narrow" if session is sessions.narrow else "wide"] += 1
         names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
         loop = asyncio.get_running_loop()

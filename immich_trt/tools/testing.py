@@ -70,8 +70,10 @@ def triton_installation_from_wheel(root: Path) -> Path:
 class LiveServer:
     """``python -m immich_trt serve`` in a subprocess on a free loopback port.
 
-    ``env`` adds to the environment (``MACHINE_LEARNING_*`` and friends). Use as a
-    context manager; :attr:`url` is the base URL once started."""
+    ``env`` adds to the environment (``MACHINE_LEARNING_*`` and friends); the runtime is
+    the launched Triton unless ``env`` sets ``IMMICH_TRT_RUNTIME`` (the fault and load
+    tests are about Triton's process). Use as a context manager; :attr:`url` is the base
+    URL once started."""
 
     def __init__(self, cache_folder: Path, work_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -87,6 +89,7 @@ class LiveServer:
             "IMMICH_TRT_RAPIDOCR_BASE_URL": UNREACHABLE,
             "HF_ENDPOINT": UNREACHABLE,
             "MACHINE_LEARNING_MODEL_TTL": "0",
+            "IMMICH_TRT_RUNTIME": "triton",
             **(env or {}),
         }
         self.process: subprocess.Popen | None = None
