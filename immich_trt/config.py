@@ -85,7 +85,7 @@ class Settings:
     request_threads: int = os.cpu_count() or 1  # <= 0: run inline on the event loop
     model_inter_op_threads: int = 0  # 0 = 1 on CPU, as upstream
     model_intra_op_threads: int = 0  # 0 = 2 on CPU, as upstream
-    model_arena: bool = True
+    model_arena: bool = False  # as Immich's CPU image (its pip default is true: +0.9 GB under the job mix, bench/NOTES.md)
     max_batch_size_facial_recognition: int | None = None
     max_batch_size_ocr: int = 6
     device_ids: tuple[str, ...] = ("0",)
@@ -109,6 +109,7 @@ class Settings:
     triton_instances: int = 1  # model instances per Triton model (CPU target)
     ort_spinning: bool = False  # onnxruntime intra-op threads busy-wait when idle (its default; off: bench/NOTES.md)
     cpu_scheduler: str = "cores"  # in-process runtime: "cores" (runtime/cpu.py) or "upstream" (immich-ml's threads)
+    malloc_arenas: int = 2  # glibc malloc arenas of the in-process runtime (runtime/allocator.py); 0 = glibc's default
     cpu_narrow_max_mb: float = 64.0  # models up to this size also get a one-thread session (runtime/cpu.py)
     triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
@@ -183,7 +184,7 @@ class Settings:
             request_threads=int(ml("REQUEST_THREADS") or defaults.request_threads),
             model_inter_op_threads=int(ml("MODEL_INTER_OP_THREADS") or 0),
             model_intra_op_threads=int(ml("MODEL_INTRA_OP_THREADS") or 0),
-            model_arena=_bool(ml("MODEL_ARENA") or "true"),
+            model_arena=_bool(ml("MODEL_ARENA") or "false"),
             max_batch_size_facial_recognition=_int_or_none(ml("MAX_BATCH_SIZE__FACIAL_RECOGNITION")),
             max_batch_size_ocr=_int_or_none(ml("MAX_BATCH_SIZE__OCR")) or defaults.max_batch_size_ocr,
             device_ids=tuple(_csv(ml("DEVICE_IDS") or "0")),
@@ -211,6 +212,7 @@ class Settings:
             ort_spinning=_bool(env.get("IMMICH_TRT_ORT_SPINNING") or "false"),
             cpu_scheduler=scheduler,
             cpu_narrow_max_mb=narrow_mb,
+            malloc_arenas=int(env.get("IMMICH_TRT_MALLOC_ARENAS") or defaults.malloc_arenas),
             triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),
             max_image_pixels=max_pixels,
             preprocess=preprocess,

@@ -220,3 +220,14 @@ async def test_a_failed_call_gives_its_cores_back() -> None:
         assert out and runtime.budget.free == 2
     finally:
         await runtime.stop()
+
+
+def test_malloc_arenas_are_capped_on_glibc() -> None:
+    import platform
+
+    from immich_trt.runtime.allocator import limit_malloc_arenas
+
+    assert Settings().malloc_arenas == 2 and Settings.from_env({"IMMICH_TRT_MALLOC_ARENAS": "0"}).malloc_arenas == 0
+    assert limit_malloc_arenas(0) is False  # glibc's default kept
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas(2) is True

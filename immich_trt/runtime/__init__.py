@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..config import Settings
+from .allocator import limit_malloc_arenas
 from .base import Runtime
 from .cpu import CpuPlan, usable_cores
 from .ensemble import with_ensembles
@@ -33,6 +34,8 @@ def make_runtime(settings: Settings) -> Runtime:
         from .onnxruntime import OnnxRuntime
 
         plan = cpu_plan(settings)
+        if limit_malloc_arenas(settings.malloc_arenas):
+            log.info("malloc: at most %d glibc arenas (IMMICH_TRT_MALLOC_ARENAS)", settings.malloc_arenas)
         log.info(
             "Runtime: in-process ONNX Runtime (%s); %s",
             choice.reason,
