@@ -101,6 +101,11 @@ def test_plan_from_settings() -> None:
     assert not CpuPlan(cores=1, wide_threads=1, narrow_max_bytes=10).has_narrow(1)  # one core: nothing to overlap
     assert not CpuPlan(cores=2, wide_threads=2, narrow_max_bytes=0).has_narrow(1)
     assert "at most 2 inference calls at once" in small.describe()
+    # wide sessions spin within a call only where calls mostly run alone
+    assert small.spin_within_call(has_narrow=True, latency_bound=False)
+    assert small.spin_within_call(has_narrow=False, latency_bound=True)
+    assert not small.spin_within_call(has_narrow=False, latency_bound=False)
+    assert not CpuPlan(cores=1, wide_threads=1, narrow_max_bytes=10).spin_within_call(True, True)
 
 
 def test_settings_parse_the_scheduler_and_refuse_bad_values() -> None:

@@ -31,12 +31,15 @@ class ModelSpec:
     with more items split them (see :meth:`Runtime.infer`). ``from_encoded_image``: the
     model's input is made from the request's image (:meth:`Runtime.infer_image`), so a
     runtime may do that preprocessing itself (the GPU target's ensembles).
+    ``latency_bound``: the model's calls mostly come one at a time from a waiting user
+    (a smart-search query), so a CPU runtime may spend spinning threads on its latency.
     """
 
     name: str
     onnx_path: Path
     max_batch_size: int = 0
     from_encoded_image: bool = False
+    latency_bound: bool = False
 
 
 class Runtime(ABC):

@@ -16,6 +16,11 @@ Here:
   alone is computed on every core, as fast as upstream's (measured: same images/s at
   concurrency 1, less CPU); when calls overlap, the pool threads sleep unless a core is
   idle, so overlapping calls cost about what they would on one thread each;
+- the wide session spins between the parallel sections of a call, but not after it
+  (``session.force_spinning_stop``), when its calls mostly run alone: models with a narrow
+  session, and latency-bound ones (CLIP's text encoder: one search query at a time; c=1
+  measured 22 -> 25 queries/s); the wide sessions of large image models, shared by
+  overlapping calls under Immich's job mix, never spin;
 - a model whose file is small (``IMMICH_TRT_CPU_NARROW_MAX_MB``) also has a *narrow*
   session of one thread, used when other calls are running or waiting: an ONNX Runtime
   session with one intra-op thread runs a call entirely on the calling thread, with no pool
@@ -68,6 +73,14 @@ class CpuPlan:
     def has_narrow(self, file_bytes: int) -> bool:
         """Whether a model of ``file_bytes`` gets a one-thread session as well."""
         return self.narrow_enabled and file_bytes <= self.narrow_max_bytes
+
+    def spin_within_call(self, has_narrow: bool, latency_bound: bool) -> bool:
+        """Whether a model's wide session may spin between the parallel sections of one
+        call (never after it): when its calls mostly run alone, because overlapping calls
+        go to its narrow session or because the model is latency-bound (a search query).
+        A wide session shared by overlapping calls does not spin: its spinning threads
+        would take the core of the other call."""
+        return self.cores > 1 and (has_narrow or latency_bound)
 
     def describe(self) -> str:
         """One line for the log."""

@@ -20,15 +20,23 @@ from .base import InferenceError, ModelSpec, Runtime
 from .cpu import CoreBudget, CpuPlan
 
 
-def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: bool = True, spinning: bool = True):
+def make_session(
+    path: str | Path,
+    inter_op: int = 1,
+    intra_op: int = 2,
+    arena: bool = True,
+    spinning: bool = True,
+    stop_spinning_after_run: bool = False,
+):
     """A CPU ``onnxruntime.InferenceSession`` set up as immich-ml ``OrtSession`` on CPU.
 
     ``inter_op``/``intra_op`` threads (upstream defaults 1 and 2), ``ORT_PARALLEL`` when
     ``inter_op > 1``, ``enable_cpu_mem_arena=arena`` and ``arena_extend_strategy=
     kSameAsRequested``. ``spinning=False`` stops idle intra-op threads from busy-waiting
     (``session.intra_op.allow_spinning``), which frees CPU when several models or
-    instances share the cores; results are the same. Raises onnxruntime's errors
-    (``NoSuchFile``, ``InvalidProtobuf``...).
+    instances share the cores; ``stop_spinning_after_run`` lets them spin between the
+    parallel sections of a call but not after it (``session.force_spinning_stop``).
+    Results are the same. Raises onnxruntime's errors (``NoSuchFile``, ``InvalidProtobuf``...).
     """
     import onnxruntime as ort
 
@@ -40,6 +48,8 @@ def make_session(path: str | Path, inter_op: int = 1, intra_op: int = 2, arena: 
     options.enable_cpu_mem_arena = arena
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif stop_spinning_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(
         str(path),
         sess_options=options,
@@ -85,22 +95,24 @@ class OnnxRuntime(Runtime):
         workers = plan.cores if plan is not None else max(1, threads)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
 
-    def _open(self, path: Path) -> _Sessions:
+    def _open(self, spec: ModelSpec) -> _Sessions:
         inter_op, intra_op, arena, spinning = self._opts
-        plan = self.plan
+        plan, path = self.plan, spec.onnx_path
         if plan is None:
             return _Sessions(make_session(path, inter_op, intra_op, arena, spinning))
-        wide = make_session(path, inter_op, plan.wide_threads, arena, plan.spinning)
-        narrow = None
-        if plan.has_narrow(Path(path).stat().st_size):
-            narrow = make_session(path, 1, 1, arena, False)
+        has_narrow = plan.has_narrow(Path(path).stat().st_size)
+        # the wide session of a model with a narrow one, or of a latency-bound model, mostly
+        # runs alone: its threads may spin between a call's parallel sections, never after it
+        spin = plan.spinning or plan.spin_within_call(has_narrow, spec.latency_bound)
+        wide = make_session(path, inter_op, plan.wide_threads, arena, spin, stop_spinning_after_run=not plan.spinning)
+        narrow = make_session(path, 1, 1, arena, False) if has_narrow else None
         return _Sessions(wide, narrow)
 
     async def load(self, spec: ModelSpec) -> None:
         if spec.name in self._sessions:
             return
         loop = asyncio.get_running_loop()
-        self._sessions[spec.name] = await loop.run_in_executor(self._pool, self._open, spec.onnx_path)
+        self._sessions[spec.name] = await loop.run_in_executor(self._pool, self._open, spec)
 
     async def unload(self, name: str) -> None:
         if self._sessions.pop(name, None) is not None:

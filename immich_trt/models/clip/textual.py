@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import string
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from ...runtime.base import ModelSpec
 from ..base import ModelContext, ModelLoadError
 from ..flores import WEBLATE_TO_FLORES200
 from ..registry import ModelType
@@ -46,6 +48,10 @@ class ClipTextualEncoder(_ClipModel):
     The request option ``language`` puts the FLORES-200 code in front of the text of
     NLLB models, as upstream intends (immich issue #29751); upstream never passes the
     option on, so ``IMMICH_TRT_CLIP_LANGUAGE_PREFIX=false`` reproduces it byte for byte."""
+
+    def _spec(self) -> ModelSpec:
+        # one search query at a time, a user waiting: latency counts (runtime/cpu.py)
+        return replace(super()._spec(), latency_bound=True)
 
     type = ModelType.TEXTUAL
 
