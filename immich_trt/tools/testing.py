@@ -29,7 +29,12 @@ def offline_settings(cache_folder: Path, **changes) -> Settings:
     changes.setdefault("engines_dir", Path(cache_folder) / "_engines")
     changes.setdefault("data_dir", Path(cache_folder) / "_data")
     return dataclasses.replace(
-        base, cache_folder=Path(cache_folder), rapidocr_base_url=UNREACHABLE, hf_endpoint=UNREACHABLE, **changes
+        base,
+        cache_folder=Path(cache_folder),
+        rapidocr_base_url=UNREACHABLE,
+        rapidocr_v6_base_url=UNREACHABLE,
+        hf_endpoint=UNREACHABLE,
+        **changes,
     )
 
 
@@ -85,6 +90,7 @@ class LiveServer:
             "IMMICH_TRT_ENGINES_DIR": str(Path(work_dir) / "engines"),
             "IMMICH_TRT_DATA_DIR": str(Path(work_dir) / "data"),
             "IMMICH_TRT_RAPIDOCR_BASE_URL": UNREACHABLE,
+            "IMMICH_TRT_RAPIDOCR_V6_BASE_URL": UNREACHABLE,
             "HF_ENDPOINT": UNREACHABLE,
             "MACHINE_LEARNING_MODEL_TTL": "0",
             **(env or {}),
