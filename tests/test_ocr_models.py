@@ -383,3 +383,36 @@ async def test_imported_model_through_triton_is_byte_identical_to_stock_ppocrv5(
     status, _, body = await predict(None, ocr_models_server.url, ocr_entries(IMPORTED_IMMICH), (SHARED_DATA / image).read_bytes())
     assert status == expected["status"]
     assert body.decode() == expected["body"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TensorRT-RTX's timing-cache calls
+def test_tensorrt_layouts_and_engines_of_ppocrv6_and_imported_models(ocr_models_cache, tmp_path: Path) -> None:
+    """The TensorRT builder's profiles for the new models' shapes (line height 48 read
+    from the graph or the file's processing), and real engines built from the PP-OCRv6
+    graphs with TensorRT-RTX (builds without a GPU) when it is installed."""
+    import importlib.util
+
+    from immich_trt.tools.engines import cached_specs
+    from immich_trt.tools.gpu.tensorrt import build_engine, engine_layout
+
+    cache, status = ocr_models_cache
+    ready = [name for name in ("PP-OCRv6_small", "PP-OCRv6_tiny", IMPORTED_PADDLE) if status[name] is None]
+    if not ready:
+        pytest.skip("no PP-OCRv6 or imported model in the cache: " + "; ".join(str(v) for v in status.values()))
+    settings = offline_settings(cache, engines_dir=tmp_path / "engines")
+    specs = {spec.name: spec for spec in cached_specs(settings)}
+    for name in ready:
+        det = engine_layout(specs[f"ocr__{name}__detection"], settings)
+        rec = engine_layout(specs[f"ocr__{name}__recognition"], settings)
+        assert det.family == "ocr-detection" and det.inputs[0][0] == DET_INPUT_U8 and det.max_batch_size == 4
+        assert rec.family == "ocr-recognition" and rec.max_batch_size == 8
+        assert all(p["x"].min[2] == p["x"].max[2] == 48 for p in rec.profiles)
+        assert rec.profiles[0]["x"].min == (1, 3, 48, 320)
+    if importlib.util.find_spec("tensorrt_rtx") is None or "PP-OCRv6_tiny" not in ready:
+        return
+    import tensorrt_rtx
+
+    for model_type, profiles in (("detection", 2), ("recognition", 1)):
+        layout = engine_layout(specs[f"ocr__PP-OCRv6_tiny__{model_type}"], settings)
+        plan = build_engine(layout.onnx_path, layout.profiles[:profiles], "fp32", None, 1 << 28, trt_module=tensorrt_rtx)
+        assert len(plan) > 100_000
