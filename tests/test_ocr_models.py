@@ -8,6 +8,7 @@ PP-OCRv5_mobile on every real image: same weights, so the conversion is exact.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -416,3 +417,52 @@ def test_tensorrt_layouts_and_engines_of_ppocrv6_and_imported_models(ocr_models_
         layout = engine_layout(specs[f"ocr__PP-OCRv6_tiny__{model_type}"], settings)
         plan = build_engine(layout.onnx_path, layout.profiles[:profiles], "fp32", None, 1 << 28, trt_module=tensorrt_rtx)
         assert len(plan) > 100_000
+
+
+@requires_data
+async def test_gpu_target_standin_serves_ppocrv6_and_imported_models_as_the_cpu_path(
+    ocr_models_cache, aiohttp_client, tmp_path: Path
+) -> None:
+    """``IMMICH_TRT_PREPROCESS=gpu`` on the GPU target's layout with python stand-ins
+    (``build-engines --target standin``, served by the real Triton): the OCR detection
+    ensembles of PP-OCRv6 and of an imported model (their own normalisation inside the
+    uint8 graph) answer as the CPU path on the real OCR images."""
+    from immich_trt.application import create_app
+    from immich_trt.runtime.launcher import TritonLauncher
+    from immich_trt.tools.gpu.ensemble import write_standin_repository
+
+    cache, status = ocr_models_cache
+    models = [m for m in ("PP-OCRv6_tiny", IMPORTED_PADDLE) if status[m] is None]
+    if not models:
+        pytest.skip("; ".join(str(status[m]) for m in ("PP-OCRv6_tiny", IMPORTED_PADDLE)))
+    repo = tmp_path / "repository"
+    only = [f"ocr__{m}__{t}" for m in models for t in ("detection", "recognition")]
+    written = write_standin_repository(offline_settings(cache, engines_dir=repo), repo, only=only)
+    assert sorted(written.ensembles) == sorted(f"ocr__{m}__detection__ensemble" for m in models)
+    launcher = TritonLauncher(repo, tmp_path / "triton")
+    await launcher.start()
+    try:
+        gpu = offline_settings(
+            cache, engines_dir=repo, triton_url=launcher.grpc_url, triton_protocol="grpc", preprocess="gpu",
+            sidecar=False, model_ttl=0,
+        )  # fmt: skip
+        cpu = dataclasses.replace(gpu, preprocess="cpu")
+        clients = [await aiohttp_client(create_app(s)) for s in (gpu, cpu)]
+        texts = 0
+        for model in models:
+            for image in sorted((SHARED_DATA / "ocr").glob("*"))[:8]:
+                answers = [await _ocr(client, model, image.read_bytes()) for client in clients]
+                assert answers[0] == answers[1], (model, image.name)
+                texts += len(json.loads(answers[1][1])["ocr"]["text"])
+        assert texts >= 10
+        import tritonclient.http.aio as httpclient
+
+        stats_client = httpclient.InferenceServerClient(launcher.http_url)
+        try:
+            for model in models:  # the gpu server went through the ensembles
+                stats = await stats_client.get_inference_statistics(f"ocr__{model}__detection__ensemble")
+                assert int(stats["model_stats"][0]["inference_stats"]["success"]["count"]) >= 5
+        finally:
+            await stats_client.close()
+    finally:
+        await launcher.stop()
