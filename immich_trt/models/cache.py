@@ -87,7 +87,7 @@ class ModelCache:
         async with self._create_lock:
             model = self._models.get(key)
             if model is None:
-                source, _ = resolve(name, model_type, model_task)
+                source, _ = resolve(name, model_type, model_task, self.ctx.settings.cache_folder)
                 model = self.factory(source, name, ModelType(model_type), ModelTask(model_task), self.ctx, options)
                 self._models[key] = model
             self._expires[key] = time.monotonic() + ttl if ttl > 0 else None

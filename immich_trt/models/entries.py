@@ -9,6 +9,7 @@ object belongs (``AttributeError``) are 422 ``Invalid request format.``; an unkn
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,8 +29,11 @@ class InferenceEntry:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_entries(entries: str) -> tuple[list[InferenceEntry], list[InferenceEntry]]:
+def parse_entries(
+    entries: str, cache_folder: Path | None = None
+) -> tuple[list[InferenceEntry], list[InferenceEntry]]:
     """Split the request into (entries without dependencies, entries with dependencies).
+    ``cache_folder``: the model cache, where imported OCR models are found.
 
     Raises :class:`InvalidEntries` (422) or ``ValueError``/``TypeError`` (500).
     """
@@ -42,7 +46,7 @@ def parse_entries(entries: str) -> tuple[list[InferenceEntry], list[InferenceEnt
                 parsed = InferenceEntry(
                     name=entry["modelName"], task=task, type=type_, options=entry.get("options", {})
                 )
-                _, depends = resolve(parsed.name, type_, task)
+                _, depends = resolve(parsed.name, type_, task, cache_folder)
                 (with_deps if depends else without_deps).append(parsed)
     except (orjson.JSONDecodeError, KeyError, AttributeError) as exc:
         raise InvalidEntries("Invalid request format.") from exc

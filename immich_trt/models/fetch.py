@@ -16,7 +16,7 @@ def ensure_model_files(settings: Settings, name: str, task: str, model_type: str
     :class:`~immich_trt.models.base.ModelLoadError` when the files cannot be had."""
     from . import build_model
 
-    source, _ = resolve(name, model_type, task)
+    source, _ = resolve(name, model_type, task, settings.cache_folder)
     ctx = ModelContext(settings=settings)  # prepares files only: no runtime
     model = build_model(source, name, ModelType(model_type), ModelTask(task), ctx, {})
     model._obtain()  # noqa: SLF001 - the one public way in without a runtime

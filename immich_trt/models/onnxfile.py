@@ -96,14 +96,16 @@ def load_onnx(model_file: Path):
         raise ModelLoadError(f"cannot read {model_file}: {exc}", corrupt=True) from exc
 
 
-def _stamp(source: Path) -> str:
+def _stamp(source: Path, variant: str = "") -> str:
     stat = source.stat()
-    return f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    stamp = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{stamp}|{variant}" if variant else stamp
 
 
-def save_onnx_atomic(model, dest: Path, source: Path | None = None) -> Path:
+def save_onnx_atomic(model, dest: Path, source: Path | None = None, variant: str = "") -> Path:
     """Write ``model`` to ``dest`` through a temporary file and ``os.replace``; with
-    ``source``, record which file it was derived from (see :func:`is_up_to_date`)."""
+    ``source``, record which file it was derived from, and how (``variant``: the
+    parameters of the rewrite), see :func:`is_up_to_date`."""
     import onnx
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -116,12 +118,12 @@ def save_onnx_atomic(model, dest: Path, source: Path | None = None) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     if source is not None:
-        dest.with_name(dest.name + ".source").write_text(_stamp(source), encoding="utf-8")
+        dest.with_name(dest.name + ".source").write_text(_stamp(source, variant), encoding="utf-8")
     return dest
 
 
-def is_up_to_date(derived: Path, source: Path) -> bool:
+def is_up_to_date(derived: Path, source: Path, variant: str = "") -> bool:
     """Whether ``derived`` was written from this very ``source`` file (path, size and
-    modification time recorded beside it)."""
+    modification time recorded beside it) with the same ``variant``."""
     stamp = derived.with_name(derived.name + ".source")
-    return derived.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == _stamp(source)
+    return derived.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == _stamp(source, variant)

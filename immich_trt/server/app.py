@@ -70,7 +70,7 @@ async def predict(request: web.Request) -> web.Response:
         if not isinstance(entries_field, str) or entries_field == "":
             raise HTTPError(422, MISSING_ENTRIES["detail"], "missing_entries")
         try:
-            without_deps, with_deps = parse_entries(entries_field)
+            without_deps, with_deps = parse_entries(entries_field, state.settings.cache_folder)
         except InvalidEntries as exc:
             raise HTTPError(422, str(exc), "invalid_entries") from exc
 

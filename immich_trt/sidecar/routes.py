@@ -328,7 +328,7 @@ async def _infer(call: Call, payload: Image.Image | str, entries: dict) -> tuple
     Returns (the ``/predict`` response by task, each model's raw outputs by ``(type,
     task)``). Model errors propagate as ``HTTPError`` (``load_failed``: 503 in
     :func:`_handler`)."""
-    without_deps, with_deps = parse_entries(orjson.dumps(entries).decode())
+    without_deps, with_deps = parse_entries(orjson.dumps(entries).decode(), call.app[STATE].settings.cache_folder)
     outputs: dict = {}
     response = await call.app[STATE].run_entries(payload, without_deps, with_deps, outputs)
     return response, outputs

@@ -26,7 +26,7 @@ def cached_specs(settings: Settings, only: list[str] | None = None) -> list[Mode
     for path in sorted(Path(settings.cache_folder).glob("*/*/*/model.onnx")):
         model_type, name, task = path.parent.name, path.parent.parent.name, path.parent.parent.parent.name
         try:
-            source, _ = resolve(name, model_type, task)
+            source, _ = resolve(name, model_type, task, settings.cache_folder)
         except ValueError:
             log.warning("Skipping %s: not an Immich model", path)
             continue

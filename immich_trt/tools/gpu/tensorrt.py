@@ -45,7 +45,8 @@ same rule. The OCR profiles follow the CPU path's shape buckets
   that are multiples of 32) and ``tall`` (the transpose); the server's shorter side (at most ``maxResolution``, 736 by default,
   padded 768) fits them. A shape with both sides past 2048, or one past 4096, is
   refused (``ValueError`` here, an error from Triton).
-- OCR recognition ``x`` ``[N, 3, 48, W]``: one profile per width bucket ``b``, holding
+- OCR recognition ``x`` ``[N, 3, H, W]`` (``H`` from the graph, 48 for PP-OCRv5 and
+  PP-OCRv6; 48 when the graph leaves it free): one profile per width bucket ``b``, holding
   ``W`` in ``(previous bucket, b]`` (the first from 320, the recognizer's minimum
   width; ``opt`` the bucket), plus ``(2560, 5120]`` past the ladder (``opt`` 3200).
 - Every other model has one profile: its fixed shape (CLIP ``S x S`` from the file or
@@ -277,12 +278,16 @@ def ocr_detection_profiles(input_name: str, max_batch: int, opt_batch: int = 1) 
     return tuple(profiles)
 
 
-def ocr_recognition_profiles(input_name: str, max_batch: int, opt_batch: int) -> tuple[Profile, ...]:
-    """Profiles of the recognizer's ``[N, 3, 48, W]`` input: one per
-    :data:`~immich_trt.models.ocr.REC_WIDTH_BUCKETS` width ``b`` holding ``W`` in
-    ``(previous, b]`` (from 320), then ``(2560, 5120]``; batch ``1..max_batch``."""
+def ocr_recognition_profiles(
+    input_name: str, max_batch: int, opt_batch: int, height: int | None = None
+) -> tuple[Profile, ...]:
+    """Profiles of the recognizer's ``[N, 3, H, W]`` input (``H`` = ``height``, 48 for
+    PP-OCRv5 and v6): one per :data:`~immich_trt.models.ocr.REC_WIDTH_BUCKETS` width
+    ``b`` holding ``W`` in ``(previous, b]`` (from 320), then ``(2560, 5120]``; batch
+    ``1..max_batch``."""
     from ...models.ocr import REC_HEIGHT, REC_MIN_WIDTH, REC_WIDTH_BUCKETS, bucket
 
+    height = height or REC_HEIGHT
     opt_batch = min(opt_batch, max_batch)
     profiles = []
     low = REC_MIN_WIDTH
@@ -294,9 +299,9 @@ def ocr_recognition_profiles(input_name: str, max_batch: int, opt_batch: int) ->
                 (
                     ProfileShape(
                         input_name,
-                        (1, 3, REC_HEIGHT, low),
-                        (opt_batch, 3, REC_HEIGHT, opt_width),
-                        (max_batch, 3, REC_HEIGHT, width),
+                        (1, 3, height, low),
+                        (opt_batch, 3, height, opt_width),
+                        (max_batch, 3, height, width),
                     ),
                 ),
                 covers=f"W in [{low}, {width}]",
@@ -398,6 +403,20 @@ def _batch_first_outputs(family: str, outputs: Sequence[Tensor]) -> bool:
     return all(dims and (not _static(dims[0]) or dims[0] == 1) for _, _, dims in outputs)
 
 
+def _rec_height(spec: ModelSpec, dims: Sequence[Any]) -> int:
+    """The recognizer's input height: fixed by the graph, else the processing in the
+    served file's metadata (an imported model), else Immich's 48."""
+    import onnx
+
+    from ...models.ocr import IMMICH_RECOGNITION
+    from ...models.ocr.processing import read_processing
+
+    if len(dims) == 4 and _static(dims[2]):
+        return int(dims[2])
+    model = onnx.load(str(spec.onnx_path), load_external_data=False)
+    return read_processing(model, "recognition", IMMICH_RECOGNITION).height
+
+
 def engine_layout(spec: ModelSpec, settings: Settings) -> EngineLayout:
     """The engine and Triton model for one served ONNX file (``spec`` from
     :func:`immich_trt.tools.engines.cached_specs`). Raises ``ValueError`` for a
@@ -424,7 +443,7 @@ def engine_layout(spec: ModelSpec, settings: Settings) -> EngineLayout:
         profiles = ocr_detection_profiles(inputs[0][0], engine_batch)
     elif family == "ocr-recognition":
         opt = min(settings.max_batch_size_ocr, engine_batch)
-        profiles = ocr_recognition_profiles(inputs[0][0], engine_batch, opt)
+        profiles = ocr_recognition_profiles(inputs[0][0], engine_batch, opt, _rec_height(spec, inputs[0][2]))
         preferred, delay = (opt,), BATCH_QUEUE_DELAY_US
     else:
         fill: dict[int, int] = {}
