@@ -313,7 +313,7 @@ async def test_api_key_is_required_when_set(aiohttp_client, settings) -> None:
 
 
 def test_loopback_detection() -> None:
-    from immich_trt.sidecar.routes import is_loopback
+    from immich_trt.loopback import is_loopback
 
     for address in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
         assert is_loopback(address), address

@@ -16,8 +16,9 @@ from PIL import Image
 
 from ..models.entries import InferenceEntry
 from ..web import STATE
+from ..web.access import make_access_middleware
 from .ingest import record_prediction
-from .routes import MIRROR, SIDECAR, add_routes, make_auth_middleware
+from .routes import MIRROR, PREFIX, SIDECAR, add_routes
 from .service import Sidecar
 
 log = logging.getLogger("immich_trt.sidecar")
@@ -28,7 +29,7 @@ def install(app: web.Application) -> None:
     yet started): its auth middleware and ``/v1`` routes, its lifespan, and the record
     hook when ``IMMICH_TRT_RECORD`` is on."""
     state = app[STATE]
-    app.middlewares.append(make_auth_middleware(state.settings.api_key))
+    app.middlewares.append(make_access_middleware(state.settings.api_key, PREFIX))
     add_routes(app)
     app.cleanup_ctx.append(_lifespan)
     if state.settings.record:

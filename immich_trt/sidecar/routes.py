@@ -4,13 +4,12 @@ Every route is declared once in :data:`ROUTES` with its parameters (:class:`Para
 the same declaration validates requests (clear 400s naming the field) and produces
 ``GET /v1/openapi.json`` (OpenAPI 3.0). Biometric data is private: with
 ``IMMICH_TRT_API_KEY`` set, every ``/v1`` route needs ``Authorization: Bearer <key>``
-(401 otherwise); without it, only loopback clients are served (403 otherwise).
-Request bodies and face data are never logged.
+(401 otherwise); without it, only loopback clients are served (403 otherwise); the rule
+lives in :mod:`immich_trt.web.access`, shared with the web page. Request bodies and face data are never logged.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,6 @@ from PIL import Image
 
 from .. import __version__, contract
 from ..config import Settings
-from ..loopback import is_loopback
 from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
 from ..models.transforms import ImageTooLarge, UndecodableImage
@@ -765,36 +763,7 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- auth
-
-
-def bearer_token(header: str) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (the scheme is
-    case-insensitive, RFC 7235), else None."""
-    scheme, _, token = header.partition(" ")
-    return token if scheme.lower() == "bearer" and token else None
-
-
-def make_auth_middleware(api_key: str | None):
-    """``/v1`` guard (see the module docstring). The key is compared in constant time."""
-    expected = api_key.encode() if api_key else None
-
-    @web.middleware
-    async def auth(request: web.Request, handler):
-        """Refuse a ``/v1`` request with 401 (configured key missing or wrong) or 403 (no key
-        configured, client not loopback); pass everything else to ``handler``."""
-        if request.path == PREFIX or request.path.startswith(PREFIX + "/"):
-            if expected is not None:
-                token = bearer_token(request.headers.get("Authorization", "")) or ""
-                if not hmac.compare_digest(token.encode(), expected):
-                    raise HTTPError(401, "missing or wrong API key (Authorization: Bearer <IMMICH_TRT_API_KEY>)",
-                                    "unauthorized")
-            elif not is_loopback(request.remote):
-                raise HTTPError(403, "the sidecar serves loopback clients only unless IMMICH_TRT_API_KEY is set",
-                                "forbidden")
-        return await handler(request)
-
-    return auth
+# ----------------------------------------------------------------------------- registration
 
 
 def add_routes(app: web.Application) -> None:
@@ -809,4 +778,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route(route.method, PREFIX + path, _handler(route))
 
 
-__all__ = ["MIRROR", "ROUTES", "SIDECAR", "NotFound", "add_routes", "make_auth_middleware", "openapi_document"]
+__all__ = ["MIRROR", "ROUTES", "SIDECAR", "NotFound", "add_routes", "openapi_document"]
