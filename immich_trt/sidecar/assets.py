@@ -3,7 +3,8 @@
 :func:`save_results` is the single write path of ingestion and of ``/predict``
 recording: idempotent by imohash (one ``assets`` row per content), and per (task,
 model): a task already stored for the asset is kept as it is (so person assignments of
-its faces survive a re-ingest), and only new tasks are written.
+its faces survive a re-ingest), and only new tasks are written; likewise the asset's
+thumbnail.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orjson
 
 from .errors import NotFound
 from .store import Store, from_blob, to_blob
+from .thumbnails import Thumbnail, save_asset_thumbnail
 
 
 @dataclass
@@ -55,6 +57,7 @@ class AssetResults:
     clip: tuple[str, np.ndarray] | None = None  # (model, float32[D])
     faces: tuple[str, list[FaceResult]] | None = None  # (model, faces)
     ocr: tuple[str, list[OcrLine]] | None = None  # (model, lines)
+    thumbnail: Thumbnail | None = None  # kept unless the asset has one
 
 
 @dataclass
@@ -100,6 +103,8 @@ def save_results(store: Store, results: AssetResults) -> Saved:
             "ON CONFLICT (ref) DO UPDATE SET asset = excluded.asset, filename = coalesce(excluded.filename, filename)",
             (ref, asset_id, results.filename, now),
         )
+        if results.thumbnail is not None:
+            save_asset_thumbnail(store, asset_id, results.thumbnail, now)
         done = tasks_done(store, asset_id)
         # a new ref (or a ref moved from other content) changes the mirrored refs
         changed = created or before is None or before["asset"] != asset_id or (

@@ -4,14 +4,14 @@ The requests are exactly Immich's (:mod:`immich_trt.contract` builds the ``entri
 run through the same :func:`immich_trt.models.inference.run_inference` as ``/predict``, so
 what the sidecar stores is what Immich would have received. Tasks already stored for
 the same bytes (imohash) are skipped before decoding, which makes re-ingesting a folder
-cheap and an interrupted ingest resumable.
+cheap and an interrupted ingest resumable; an asset stored before asset thumbnails
+existed is decoded once more, for its thumbnail only (:mod:`.thumbnails`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from .assets import AssetResults, FaceResult, OcrLine, find_asset, tasks_done
 from .duplicates import imohash_of
 from .errors import BadRequest
 from .service import Sidecar
+from .thumbnails import asset_thumbnail, face_thumbnail, has_asset_thumbnail
 
 #: ``(payload, entries) -> (response, raw outputs by (type, task))``
 Infer = Callable[[Image.Image, dict], Awaitable[tuple[dict[str, Any], dict[tuple, Any]]]]
@@ -31,10 +32,6 @@ Infer = Callable[[Image.Image, dict], Awaitable[tuple[dict[str, Any], dict[tuple
 Decode = Callable[[bytes], Awaitable[Image.Image]]
 #: ``(fn, *args) -> fn(*args)`` on the request executor (``ModelContext.run``).
 Run = Callable[..., Awaitable[Any]]
-
-THUMBNAIL_SIZE = 160  # px, longest side of a stored face crop
-THUMBNAIL_MARGIN = 0.25  # of the box size, added on each side
-THUMBNAIL_QUALITY = 85
 
 
 @dataclass(frozen=True)
@@ -71,21 +68,6 @@ class IngestOptions:
         return entries
 
 
-def face_thumbnail(image: Image.Image, box: tuple[float, float, float, float]) -> bytes:
-    """JPEG of the face ``box`` (x1, y1, x2, y2 pixels) widened by
-    :data:`THUMBNAIL_MARGIN` per side, clipped to the image, longest side at most
-    :data:`THUMBNAIL_SIZE` px."""
-    x1, y1, x2, y2 = box
-    mx, my = (x2 - x1) * THUMBNAIL_MARGIN, (y2 - y1) * THUMBNAIL_MARGIN
-    left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
-    right, bottom = min(image.width, int(np.ceil(x2 + mx))), min(image.height, int(np.ceil(y2 + my)))
-    crop = image.crop((left, top, max(right, left + 1), max(bottom, top + 1)))
-    crop.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    out = BytesIO()
-    crop.convert("RGB").save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
-    return out.getvalue()
-
-
 def results_from_outputs(
     image: Image.Image,
     data_size: int,
@@ -95,8 +77,11 @@ def results_from_outputs(
     models: dict[str, str],
 ) -> AssetResults:
     """Turn a ``/predict``-style response (plus the raw detector output, for landmarks)
-    into :class:`AssetResults`. ``models`` maps the tasks that ran to model names."""
-    results = AssetResults(imohash=imohash, size=data_size, width=image.width, height=image.height)
+    into :class:`AssetResults`, with the asset's thumbnail and its faces' crops.
+    ``models`` maps the tasks that ran to model names."""
+    results = AssetResults(
+        imohash=imohash, size=data_size, width=image.width, height=image.height, thumbnail=asset_thumbnail(image)
+    )
     if "clip" in response and isinstance(response["clip"], str):
         results.clip = (models["clip"], np.asarray(orjson.loads(response["clip"]), dtype=np.float32))
     faces = response.get("facial-recognition")
@@ -151,16 +136,18 @@ async def ingest_bytes(
         raise BadRequest("no task enabled (clip, faces and ocr are all off)")
     imohash = imohash_of(data)
 
-    def pending(store) -> set[str]:
+    def pending(store) -> tuple[set[str], bool]:
+        """The tasks still to run, and whether the asset lacks its thumbnail (store thread)."""
         asset = find_asset(store, imohash)
         done = tasks_done(store, asset) if asset is not None else {}
-        return {task for task, model in tasks.items() if model not in done.get(task, set())}
+        todo = {task for task, model in tasks.items() if model not in done.get(task, set())}
+        return todo, asset is None or not has_asset_thumbnail(store, asset)
 
-    todo = await sidecar.call(pending)
-    if todo:
+    todo, needs_thumbnail = await sidecar.call(pending)
+    if todo or needs_thumbnail:
         image = await decode(data)
-        response, outputs = await infer(image, options.entries(todo))
-        # face crops are cropped and JPEG-encoded here: off the event loop
+        response, outputs = await infer(image, options.entries(todo)) if todo else ({}, {})
+        # thumbnails are scaled and encoded here: off the event loop
         results = await run(results_from_outputs, image, len(data), imohash, response, outputs, tasks)
     else:
         results = AssetResults(imohash=imohash, size=len(data), width=0, height=0)

@@ -1,4 +1,5 @@
-"""The sidecar's SQLite store: assets, faces, persons, OCR lines, duplicate groups, outbox.
+"""The sidecar's SQLite store: assets, faces, persons, OCR lines, duplicate groups, outbox,
+asset thumbnails.
 
 One database file ``<IMMICH_TRT_DATA_DIR>/sidecar.db`` in WAL mode with foreign keys on.
 The schema is versioned with ``PRAGMA user_version``: :data:`MIGRATIONS` lists the steps,
@@ -155,6 +156,18 @@ MIGRATIONS: list[str] = [
         UNIQUE (entity, entity_id)
     );
     """,
+    # 2: asset thumbnails for the web page (immich_trt/sidecar/thumbnails.py)
+    """
+    CREATE TABLE asset_thumbnails (
+        asset INTEGER PRIMARY KEY REFERENCES assets(id) ON DELETE CASCADE,
+        width INTEGER NOT NULL,                -- pixels of the thumbnail
+        height INTEGER NOT NULL,
+        data BLOB NOT NULL,                    -- WebP, longest side <= 256 px, the models' pixel frame
+        created_at REAL NOT NULL
+    );
+    -- hidden assets are read by every search and by the status counts: no table scan
+    CREATE INDEX assets_hidden ON assets(hidden) WHERE hidden = 1;
+    """,
 ]
 
 
@@ -298,6 +311,17 @@ class Store:
             table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             for table in ("assets", "faces", "persons", "ocr_lines", "duplicate_groups", "outbox")
         }
+
+    def ingest_counts(self) -> dict[str, int]:
+        """What ingestion stored: assets per task (``"clip"``, ``"faces"``, ``"ocr"``:
+        assets on which the task ran with any model), ``"hidden"`` assets (hidden by a
+        duplicate resolution) and assets with a ``"thumbnail"``."""
+        counts = {"clip": 0, "faces": 0, "ocr": 0}
+        for task, n in self.conn.execute("SELECT task, count(DISTINCT asset) FROM asset_tasks GROUP BY task"):
+            counts[task] = n
+        counts["hidden"] = self.conn.execute("SELECT count(*) FROM assets WHERE hidden = 1").fetchone()[0]
+        counts["thumbnail"] = self.conn.execute("SELECT count(*) FROM asset_thumbnails").fetchone()[0]
+        return counts
 
     def close(self) -> None:
         self.conn.close()
