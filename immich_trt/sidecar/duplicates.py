@@ -252,20 +252,39 @@ def get_group(store: Store, group_id: int) -> dict[str, Any]:
     return _group_dicts(store, [row])[0]
 
 
-def list_groups(store: Store, offset: int = 0, limit: int = 50, include_resolved: bool = False) -> dict[str, Any]:
-    """A page of duplicate groups, by id.
+def list_groups(
+    store: Store,
+    offset: int = 0,
+    limit: int = 50,
+    include_resolved: bool = False,
+    kind: str | None = None,
+    asset_id: int | None = None,
+) -> dict[str, Any]:
+    """A page of duplicate groups, by id; only groups of ``kind`` ('exact' | 'near')
+    and only groups holding asset ``asset_id`` when given.
 
     Returns ``{"total", "items": [{"id", "kind": "exact" | "near", "resolved": bool,
     "resolvedAt" / "createdAt" (unix seconds or None), "keeper": asset id or None,
     "suggestedKeeper": asset id, "members": [summary + "similarity"]}]}``; members are
     ordered as keeper candidates (largest width * height, then larger size in bytes,
     then lowest id), so ``suggestedKeeper`` is the first. Raises :class:`BadRequest` for
-    a negative offset or a limit outside 1..1000."""
+    a negative offset, a limit outside 1..1000 or an unknown kind."""
     offset, limit = check_offset(offset), check_k(limit, "limit")
-    where = "" if include_resolved else " WHERE resolved_at IS NULL"
-    total = store.conn.execute(f"SELECT count(*) FROM duplicate_groups{where}").fetchone()[0]
+    conditions, args = [], []
+    if not include_resolved:
+        conditions.append("resolved_at IS NULL")
+    if kind is not None:
+        if kind not in ("exact", "near"):
+            raise BadRequest(f"kind must be 'exact' or 'near', got {kind!r}")
+        conditions.append("kind = ?")
+        args.append(kind)
+    if asset_id is not None:
+        conditions.append("id IN (SELECT grp FROM duplicate_members WHERE asset = ?)")
+        args.append(int(asset_id))
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    total = store.conn.execute(f"SELECT count(*) FROM duplicate_groups{where}", args).fetchone()[0]
     rows = store.conn.execute(
-        f"SELECT {_GROUP_COLUMNS} FROM duplicate_groups{where} ORDER BY id LIMIT ? OFFSET ?", (limit, offset)
+        f"SELECT {_GROUP_COLUMNS} FROM duplicate_groups{where} ORDER BY id LIMIT ? OFFSET ?", (*args, limit, offset)
     ).fetchall()
     return {"total": total, "items": _group_dicts(store, rows)}
 

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadRequest, NotFound
+from .search import like_pattern
 from .store import Store, from_blob
 from .vectors import VectorIndex
 
@@ -417,19 +418,40 @@ def _page(offset: Any, limit: Any) -> tuple[int, int]:
 # ---------------------------------------------------------------- reads
 
 
-def list_persons(store: Store, offset: int = 0, limit: int = 50, with_hidden: bool = False) -> dict[str, Any]:
+def list_persons(
+    store: Store, offset: int = 0, limit: int = 50, with_hidden: bool = False, name: str | None = None
+) -> dict[str, Any]:
     """A page of persons, most faces first (then by id): ``{"total": int, "items":
     [person]}`` with person = ``{"id", "name", "nameSource" ('user' | 'import' | None),
     "faceCount", "assetCount", "representativeFaceId", "createdAt", "updatedAt"}``
     (unix seconds). Persons without faces (named ones) are listed. Unless
-    ``with_hidden``, persons whose faces all lie on hidden assets are left out.
-    Raises :class:`BadRequest` for a bad page (``limit`` 1..:data:`MAX_PAGE`)."""
+    ``with_hidden``, persons whose faces all lie on hidden assets are left out. ``name``
+    keeps the persons whose name contains it (case-insensitive for ASCII letters, as
+    SQLite's ``LIKE``). Raises :class:`BadRequest` for a bad page (``limit``
+    1..:data:`MAX_PAGE`)."""
     offset, limit = _page(offset, limit)
     having = "" if with_hidden else " HAVING face_count = 0 OR visible_faces > 0"
-    grouped = f"{_PERSON_SELECT} GROUP BY p.id{having}"
-    total = store.conn.execute(f"SELECT count(*) FROM ({grouped})").fetchone()[0]
-    rows = store.conn.execute(f"{grouped} ORDER BY face_count DESC, p.id LIMIT ? OFFSET ?", (limit, offset))
+    where, args = "", []
+    if name is not None and name.strip():
+        where, args = " WHERE p.name LIKE ? ESCAPE '\\'", [like_pattern(name.strip())]
+    grouped = f"{_PERSON_SELECT}{where} GROUP BY p.id{having}"
+    total = store.conn.execute(f"SELECT count(*) FROM ({grouped})", args).fetchone()[0]
+    rows = store.conn.execute(f"{grouped} ORDER BY face_count DESC, p.id LIMIT ? OFFSET ?", (*args, limit, offset))
     return {"total": total, "items": [_person_dict(r) for r in rows]}
+
+
+def person_faces(store: Store, person_id: int, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+    """A page of one person's faces, best detector score first (then by id): ``{"total":
+    int, "items": [face]}`` (see :func:`face_dict`). Raises :class:`NotFound` for an
+    unknown person, :class:`BadRequest` for a bad page."""
+    offset, limit = _page(offset, limit)
+    person = _require_person(store, person_id)
+    total = store.conn.execute("SELECT count(*) FROM faces WHERE person = ?", (person["id"],)).fetchone()[0]
+    rows = store.conn.execute(
+        f"SELECT {_FACE_COLUMNS} FROM faces WHERE person = ? ORDER BY score DESC, id LIMIT ? OFFSET ?",
+        (person["id"], limit, offset),
+    )
+    return {"total": total, "items": [face_dict(r) for r in rows]}
 
 
 def get_person(store: Store, person_id: int, sample: int = 12) -> dict[str, Any]:

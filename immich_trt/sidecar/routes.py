@@ -27,7 +27,7 @@ from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
 from ..models.transforms import ImageTooLarge, UndecodableImage
 from ..web import STATE, HTTPError, json_response, read_form
-from . import duplicates, persons, search
+from . import duplicates, persons, search, thumbnails
 from .duplicates import imohash_of
 from .errors import BadRequest, NotFound, SidecarError
 from .images import decode_upload
@@ -201,11 +201,13 @@ class Route:
 
 @dataclass
 class Call:
-    """A validated request: ``args`` by parameter name, ``sidecar``, ``app``."""
+    """A validated request: ``args`` by parameter name, ``sidecar``, ``app``, and the
+    ``request`` itself (for conditional requests)."""
 
     args: dict[str, Any]
     sidecar: Sidecar
     app: web.Application = field(repr=False)
+    request: web.Request | None = field(default=None, repr=False)
 
     @property
     def settings(self) -> Settings:
@@ -279,7 +281,7 @@ def _handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
         try:
             args = await _read_args(request, route)
             sidecar = request.app[SIDECAR]
-            call = Call(args, sidecar, request.app)
+            call = Call(args, sidecar, request.app, request)
             result = await route.handler(call)
             if route.method != "GET":
                 sidecar.changed()
@@ -430,10 +432,11 @@ async def cluster(call: Call) -> dict:
 
 
 async def list_persons(call: Call) -> dict:
-    """``GET /v1/persons?offset&limit``: a page of persons, most faces first, leaving out
-    persons whose faces all lie on hidden assets. Answers 200 ``{"total", "items":
-    [person]}``; 400 for a bad page."""
-    return await call.sidecar.call(persons.list_persons, offset=call.args["offset"], limit=call.args["limit"])
+    """``GET /v1/persons?offset&limit&name``: a page of persons, most faces first, leaving out
+    persons whose faces all lie on hidden assets (only those whose name contains ``name``,
+    when given). Answers 200 ``{"total", "items": [person]}``; 400 for a bad page."""
+    a = call.args
+    return await call.sidecar.call(persons.list_persons, offset=a["offset"], limit=a["limit"], name=a["name"])
 
 
 async def get_person(call: Call) -> dict:
@@ -490,6 +493,46 @@ async def person_thumbnail(call: Call) -> web.Response:
     person or one without a thumbnail."""
     jpeg = await call.sidecar.call(persons.person_thumbnail, call.args["id"])
     return web.Response(body=jpeg, content_type="image/jpeg")
+
+
+async def person_faces(call: Call) -> dict:
+    """``GET /v1/persons/{id}/faces?offset&limit``: a page of the person's faces, best
+    detector score first. Answers 200 ``{"total", "items": [face]}``; 404 for an unknown
+    person, 400 for a bad page."""
+    a = call.args
+    return await call.sidecar.call(persons.person_faces, a["id"], a["offset"], a["limit"])
+
+
+#: Thumbnails never change under their id; a day in the browser's private cache, then a
+#: cheap revalidation (ETag) in case the store was replaced by another one.
+THUMBNAIL_CACHE_CONTROL = "private, max-age=86400"
+
+
+def _picture(call: Call, body: bytes, media_type: str, etag: str) -> web.Response:
+    """A thumbnail response with :data:`THUMBNAIL_CACHE_CONTROL` and ``etag``; 304 without
+    a body when the request's ``If-None-Match`` names it."""
+    headers = {"Cache-Control": THUMBNAIL_CACHE_CONTROL, "ETag": etag}
+    request = call.request
+    if request is not None and etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=media_type, headers=headers)
+
+
+async def asset_thumbnail(call: Call) -> web.Response:
+    """``GET /v1/assets/{id}/thumbnail``: the asset's stored thumbnail (WebP, longest side
+    at most 256 px, the pixel frame of the face boxes and OCR polygons), with caching
+    headers. Answers 200 ``image/webp`` (304 for a matching ``If-None-Match``); 404 for
+    an unknown asset or one ingested before thumbnails existed."""
+    data, imohash = await call.sidecar.call(thumbnails.read_asset_thumbnail, call.args["id"])
+    return _picture(call, data, thumbnails.ASSET_MEDIA_TYPE, f'"{imohash}"')
+
+
+async def face_thumbnail(call: Call) -> web.Response:
+    """``GET /v1/faces/{id}/thumbnail``: the stored crop of the face (JPEG, longest side at
+    most 160 px), with caching headers. Answers 200 ``image/jpeg`` (304 for a matching
+    ``If-None-Match``); 404 for an unknown face or one without a crop."""
+    data, imohash = await call.sidecar.call(thumbnails.read_face_thumbnail, call.args["id"])
+    return _picture(call, data, thumbnails.FACE_MEDIA_TYPE, f'"{imohash}-{call.args["id"]}"')
 
 
 async def search_face(call: Call) -> dict:
@@ -581,11 +624,14 @@ async def duplicates_find(call: Call) -> dict:
 
 
 async def duplicates_groups(call: Call) -> dict:
-    """``GET /v1/duplicates/groups?offset&limit&includeResolved``: a page of duplicate groups by
-    id, members ordered as keeper candidates, with the suggested keeper. Answers 200
-    ``{"total", "items": [group]}``; 400 for a bad page."""
+    """``GET /v1/duplicates/groups?offset&limit&includeResolved&kind&assetId``: a page of
+    duplicate groups by id (only ``kind`` 'exact' or 'near', only those holding asset
+    ``assetId``, when given), members ordered as keeper candidates, with the suggested
+    keeper. Answers 200 ``{"total", "items": [group]}``; 400 for a bad page."""
     a = call.args
-    return await call.sidecar.call(duplicates.list_groups, a["offset"], a["limit"], a["includeResolved"])
+    return await call.sidecar.call(
+        duplicates.list_groups, a["offset"], a["limit"], a["includeResolved"], a["kind"], a["assetId"]
+    )
 
 
 async def duplicates_resolve(call: Call) -> dict:
@@ -606,10 +652,13 @@ async def openapi(call: Call) -> dict:
 
 async def status(call: Call) -> dict:
     """``GET /v1/status``: the store's row counts (assets, faces, persons, OCR lines,
-    duplicate groups, outbox), its schema version, the OpenSearch mirror's status (null
-    without a mirror) and ``"testPack"``: the names of loaded models whose files are
-    test-pack placeholders (``immich-trt models make-test-pack``; ``[]`` when none).
-    Answers 200."""
+    duplicate groups, outbox), its schema version, what ingestion stored (``"ingested"``:
+    assets per task, hidden assets, assets with a thumbnail), the runtime (``"runtime"``:
+    ``{"name": "triton" | "onnxruntime", "tritonUrl": the external server or None for the
+    launched one, "ready": bool}``), the loaded models (``"models"``: ``[{"name", "task",
+    "type"}]``), the OpenSearch mirror's status (null without a mirror) and
+    ``"testPack"``: the names of loaded models whose files are test-pack placeholders
+    (``immich-trt models make-test-pack``; ``[]`` when none). Answers 200."""
     def counts(store) -> dict:
         """The store's row counts and schema version, keyed as the response (store thread)."""
         rows = store.counts()
@@ -621,15 +670,27 @@ async def status(call: Call) -> dict:
             "duplicateGroups": rows["duplicate_groups"],
             "outbox": rows["outbox"],
             "schemaVersion": store.version,
+            "ingested": store.ingest_counts(),
         }
 
     result = await call.sidecar.call(counts)
+    state = call.app[STATE]
+    settings = state.settings
+    result["runtime"] = {
+        "name": settings.runtime,
+        "tritonUrl": settings.triton_url if settings.runtime == "triton" else None,
+        "ready": await state.runtime.ready(),
+    }
+    models = state.cache.models if state.cache is not None else []
+    result["models"] = sorted(
+        ({"name": m.model_name, "task": str(m.task), "type": str(m.type)} for m in models if m.loaded),
+        key=lambda m: (m["task"], m["type"], m["name"]),
+    )
     mirror = call.app.get(MIRROR)
     result["opensearch"] = mirror.status() if mirror is not None else None
     cache = call.app[STATE].cache
     result["testPack"] = cache.test_pack_models() if cache is not None else []
     return result
-
 
 
 _TEXT_QUERY = Param(
@@ -653,6 +714,8 @@ ROUTES: tuple[Route, ...] = (
               Param("ocrModel", str, enum=OCR_NAMES, description=f"default {contract.OCR_MODEL}"),
               _FACE_MIN_SCORE,
           )),
+    Route("GET", "/assets/{id}/thumbnail", asset_thumbnail, "The asset's stored thumbnail (WebP, <= 256 px)",
+          path_params=(_id(),), produces=thumbnails.ASSET_MEDIA_TYPE),
     Route("GET", "/assets/{ref}", get_asset,
           "An asset by its ref (caller's assetId or path), its asset id or its imohash, with faces and OCR lines",
           path_params=(Param("ref", str, required=True, max_length=1024),)),
@@ -663,7 +726,8 @@ ROUTES: tuple[Route, ...] = (
               Param("maxDistance", float, minimum=0.0, exclusive_minimum=True, maximum=2.0, nullable=True,
                     description="cosine distance"),
           )),
-    Route("GET", "/persons", list_persons, "Persons with face counts, largest first", params=(OFFSET, LIMIT)),
+    Route("GET", "/persons", list_persons, "Persons with face counts, largest first",
+          params=(OFFSET, LIMIT, Param("name", str, max_length=200, description="name contains (case-insensitive)"))),
     Route("GET", "/persons/{id}", get_person, "A person with sample faces",
           params=(Param("sample", int, default=12, minimum=0, maximum=500),), path_params=(_id(),)),
     Route("POST", "/persons/{id}/name", name_person, "Name a person (empty string clears the name)",
@@ -680,6 +744,10 @@ ROUTES: tuple[Route, ...] = (
           path_params=(_id(),)),
     Route("GET", "/persons/{id}/thumbnail", person_thumbnail, "The person's representative face (JPEG)",
           path_params=(_id(),), produces="image/jpeg"),
+    Route("GET", "/persons/{id}/faces", person_faces, "A page of the person's faces, best first",
+          params=(OFFSET, LIMIT), path_params=(_id(),)),
+    Route("GET", "/faces/{id}/thumbnail", face_thumbnail, "The face's stored crop (JPEG, <= 160 px)",
+          path_params=(_id(),), produces=thumbnails.FACE_MEDIA_TYPE),
     Route("POST", "/search/face", search_face, "Faces in an image and their nearest stored faces and persons",
           body="multipart", params=(Param("image", "image", required=True), K, MIN_SIM,
                                     Param("model", str, enum=FACE_NAMES), _FACE_MIN_SCORE)),
@@ -700,7 +768,9 @@ ROUTES: tuple[Route, ...] = (
                                      nullable=True,
                                      description="CLIP cosine similarity, default IMMICH_TRT_DUPLICATE_THRESHOLD"),)),
     Route("GET", "/duplicates/groups", duplicates_groups, "Duplicate groups with the suggested keeper",
-          params=(OFFSET, LIMIT, Param("includeResolved", bool, default=False))),
+          params=(OFFSET, LIMIT, Param("includeResolved", bool, default=False),
+                  Param("kind", str, enum=("exact", "near"), description="only groups of this kind"),
+                  Param("assetId", int, minimum=1, maximum=MAX_INT, description="only groups holding this asset"))),
     Route("POST", "/duplicates/resolve", duplicates_resolve, "Keep one asset of a group and hide the others",
           body="json", params=(_id("groupId"), Param("keep", int, minimum=1, maximum=MAX_INT, nullable=True),
                                Param("undo", bool, default=False, description="undo the group's resolution"))),
@@ -746,9 +816,9 @@ def openapi_document() -> dict[str, Any]:
         if parameters:
             op["parameters"] = parameters
         ok = (
-            {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
-            if route.produces == "image/jpeg"
-            else {"application/json": {"schema": {"type": "object"}}}
+            {"application/json": {"schema": {"type": "object"}}}
+            if route.produces == "application/json"
+            else {route.produces: {"schema": {"type": "string", "format": "binary"}}}
         )
         op["responses"] = {"200": {"description": "OK", "content": ok}} | {
             code: {"description": text, "content": error} for code, text in _ERRORS.items()
