@@ -23,6 +23,7 @@ from immich_trt.application import create_app
 from immich_trt.sidecar import store as store_module
 from immich_trt.sidecar.assets import AssetResults, save_results
 from immich_trt.sidecar.duplicates import imohash_of
+from immich_trt.sidecar.folder import ingest_folder
 from immich_trt.sidecar.store import Store
 from immich_trt.sidecar.thumbnails import ASSET_SIZE
 from immich_trt.tools.testing import offline_settings
@@ -180,9 +181,31 @@ async def test_a_store_from_before_thumbnails_is_migrated_and_backfilled_by_rein
     missing = await client.get("/v1/assets/1/thumbnail")
     assert missing.status == 404 and "ingest its file again" in (await missing.json())["detail"]
 
+    assert (await ok(await client.get("/v1/assets/1")))["thumbnail"] is False
     again = await ok(await client.post("/v1/ingest", data=ingest_form(data, assetId="old-one", faces=False, ocr=False)))
     assert again["created"] is False and again["ran"] == [] and again["skipped"] == ["clip"]
     thumbnail = await client.get("/v1/assets/1/thumbnail")
     assert thumbnail.status == 200
     assert Image.open(io.BytesIO(await thumbnail.read())).size == (256, 171)
+    assert (await ok(await client.get("/v1/assets/1")))["thumbnail"] is True
     assert (await ok(await client.get("/v1/status")))["ingested"]["thumbnail"] == 1
+
+
+async def test_folder_ingest_sends_files_again_only_for_a_missing_thumbnail(aiohttp_client, settings, tmp_path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(gradient(300, 200), "PNG"))
+    (folder / "b.png").write_bytes(encode(gradient(200, 300), "PNG"))
+    client = await aiohttp_client(create_app(settings))
+    url = str(client.server.make_url("")).rstrip("/")
+    first = await ingest_folder(url, folder, faces=False, ocr=False, progress=False)
+    assert (first.ingested, first.skipped, first.failed) == (2, 0, 0)
+    second = await ingest_folder(url, folder, faces=False, ocr=False, progress=False)
+    assert (second.ingested, second.skipped) == (0, 2)
+    # as if "a" were stored by a version without thumbnails: the next run sends it again
+    sqlite3.connect(settings.data_dir / "sidecar.db", isolation_level=None).execute(
+        "DELETE FROM asset_thumbnails WHERE asset = 1"
+    )
+    third = await ingest_folder(url, folder, faces=False, ocr=False, progress=False)
+    assert (third.ingested, third.skipped, third.failed) == (1, 1, 0)
+    assert (await client.get("/v1/assets/1/thumbnail")).status == 200

@@ -1,8 +1,9 @@
 """``immich-trt ingest DIR``: ingest a whole folder through a running server's ``/v1/ingest``.
 
 Files are hashed locally (imohash reads three 16 KiB samples, so this is cheap) and a
-file whose content already has every requested task stored is skipped without
-uploading: an interrupted run resumes where it stopped. Uploads run with bounded
+file whose content already has every requested task (and its thumbnail) stored is
+skipped without uploading: an interrupted run resumes where it stopped, and a run over
+a library ingested before thumbnails existed makes them. Uploads run with bounded
 concurrency; transient failures (connection errors, 5xx) are retried with backoff.
 
 A file the server refuses (4xx: undecodable, too large) is reported once and remembered
@@ -190,7 +191,11 @@ async def ingest_folder(
                             asset = orjson.loads(await response.read())
                             done = asset.get("tasks", {})
                             ref_known = key in asset.get("refs", [])
-                            if ref_known and all(model in done.get(task, []) for task, model in wanted.items()):
+                            # an asset stored before thumbnails existed is sent again for one
+                            complete = asset.get("thumbnail", True) and all(
+                                model in done.get(task, []) for task, model in wanted.items()
+                            )
+                            if ref_known and complete:
                                 report.skipped += 1
                                 failed_files.forget(key)
                                 return

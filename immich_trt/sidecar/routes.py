@@ -398,7 +398,8 @@ async def get_asset(call: Call) -> dict:
     percent-encoded or as it is (``/v1/assets//home/ada/a.jpg``).
 
     Answers 200 with its summary plus ``"tasks"`` (``{task: [model]}``), ``"faces"`` (by
-    face id) and ``"ocr"`` (lines by model and position); 404 for an unknown ref."""
+    face id), ``"ocr"`` (lines by model and position) and ``"thumbnail"`` (whether one is
+    stored); 404 for an unknown ref."""
     from .assets import asset_ocr_lines, asset_summary, resolve_ref, tasks_done
 
     def read(store):
@@ -408,6 +409,7 @@ async def get_asset(call: Call) -> dict:
         summary["tasks"] = {task: sorted(models) for task, models in tasks_done(store, asset_id).items()}
         summary["faces"] = persons.asset_faces(store, asset_id)
         summary["ocr"] = asset_ocr_lines(store, asset_id)
+        summary["thumbnail"] = thumbnails.has_asset_thumbnail(store, asset_id)
         return summary
 
     return await call.sidecar.call(read)
