@@ -120,6 +120,7 @@ class Settings:
     trt_precision: str = "fp16"  # TensorRT engines: "fp16", "fp32" or "int8"
     # ---- sidecar (immich_trt/sidecar) ----
     sidecar: bool = True  # serve the /v1 routes
+    ui: bool = True  # serve the web page (/ui) with the sidecar
     data_dir: Path = Path("~/.local/share/immich_trt").expanduser()  # SQLite store
     api_key: str | None = None  # /v1 needs "Authorization: Bearer <key>"; None = loopback clients only
     record: bool = False  # store the results of /predict calls, keyed by the image's imohash
@@ -222,6 +223,7 @@ class Settings:
             preprocess=preprocess,
             trt_precision=precision,
             sidecar=_bool(env.get("IMMICH_TRT_SIDECAR") or "true"),
+            ui=_bool(env.get("IMMICH_TRT_UI") or "true"),
             data_dir=Path(env.get("IMMICH_TRT_DATA_DIR") or defaults.data_dir).expanduser(),
             api_key=env.get("IMMICH_TRT_API_KEY") or None,
             record=_bool(env.get("IMMICH_TRT_RECORD") or "false"),
