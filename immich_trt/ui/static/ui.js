@@ -125,10 +125,11 @@ async function load(element) {
       return;
     }
   }
+  element.addEventListener("load", () => { element.dataset.loaded = "true"; }, { once: true });
+  element.addEventListener("error", () => element.classList.add("missing"), { once: true });
   if (element instanceof SVGImageElement) {
     element.setAttribute("href", url);
   } else {
-    element.addEventListener("error", () => element.classList.add("missing"), { once: true });
     if (url.startsWith("blob:")) element.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
     element.src = url;
   }
