@@ -71,10 +71,9 @@ _FACE_COLUMNS = "id, asset, model, x1, y1, x2, y2, score, person, assigned"
 _PERSON_SELECT = """
     SELECT p.id, p.name, p.name_source, p.representative_face, p.created_at, p.updated_at,
            count(f.id) AS face_count, count(DISTINCT f.asset) AS asset_count,
-           coalesce(sum(a.hidden = 0), 0) AS visible_faces
+           count(f.id) - coalesce(sum(f.asset IN (SELECT id FROM assets WHERE hidden = 1)), 0) AS visible_faces
     FROM persons p
     LEFT JOIN faces f ON f.person = p.id
-    LEFT JOIN assets a ON a.id = f.asset
 """
 
 
@@ -435,8 +434,15 @@ def list_persons(
     if name is not None and name.strip():
         where, args = " WHERE p.name LIKE ? ESCAPE '\\'", [like_pattern(name.strip())]
     grouped = f"{_PERSON_SELECT}{where} GROUP BY p.id{having}"
-    total = store.conn.execute(f"SELECT count(*) FROM ({grouped})", args).fetchone()[0]
-    rows = store.conn.execute(f"{grouped} ORDER BY face_count DESC, p.id LIMIT ? OFFSET ?", (*args, limit, offset))
+    # one pass over the faces index: the total rides along with the page (window count)
+    rows = store.conn.execute(
+        f"SELECT *, count(*) OVER () AS total FROM ({grouped}) ORDER BY face_count DESC, id LIMIT ? OFFSET ?",
+        (*args, limit, offset),
+    ).fetchall()
+    if rows:
+        total = rows[0]["total"]
+    else:  # a page past the end
+        total = store.conn.execute(f"SELECT count(*) FROM ({grouped})", args).fetchone()[0]
     return {"total": total, "items": [_person_dict(r) for r in rows]}
 
 

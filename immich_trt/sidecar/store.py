@@ -156,7 +156,8 @@ MIGRATIONS: list[str] = [
         UNIQUE (entity, entity_id)
     );
     """,
-    # 2: asset thumbnails for the web page (immich_trt/sidecar/thumbnails.py)
+    # 2: asset thumbnails for the web page (immich_trt/sidecar/thumbnails.py), and indexes
+    # that keep its pages fast on large stores
     """
     CREATE TABLE asset_thumbnails (
         asset INTEGER PRIMARY KEY REFERENCES assets(id) ON DELETE CASCADE,
@@ -167,6 +168,10 @@ MIGRATIONS: list[str] = [
     );
     -- hidden assets are read by every search and by the status counts: no table scan
     CREATE INDEX assets_hidden ON assets(hidden) WHERE hidden = 1;
+    -- a person's faces best first, and the persons' face and asset counts, from the index
+    -- alone (face rows hold embeddings and crops: a scan of them reads the whole table)
+    DROP INDEX faces_person;
+    CREATE INDEX faces_person ON faces(person, score DESC, asset);
     """,
 ]
 
