@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import load_bench_script
 from immich_trt.tools.demo import serve_demo_library
 from immich_trt.tools.screenshots import (
     CHROMIUM,
@@ -469,3 +470,26 @@ def test_screenshots_of_every_page(browser, library, tmp_path: Path) -> None:
         assert len(image.getcolors(256) or []) > 8, path  # not a blank page
     names = {p["name"] for p in library.call("/v1/persons")["items"]}
     assert names == {"Ada", "Bob", "Cyd"} and library.call("/v1/faces/unassigned")["total"] == 1
+
+
+# ----------------------------------------------------------------------------- a large store
+
+
+def test_pages_stay_paged_on_a_large_store(browser, model_cache: Path, tmp_path: Path) -> None:
+    """bench/ui_scale.py (50 000 assets, 200 000 faces: bench/2026-12-06-ui-scale/) at a
+    CI size still larger than every page: no list reaching the browser is longer than
+    its page, no console error, every page filled."""
+    scale = load_bench_script("ui_scale")
+    facts, _, rows, calls = scale.measure(browser, model_cache, tmp_path, assets=2_000, faces=8_000, persons=400,
+                                          repeat=1)
+    assert facts["persons"] > 60 and len(rows) == len(scale.page_paths(facts))
+    for row in rows:
+        assert row["errors"] == [] and row["oversized"] == [], row
+        assert row["calls"], row["label"]  # the page did fetch its data
+    by_label = {row["label"]: row for row in rows}
+    assert by_label["people, first page"]["largest"][0] == 60
+    assert by_label["unassigned faces"]["largest"][0] == 100
+    assert by_label["largest person"]["largest"][0] == 100
+    assert by_label["duplicates"]["largest"][0] == 20
+    assert by_label["search OCR 'invoice'"]["largest"][0] == 48
+    assert all(seconds < 5 for seconds in calls.values()), calls
