@@ -81,8 +81,9 @@ export async function api(path, { method = "GET", json, form, as = "json" } = {}
     }
     const response = await fetch(`/v1${path}`, { method, headers, body });
     if (response.status === 401 && AUTH === "key") {
-      forgetKey();
-      await askKey("That key was refused. Enter the server's IMMICH_TRT_API_KEY.");
+      // forget the key only if it is still the one refused (calls in flight may answer late)
+      if (storedKey() === key) forgetKey();
+      if (storedKey() === null) await askKey("That key was refused. Enter the server's IMMICH_TRT_API_KEY.");
       continue;
     }
     if (!response.ok) {
