@@ -128,7 +128,8 @@ async def test_asset_by_numeric_id_and_duplicate_groups_by_kind_and_asset(client
 
 async def test_status_reports_runtime_models_and_ingest_counts(client) -> None:
     empty = await ok(await client.get("/v1/status"))
-    assert empty["runtime"] == {"name": "onnxruntime", "tritonUrl": None, "ready": True}
+    assert empty["runtime"] == {"name": "onnxruntime", "reason": "IMMICH_TRT_RUNTIME=onnxruntime", "tritonUrl": None,
+                                "ready": True}
     assert empty["models"] == [] and empty["schemaVersion"] == len(store_module.MIGRATIONS)
     assert empty["ingested"] == {"clip": 0, "faces": 0, "ocr": 0, "hidden": 0, "thumbnail": 0}
     await ok(await client.post("/v1/ingest", data=ingest_form(faces_image([(96, 96)]), ocr=False)))

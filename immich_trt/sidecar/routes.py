@@ -26,6 +26,7 @@ from ..config import Settings
 from ..models.entries import parse_entries
 from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS, PADDLE_MODELS
 from ..models.transforms import ImageTooLarge, UndecodableImage
+from ..runtime.select import choose_runtime
 from ..web import STATE, HTTPError, json_response, read_form
 from . import duplicates, persons, search, thumbnails
 from .duplicates import imohash_of
@@ -656,8 +657,8 @@ async def status(call: Call) -> dict:
     """``GET /v1/status``: the store's row counts (assets, faces, persons, OCR lines,
     duplicate groups, outbox), its schema version, what ingestion stored (``"ingested"``:
     assets per task, hidden assets, assets with a thumbnail), the runtime (``"runtime"``:
-    ``{"name": "triton" | "onnxruntime", "tritonUrl": the external server or None for the
-    launched one, "ready": bool}``), the loaded models (``"models"``: ``[{"name", "task",
+    ``{"name": "triton" | "onnxruntime", "reason": why it serves, "tritonUrl": the
+    external server or None for the launched one, "ready": bool}``), the loaded models (``"models"``: ``[{"name", "task",
     "type"}]``), the OpenSearch mirror's status (null without a mirror) and
     ``"testPack"``: the names of loaded models whose files are test-pack placeholders
     (``immich-trt models make-test-pack``; ``[]`` when none). Answers 200."""
@@ -678,9 +679,11 @@ async def status(call: Call) -> dict:
     result = await call.sidecar.call(counts)
     state = call.app[STATE]
     settings = state.settings
+    choice = choose_runtime(settings)
     result["runtime"] = {
-        "name": settings.runtime,
-        "tritonUrl": settings.triton_url if settings.runtime == "triton" else None,
+        "name": choice.name,
+        "reason": choice.reason,
+        "tritonUrl": settings.triton_url if choice.name == "triton" else None,
         "ready": await state.runtime.ready(),
     }
     models = state.cache.models if state.cache is not None else []

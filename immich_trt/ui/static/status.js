@@ -12,6 +12,7 @@ function render(status) {
   const runtime = status.runtime ?? {};
   fill(document.getElementById("runtime"), {
     name: runtime.name === "onnxruntime" ? "ONNX Runtime (in-process)" : "Triton",
+    reason: runtime.reason ?? "",
     triton: runtime.name === "triton" ? (runtime.tritonUrl ?? "launched by this server") : "not used",
     ready: runtime.ready ? "ready" : "not ready",
   });
