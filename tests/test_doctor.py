@@ -10,7 +10,7 @@ from aiohttp import web
 from fake_opensearch import FakeOpenSearch
 
 from immich_trt.cli import main
-from immich_trt.sidecar.store import Store
+from immich_trt.sidecar.store import MIGRATIONS, Store
 from immich_trt.tools.testing import UNREACHABLE
 
 
@@ -94,7 +94,7 @@ async def test_a_working_setup_passes(offline: Path, model_cache: Path, monkeypa
     for subject in ("clip ViT-B-32__openai visual", "facial-recognition buffalo_l detection"):
         assert found[subject].startswith("warn Model ") and "is a test-pack file (placeholder" in found[subject]
     assert out.splitlines()[-1] == "0 problem(s), 4 warning(s)"
-    assert "schema 1, 0 assets" in found["sidecar data"]
+    assert f"schema {len(MIGRATIONS)}, 0 assets" in found["sidecar data"]
 
 
 def test_a_corrupt_model_file_and_the_launched_triton(offline: Path, ocr_cache: Path, monkeypatch, capsys) -> None:
