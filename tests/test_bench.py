@@ -318,8 +318,18 @@ def _faces(*faces) -> bytes:
     ).encode()
 
 
+def _ocr_answer(*lines, width: int = 200, height: int = 100) -> dict:
+    """An OCR answer of ``(text, (x1, y1, x2, y2) in px)`` lines (axis-aligned quads)."""
+    box = []
+    for _, (x1, y1, x2, y2) in lines:
+        box += [x1 / width, y1 / height, x2 / width, y1 / height, x2 / width, y2 / height, x1 / width, y2 / height]
+    n = len(lines)
+    ocr = {"box": box, "text": [t for t, _ in lines], "boxScore": [0.9] * n, "textScore": [0.9] * n}
+    return {"ocr": ocr, "imageWidth": width, "imageHeight": height}
+
+
 def _ocr(*texts) -> bytes:
-    return json.dumps({"ocr": {"box": [], "text": list(texts), "boxScore": [], "textScore": []}}).encode()
+    return json.dumps(_ocr_answer(*((t, (10, 20 * i, 90, 20 * i + 15)) for i, t in enumerate(texts)))).encode()
 
 
 def test_box_iou_and_matching() -> None:
@@ -356,9 +366,50 @@ def test_agreement_on_crafted_answers() -> None:
     assert sorted(faces.ious) == [pytest.approx(1 / 3), 1.0] and min(faces.cosines) == pytest.approx(1.0)
     assert "face count equal 1/2" in faces.summary() and "box IoU min 0.3333" in faces.summary()
     assert ocr.items == 2 and ocr.equal == 1 and ocr.malformed == 1
-    assert ocr.summary() == "texts equal 1/2 (50.0%); 1 malformed answers"
+    assert ocr.summary() == (
+        "texts equal 1/2 (50.0%); lines identical 2/3 (66.7%), box offset max 0.00 px; 1 malformed answers"
+    )
+    assert "box offset max 5.00 px" in faces.summary() and max(faces.offsets) == 5.0
     assert math.isnan(bench.cosine([1.0, 0.0], [1.0, 0.0, 0.0]))
     assert bench.agreements(answers, ["A"], ["ocr"]) == []
+
+
+def test_ocr_lines_are_paired_by_box_and_counted_identical_by_text() -> None:
+    base = _ocr_answer(("SALE", (10, 10, 90, 30)), ("open 9-5", (10, 40, 120, 60)), ("tel", (10, 70, 50, 90)))
+    # reordered, one line 1.5 px off (still the same line), one text misread, one line missed, one extra
+    other = _ocr_answer(
+        ("open 9-5", (11.5, 40, 121.5, 60)), ("SALE", (10, 10, 90, 30)), ("te1", (10, 70, 50, 90)),
+        ("noise", (150, 10, 190, 20)),
+    )  # fmt: skip
+    identical, lines, offsets = bench.match_ocr_lines(base, other)
+    assert (identical, lines) == (2, 4)  # SALE and "open 9-5"; the larger answer has 4 lines
+    assert sorted(offsets) == [0.0, 0.0, pytest.approx(1.5)]
+    assert bench.match_ocr_lines(base, _ocr_answer()) == (0, 3, [])  # every line missed
+    assert bench.match_ocr_lines(_ocr_answer(), _ocr_answer()) == (0, 0, [])
+    far = _ocr_answer(("SALE", (10, 25, 90, 45)))  # overlaps SALE by IoU 0.2: another line, not identical
+    assert bench.match_ocr_lines(_ocr_answer(("SALE", (10, 10, 90, 30))), far)[0] == 0
+    lines_px = bench.ocr_lines(base)
+    assert lines_px[1][1] == {"x1": 10.0, "y1": 40.0, "x2": 120.0, "y2": 60.0}  # fractions back to pixels
+
+    agreement = bench.Agreement("fast", "ocr")
+    agreement.add(json.dumps(base).encode(), json.dumps(other).encode())
+    agreement.add(json.dumps(base).encode(), json.dumps(base).encode())
+    assert (agreement.identical_lines, agreement.lines, agreement.identical_line_share) == (5, 7, 5 / 7)
+    assert "lines identical 5/7 (71.4%), box offset max 1.50 px" in agreement.summary()
+    broken = dict(base, ocr=dict(base["ocr"], box=[0.1] * 7))  # boxes and texts disagree
+    agreement.add(json.dumps(base).encode(), json.dumps(broken).encode())
+    assert agreement.malformed == 1 and agreement.items == 2
+    assert bench.Agreement("x", "ocr").identical_line_share is None
+
+
+def test_face_box_offset_is_the_largest_coordinate_difference() -> None:
+    a = {"x1": 10.0, "y1": 20.0, "x2": 50.0, "y2": 70.0}
+    assert bench.box_offset(a, a) == 0.0
+    assert bench.box_offset(a, {"x1": 11.0, "y1": 18.5, "x2": 50.0, "y2": 70.25}) == 1.5
+    agreement = bench.Agreement("fast", "faces")
+    agreement.add(_faces(((10, 20, 50, 70), [1.0, 0.0])), _faces(((11, 18.5, 50, 70.25), [0.99, 0.1])))
+    assert agreement.offsets == [1.5] and agreement.equal == 1
+    assert "box offset max 1.50 px, embedding cosine min 0.994" in agreement.summary()
 
 
 # ------------------------------------------------------------------------ reports
