@@ -15,6 +15,7 @@ from . import __version__
 from .config import NO_OP_VARIABLES, Settings
 from .runtime.select import choose_runtime
 from .tools.bench import add_arguments as add_bench_arguments
+from .tools.quantize import DEFAULT_MAX_IMAGES
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
 LOG_LEVELS = {
@@ -193,22 +194,19 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """int8 files for fast mode (``IMMICH_TRT_FAST``), calibrated on previews of
     ``--images``; prints one line per file written. Errors a user can act on print one
     line each and return 1 (no images, no model, a model without calibration input)."""
-    from .tools.bench import load_previews
-    from .tools.quantize import QuantizeError, quantize_models
+    from .tools.quantize import QuantizeError, calibration_previews, quantize_models
 
     folder = Path(args.images).expanduser()
     if not folder.is_dir():
         print(f"quantize: {folder} is not a folder of images", file=sys.stderr)
         return 1
-    previews, skipped = load_previews(folder)
-    if args.max_images:
-        previews = previews[: args.max_images]
+    previews, skipped = calibration_previews(folder, args.max_images)
     if not previews:
         print(f"quantize: no image in {folder} could be read (JPEG, PNG, WebP, ...)", file=sys.stderr)
         return 1
     print(f"{len(previews)} previews from {folder}" + (f" ({len(skipped)} unreadable files skipped)" if skipped else ""))
     try:
-        done, failed = quantize_models(settings, [p.data for p in previews], args.task or None, progress=print)
+        done, failed = quantize_models(settings, previews, args.task, progress=print)
     except (QuantizeError, OSError, ValueError) as exc:
         print(f"quantize: {exc}", file=sys.stderr)
         return 1
@@ -424,7 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--task", action="append", choices=["clip", "facial-recognition"], help="only this task (repeatable)"
     )
-    quantize.add_argument("--max-images", type=int, default=0, metavar="N", help="use the first N images (0: all)")
+    quantize.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        metavar="N",
+        help=f"at most N images, evenly spaced (default {DEFAULT_MAX_IMAGES}; 0: all)",
+    )
     pack.add_argument("dir", help="model cache folder to write (Immich layout)")
     pack.add_argument("--full-size", action="store_true", help="real architectures, random weights (large files)")
     pack.add_argument("--clip", action="append", metavar="NAME", help="CLIP model (repeatable; ViT-B-32__openai)")

@@ -47,6 +47,11 @@ OP_TYPES: dict[str, tuple[str, ...]] = {
     "clip": ("MatMul", "Gemm", "Conv"),
     "facial-recognition": ("Conv", "Gemm", "MatMul"),
 }
+#: Images made into previews by default (evenly spaced over a sorted folder): calibration
+#: needs variety, not volume, and a photo library may hold hundreds of thousands.
+DEFAULT_MAX_IMAGES = 200
+#: Calibration inputs per model at most (evenly spaced over those recorded).
+MAX_CALIBRATION_INPUTS = 256
 #: Tasks ``--task`` accepts.
 TASKS = tuple(sorted({task for task, _ in QUANTIZED}))
 
@@ -118,6 +123,30 @@ class RecordingRuntime(Runtime):
         if name in self.record:
             self.recorded.setdefault(name, []).append({k: np.array(v, copy=True) for k, v in inputs.items()})
         return await self.inner.infer(name, inputs, outputs)
+
+
+def evenly(items: Sequence, limit: int) -> list:
+    """At most ``limit`` of ``items`` (all when ``limit <= 0``), evenly spaced, in order."""
+    items = list(items)
+    if limit <= 0 or len(items) <= limit:
+        return items
+    return [items[int(k * len(items) / limit)] for k in range(limit)]
+
+
+def calibration_previews(folder: Path, max_images: int = DEFAULT_MAX_IMAGES) -> tuple[list[bytes], list[str]]:
+    """Immich previews (:func:`.bench.make_preview`) of at most ``max_images`` images of
+    ``folder`` (recursive, evenly spaced over the sorted names; 0: all), and the names
+    of the files that could not be read as images."""
+    from .bench import IMAGE_SUFFIXES, make_preview
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    previews, skipped = [], []
+    for path in evenly(paths, max_images):
+        try:
+            previews.append(make_preview(path.read_bytes()))
+        except Exception:  # noqa: BLE001 - any decoding failure: the image is left out
+            skipped.append(path.relative_to(folder).as_posix())
+    return previews, skipped
 
 
 def cached_quantizable(settings: Settings, tasks: Sequence[str] = TASKS) -> list[tuple[str, str, str]]:
@@ -287,7 +316,8 @@ def quantize_models(
             failed.append(f"{runtime_name}: no calibration input ({what}); give a folder with photos of people")
             continue
         dest = int8_file(settings.engines_dir, runtime_name)
-        samples = len(split_batches(feeds))
+        feeds = evenly(split_batches(feeds), MAX_CALIBRATION_INPUTS)
+        samples = len(feeds)
         say(f"{runtime_name}: quantizing on {samples} inputs")
         started = time.perf_counter()
         try:
