@@ -66,11 +66,11 @@ def test_which_models_fast_mode_changes(tmp_path: Path) -> None:
 def test_make_runtime_in_fast_mode(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     caplog.set_level(logging.INFO, logger="immich_trt.runtime")
     runtime = make_runtime(Settings(runtime="onnxruntime", engines_dir=tmp_path, fast=True))
-    assert isinstance(runtime, OnnxRuntime) and isinstance(runtime._make, FastSessions)
+    assert isinstance(runtime, OnnxRuntime) and isinstance(runtime.session_factory, FastSessions)
     assert "Fast mode (IMMICH_TRT_FAST)" in caplog.text
     asyncio.run(runtime.stop())
     default = make_runtime(Settings(runtime="onnxruntime", engines_dir=tmp_path))
-    assert not isinstance(default._make, FastSessions)  # never on by default
+    assert not isinstance(default.session_factory, FastSessions)  # never on by default
     asyncio.run(default.stop())
     caplog.clear()
     from immich_trt.runtime.triton import TritonRuntime

@@ -102,7 +102,7 @@ class OnnxRuntime(Runtime):
         session_factory: SessionFactory = default_sessions,
     ) -> None:
         self.plan = plan
-        self._make = session_factory
+        self.session_factory = session_factory
         self._opts = (inter_op, intra_op, arena, spinning)
         self._sessions: dict[str, _Sessions] = {}
         self.calls: Counter[str] = Counter()  # inferences run on "wide" / "narrow" sessions
@@ -114,13 +114,13 @@ class OnnxRuntime(Runtime):
         inter_op, intra_op, arena, spinning = self._opts
         plan, path = self.plan, spec.onnx_path
         if plan is None:
-            return _Sessions(self._make(spec, inter_op, intra_op, arena, spinning))
+            return _Sessions(self.session_factory(spec, inter_op, intra_op, arena, spinning))
         has_narrow = plan.has_narrow(Path(path).stat().st_size)
         # the wide session of a model with a narrow one, or of a latency-bound model, mostly
         # runs alone: its threads may spin between a call's parallel sections, never after it
         spin = plan.spinning or plan.spin_within_call(has_narrow, spec.latency_bound)
-        wide = self._make(spec, inter_op, plan.wide_threads, arena, spin, stop_spinning_after_run=not plan.spinning)
-        narrow = self._make(spec, 1, 1, arena, False) if has_narrow else None
+        wide = self.session_factory(spec, inter_op, plan.wide_threads, arena, spin, stop_spinning_after_run=not plan.spinning)
+        narrow = self.session_factory(spec, 1, 1, arena, False) if has_narrow else None
         return _Sessions(wide, narrow)
 
     async def load(self, spec: ModelSpec) -> None:

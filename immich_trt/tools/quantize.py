@@ -278,6 +278,7 @@ def quantize_file(source: Path, dest: Path, feeds: Sequence[Mapping[str, np.ndar
                 "MatMulConstBOnly": config.const_weights_only,
             },
         )
+        os.chmod(tmp, 0o644)  # as readable as the files it sits beside (mkstemp makes 0600)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
