@@ -400,6 +400,8 @@ def test_ocr_lines_are_paired_by_box_and_counted_identical_by_text() -> None:
     agreement.add(json.dumps(base).encode(), json.dumps(broken).encode())
     assert agreement.malformed == 1 and agreement.items == 2
     assert bench.Agreement("x", "ocr").identical_line_share is None
+    plain = {"ocr": {"text": ["a", "b"], "box": []}}  # no boxes: lines pair in reading order
+    assert bench.match_ocr_lines(plain, {"ocr": {"text": ["a", "c", "d"], "box": []}}) == (1, 3, [])
 
 
 def test_face_box_offset_is_the_largest_coordinate_difference() -> None:
@@ -705,7 +707,7 @@ def test_job_mix_runs_immichs_queues_at_once_then_the_tasks(tmp_path: Path, caps
     assert f"- job mix: clip-visual c=2, faces c=2, ocr c=1 at once over {k} assets, {rounds} rounds" in text
     assert f"| B | clip-visual | {k} | cosine min 1.000000, mean 1.000000 |" in text
     assert f"| B | faces | {k} | face count equal {k}/{k}; {k} matched faces: box IoU min 1.0000" in text
-    assert f"| B | ocr | {k} | texts equal {k}/{k} (100.0%) |" in text
+    assert f"| B | ocr | {k} | texts equal {k}/{k} (100.0%); lines identical {2 * k}/{2 * k} (100.0%) |" in text
     assert "### Errors" not in text
     assert stdout.index("Job mix") < stdout.index("| target | assets/s |") < stdout.index("### ocr")
     assert "written to" in stdout and "jobmix.csv" in stdout and "results.csv" in stdout
@@ -742,7 +744,7 @@ def test_job_mix_alone_with_a_mix_of_its_own_and_a_failure(tmp_path: Path, capsy
     assert not (out / "results.csv").exists() and not (out / "throughput.png").exists()
     text = (out / "results.md").read_text()
     assert "## Job mix" in text and "## Per task" not in text and "- scenario: job-mix" in text
-    assert "| B | ocr | 5 | texts equal 5/5 (100.0%) |" in text  # B has no OCR answer for image 2
+    assert "| B | ocr | 5 | texts equal 5/5 (100.0%); lines identical 10/10 (100.0%) |" in text  # none for image 2
     assert "| B | faces | 6 | face count equal 6/6" in text
     assert "- B: HTTP 500 × 1" in text
 
@@ -797,11 +799,11 @@ def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Pat
     job_mix = text[text.index("## Job mix") : text.index("## Setup")]
     assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in job_mix
     assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in job_mix
-    assert "| B | ocr | 2 | texts equal 2/2 (100.0%) |" in job_mix
+    assert "| B | ocr | 2 | texts equal 2/2 (100.0%); lines identical" in job_mix
     assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in text
     assert "| B | clip-text | 8 | cosine min 1.000000" in text
     assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in text
-    assert "| B | ocr | 2 | texts equal 2/2 (100.0%) |" in text
+    assert "| B | ocr | 2 | texts equal 2/2 (100.0%); lines identical" in text
     assert "images: 2 from `images/`" in text and "1220x960 px on average" in text
     try:
         import matplotlib  # noqa: F401

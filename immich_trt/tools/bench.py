@@ -612,13 +612,16 @@ def box_offset(a: dict, b: dict) -> float:
     return max(abs(float(a[k]) - float(b[k])) for k in ("x1", "y1", "x2", "y2"))
 
 
-def ocr_lines(answer: dict) -> list[tuple[str, dict, list[float]]]:
+def ocr_lines(answer: dict) -> list[tuple[str, dict | None, list[float] | None]]:
     """The lines of an Immich OCR answer (``{"ocr": {"box": [8N floats], "text": [N]},
     "imageWidth", "imageHeight"}``) as ``(text, bounding rectangle, quad)``: the quad's
     corners in pixels (``box`` holds them as fractions of the image's width and height),
-    the rectangle as x1, y1, x2, y2. Raises ``ValueError`` when boxes and texts disagree."""
+    the rectangle as x1, y1, x2, y2; both None when the answer has no boxes (``box``
+    empty). Raises ``ValueError`` when there are boxes but not 8 numbers per text."""
     ocr = answer["ocr"]
     texts, flat = ocr["text"], ocr["box"]
+    if len(flat) == 0 and texts:
+        return [(text, None, None) for text in texts]
     if len(flat) != 8 * len(texts):
         raise ValueError(f"{len(texts)} OCR texts but {len(flat)} box coordinates")
     width, height = float(answer.get("imageWidth", 1)), float(answer.get("imageHeight", 1))
@@ -638,14 +641,19 @@ def match_ocr_lines(answer_a: dict, answer_b: dict) -> tuple[int, int, list[floa
     """How two OCR answers' lines agree: ``(identical, lines, offsets)``.
 
     Lines are paired one to one, greedily by the IoU of their bounding rectangles (above
-    :data:`OCR_LINE_IOU`); a line is *identical* when it is paired and its text is equal.
-    ``lines`` is the larger of the two answers' line counts, so a line one answer lacks
-    or adds counts as not identical; ``offsets`` holds, for each paired line, the largest
-    distance between corresponding quad corners along x or y, in pixels."""
+    :data:`OCR_LINE_IOU`); answers without boxes pair lines in reading order instead. A
+    line is *identical* when it is paired and its text is equal. ``lines`` is the larger
+    of the two answers' line counts, so a line one answer lacks or adds counts as not
+    identical; ``offsets`` holds, for each pair of lines with boxes, the largest distance
+    between corresponding quad corners along x or y, in pixels."""
     lines_a, lines_b = ocr_lines(answer_a), ocr_lines(answer_b)
-    pairs = greedy_pairs([r for _, r, _ in lines_a], [r for _, r, _ in lines_b], OCR_LINE_IOU)
-    identical = sum(lines_a[i][0] == lines_b[j][0] for i, j, _ in pairs)
-    offsets = [max(abs(p - q) for p, q in zip(lines_a[i][2], lines_b[j][2])) for i, j, _ in pairs]
+    boxed = all(r is not None for _, r, _ in lines_a + lines_b)
+    if boxed:
+        pairs = [(i, j) for i, j, _ in greedy_pairs([r for _, r, _ in lines_a], [r for _, r, _ in lines_b], OCR_LINE_IOU)]
+    else:
+        pairs = [(i, i) for i in range(min(len(lines_a), len(lines_b)))]
+    identical = sum(lines_a[i][0] == lines_b[j][0] for i, j in pairs)
+    offsets = [max(abs(p - q) for p, q in zip(lines_a[i][2], lines_b[j][2])) for i, j in pairs] if boxed else []
     return identical, max(len(lines_a), len(lines_b)), offsets
 
 
