@@ -15,6 +15,7 @@ from . import __version__
 from .config import NO_OP_VARIABLES, Settings
 from .runtime.select import choose_runtime
 from .tools.bench import add_arguments as add_bench_arguments
+from .tools.quantize import DEFAULT_MAX_IMAGES
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
 LOG_LEVELS = {
@@ -158,6 +159,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_make_test_pack(args)
     if args.models_command == "import-paddle":
         return cmd_import_paddle(args, settings)
+    if args.models_command == "quantize":
+        return cmd_quantize(args, settings)
     return 2
 
 
@@ -185,6 +188,38 @@ def cmd_import_paddle(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"select '{args.name}' as the OCR model in Immich (Administration > Settings > Machine Learning > OCR)")
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    """int8 files for fast mode (``IMMICH_TRT_FAST``), calibrated on previews of
+    ``--images``; prints one line per file written. Errors a user can act on print one
+    line each and return 1 (no images, no model, a model without calibration input)."""
+    from .tools.quantize import QuantizeError, calibration_previews, quantize_models
+
+    folder = Path(args.images).expanduser()
+    if not folder.is_dir():
+        print(f"quantize: {folder} is not a folder of images", file=sys.stderr)
+        return 1
+    previews, skipped = calibration_previews(folder, args.max_images)
+    if not previews:
+        print(f"quantize: no image in {folder} could be read (JPEG, PNG, WebP, ...)", file=sys.stderr)
+        return 1
+    print(f"{len(previews)} previews from {folder}" + (f" ({len(skipped)} unreadable files skipped)" if skipped else ""))
+    try:
+        done, failed = quantize_models(settings, previews, args.task, progress=print)
+    except (QuantizeError, OSError, ValueError) as exc:
+        print(f"quantize: {exc}", file=sys.stderr)
+        return 1
+    for result in done:
+        print(
+            f"{result.dest}: {result.dest_bytes / 2**20:.0f} MB from {result.source_bytes / 2**20:.0f} MB, "
+            f"{result.samples} calibration inputs, {result.seconds:.0f} s"
+        )
+    for message in failed:
+        print(f"quantize: {message}", file=sys.stderr)
+    if done:
+        print("serve them with IMMICH_TRT_FAST=true (the in-process runtime)")
+    return 1 if failed or not done else 0
 
 
 def cmd_make_test_pack(args: argparse.Namespace) -> int:
@@ -375,6 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
     pack = msub.add_parser(
         "make-test-pack",
         help="build test models shaped like Immich's (placeholder answers, for smoke tests) into a model cache folder",
+    )
+    quantize = msub.add_parser(
+        "quantize",
+        help="int8 CLIP visual and ArcFace files for fast mode (IMMICH_TRT_FAST), calibrated on your photos",
+        description="Static int8 quantization of the cached CLIP visual encoders and ArcFace recognizers, "
+        "calibrated on Immich previews made from a folder of images, written to IMMICH_TRT_ENGINES_DIR "
+        "(never into the model cache). Fast mode serves them; default mode never does.",
+    )
+    quantize.add_argument("--images", required=True, metavar="DIR", help="folder of photos (recursive); with people")
+    quantize.add_argument(
+        "--task", action="append", choices=["clip", "facial-recognition"], help="only this task (repeatable)"
+    )
+    quantize.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        metavar="N",
+        help=f"at most N images, evenly spaced (default {DEFAULT_MAX_IMAGES}; 0: all)",
     )
     pack.add_argument("dir", help="model cache folder to write (Immich layout)")
     pack.add_argument("--full-size", action="store_true", help="real architectures, random weights (large files)")

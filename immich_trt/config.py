@@ -112,6 +112,7 @@ class Settings:
     cpu_scheduler: str = "cores"  # in-process runtime: "cores" (runtime/cpu.py) or "upstream" (immich-ml's threads)
     malloc_arenas: int = 2  # glibc malloc arenas of the in-process runtime (runtime/allocator.py); 0 = glibc's default
     cpu_narrow_max_mb: float = 64.0  # models up to this size also get a one-thread session (runtime/cpu.py)
+    fast: bool = False  # in-process fast mode: int8 CLIP visual / ArcFace, OpenVINO OCR (runtime/fast.py); never on by default
     triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
     triton_max_rss_mb: int = 2048  # the launched tritonserver process is restarted (requests wait) above this; 0 = never
@@ -218,6 +219,7 @@ class Settings:
             cpu_scheduler=scheduler,
             cpu_narrow_max_mb=narrow_mb,
             malloc_arenas=int(env.get("IMMICH_TRT_MALLOC_ARENAS") or defaults.malloc_arenas),
+            fast=_bool(env.get("IMMICH_TRT_FAST") or "false"),
             triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),
             max_image_pixels=max_pixels,
             preprocess=preprocess,

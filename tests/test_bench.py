@@ -318,8 +318,18 @@ def _faces(*faces) -> bytes:
     ).encode()
 
 
+def _ocr_answer(*lines, width: int = 200, height: int = 100) -> dict:
+    """An OCR answer of ``(text, (x1, y1, x2, y2) in px)`` lines (axis-aligned quads)."""
+    box = []
+    for _, (x1, y1, x2, y2) in lines:
+        box += [x1 / width, y1 / height, x2 / width, y1 / height, x2 / width, y2 / height, x1 / width, y2 / height]
+    n = len(lines)
+    ocr = {"box": box, "text": [t for t, _ in lines], "boxScore": [0.9] * n, "textScore": [0.9] * n}
+    return {"ocr": ocr, "imageWidth": width, "imageHeight": height}
+
+
 def _ocr(*texts) -> bytes:
-    return json.dumps({"ocr": {"box": [], "text": list(texts), "boxScore": [], "textScore": []}}).encode()
+    return json.dumps(_ocr_answer(*((t, (10, 20 * i, 90, 20 * i + 15)) for i, t in enumerate(texts)))).encode()
 
 
 def test_box_iou_and_matching() -> None:
@@ -356,9 +366,52 @@ def test_agreement_on_crafted_answers() -> None:
     assert sorted(faces.ious) == [pytest.approx(1 / 3), 1.0] and min(faces.cosines) == pytest.approx(1.0)
     assert "face count equal 1/2" in faces.summary() and "box IoU min 0.3333" in faces.summary()
     assert ocr.items == 2 and ocr.equal == 1 and ocr.malformed == 1
-    assert ocr.summary() == "texts equal 1/2 (50.0%); 1 malformed answers"
+    assert ocr.summary() == (
+        "texts equal 1/2 (50.0%); lines identical 2/3 (66.7%), box offset max 0.00 px; 1 malformed answers"
+    )
+    assert "box offset max 5.00 px" in faces.summary() and max(faces.offsets) == 5.0
     assert math.isnan(bench.cosine([1.0, 0.0], [1.0, 0.0, 0.0]))
     assert bench.agreements(answers, ["A"], ["ocr"]) == []
+
+
+def test_ocr_lines_are_paired_by_box_and_counted_identical_by_text() -> None:
+    base = _ocr_answer(("SALE", (10, 10, 90, 30)), ("open 9-5", (10, 40, 120, 60)), ("tel", (10, 70, 50, 90)))
+    # reordered, one line 1.5 px off (still the same line), one text misread, one line missed, one extra
+    other = _ocr_answer(
+        ("open 9-5", (11.5, 40, 121.5, 60)), ("SALE", (10, 10, 90, 30)), ("te1", (10, 70, 50, 90)),
+        ("noise", (150, 10, 190, 20)),
+    )  # fmt: skip
+    identical, lines, offsets = bench.match_ocr_lines(base, other)
+    assert (identical, lines) == (2, 4)  # SALE and "open 9-5"; the larger answer has 4 lines
+    assert sorted(offsets) == [0.0, 0.0, pytest.approx(1.5)]
+    assert bench.match_ocr_lines(base, _ocr_answer()) == (0, 3, [])  # every line missed
+    assert bench.match_ocr_lines(_ocr_answer(), _ocr_answer()) == (0, 0, [])
+    far = _ocr_answer(("SALE", (10, 25, 90, 45)))  # overlaps SALE by IoU 0.2: another line, not identical
+    assert bench.match_ocr_lines(_ocr_answer(("SALE", (10, 10, 90, 30))), far)[0] == 0
+    lines_px = bench.ocr_lines(base)
+    assert lines_px[1][1] == {"x1": 10.0, "y1": 40.0, "x2": 120.0, "y2": 60.0}  # fractions back to pixels
+
+    agreement = bench.Agreement("fast", "ocr")
+    agreement.add(json.dumps(base).encode(), json.dumps(other).encode())
+    agreement.add(json.dumps(base).encode(), json.dumps(base).encode())
+    assert (agreement.identical_lines, agreement.lines, agreement.identical_line_share) == (5, 7, 5 / 7)
+    assert "lines identical 5/7 (71.4%), box offset max 1.50 px" in agreement.summary()
+    broken = dict(base, ocr=dict(base["ocr"], box=[0.1] * 7))  # boxes and texts disagree
+    agreement.add(json.dumps(base).encode(), json.dumps(broken).encode())
+    assert agreement.malformed == 1 and agreement.items == 2
+    assert bench.Agreement("x", "ocr").identical_line_share is None
+    plain = {"ocr": {"text": ["a", "b"], "box": []}}  # no boxes: lines pair in reading order
+    assert bench.match_ocr_lines(plain, {"ocr": {"text": ["a", "c", "d"], "box": []}}) == (1, 3, [])
+
+
+def test_face_box_offset_is_the_largest_coordinate_difference() -> None:
+    a = {"x1": 10.0, "y1": 20.0, "x2": 50.0, "y2": 70.0}
+    assert bench.box_offset(a, a) == 0.0
+    assert bench.box_offset(a, {"x1": 11.0, "y1": 18.5, "x2": 50.0, "y2": 70.25}) == 1.5
+    agreement = bench.Agreement("fast", "faces")
+    agreement.add(_faces(((10, 20, 50, 70), [1.0, 0.0])), _faces(((11, 18.5, 50, 70.25), [0.99, 0.1])))
+    assert agreement.offsets == [1.5] and agreement.equal == 1
+    assert "box offset max 1.50 px, embedding cosine min 0.994" in agreement.summary()
 
 
 # ------------------------------------------------------------------------ reports
@@ -654,7 +707,7 @@ def test_job_mix_runs_immichs_queues_at_once_then_the_tasks(tmp_path: Path, caps
     assert f"- job mix: clip-visual c=2, faces c=2, ocr c=1 at once over {k} assets, {rounds} rounds" in text
     assert f"| B | clip-visual | {k} | cosine min 1.000000, mean 1.000000 |" in text
     assert f"| B | faces | {k} | face count equal {k}/{k}; {k} matched faces: box IoU min 1.0000" in text
-    assert f"| B | ocr | {k} | texts equal {k}/{k} (100.0%) |" in text
+    assert f"| B | ocr | {k} | texts equal {k}/{k} (100.0%); lines identical {2 * k}/{2 * k} (100.0%) |" in text
     assert "### Errors" not in text
     assert stdout.index("Job mix") < stdout.index("| target | assets/s |") < stdout.index("### ocr")
     assert "written to" in stdout and "jobmix.csv" in stdout and "results.csv" in stdout
@@ -691,7 +744,7 @@ def test_job_mix_alone_with_a_mix_of_its_own_and_a_failure(tmp_path: Path, capsy
     assert not (out / "results.csv").exists() and not (out / "throughput.png").exists()
     text = (out / "results.md").read_text()
     assert "## Job mix" in text and "## Per task" not in text and "- scenario: job-mix" in text
-    assert "| B | ocr | 5 | texts equal 5/5 (100.0%) |" in text  # B has no OCR answer for image 2
+    assert "| B | ocr | 5 | texts equal 5/5 (100.0%); lines identical 10/10 (100.0%) |" in text  # none for image 2
     assert "| B | faces | 6 | face count equal 6/6" in text
     assert "- B: HTTP 500 × 1" in text
 
@@ -746,11 +799,11 @@ def test_bench_end_to_end_against_a_live_server(model_cache: Path, tmp_path: Pat
     job_mix = text[text.index("## Job mix") : text.index("## Setup")]
     assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in job_mix
     assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in job_mix
-    assert "| B | ocr | 2 | texts equal 2/2 (100.0%) |" in job_mix
+    assert "| B | ocr | 2 | texts equal 2/2 (100.0%); lines identical" in job_mix
     assert "| B | clip-visual | 2 | cosine min 1.000000, mean 1.000000 |" in text
     assert "| B | clip-text | 8 | cosine min 1.000000" in text
     assert "| B | faces | 2 | face count equal 2/2; 1 matched faces: box IoU min 1.0000" in text
-    assert "| B | ocr | 2 | texts equal 2/2 (100.0%) |" in text
+    assert "| B | ocr | 2 | texts equal 2/2 (100.0%); lines identical" in text
     assert "images: 2 from `images/`" in text and "1220x960 px on average" in text
     try:
         import matplotlib  # noqa: F401

@@ -7,7 +7,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..runtime.derived import is_up_to_date, record_source
 from .base import ModelLoadError
+
+__all__ = ["is_up_to_date", "load_onnx", "marked_test_pack", "metadata", "save_onnx_atomic"]
 
 #: ONNX metadata key (``ModelProto.metadata_props``) that marks a file written by
 #: ``immich-trt models make-test-pack``; its value says what kind of placeholder it is.
@@ -96,16 +99,10 @@ def load_onnx(model_file: Path):
         raise ModelLoadError(f"cannot read {model_file}: {exc}", corrupt=True) from exc
 
 
-def _stamp(source: Path, variant: str = "") -> str:
-    stat = source.stat()
-    stamp = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return f"{stamp}|{variant}" if variant else stamp
-
-
 def save_onnx_atomic(model, dest: Path, source: Path | None = None, variant: str = "") -> Path:
     """Write ``model`` to ``dest`` through a temporary file and ``os.replace``; with
     ``source``, record which file it was derived from, and how (``variant``: the
-    parameters of the rewrite), see :func:`is_up_to_date`."""
+    parameters of the rewrite), see :func:`..runtime.derived.is_up_to_date`."""
     import onnx
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -118,12 +115,5 @@ def save_onnx_atomic(model, dest: Path, source: Path | None = None, variant: str
         if os.path.exists(tmp):
             os.unlink(tmp)
     if source is not None:
-        dest.with_name(dest.name + ".source").write_text(_stamp(source, variant), encoding="utf-8")
+        record_source(dest, source, variant)
     return dest
-
-
-def is_up_to_date(derived: Path, source: Path, variant: str = "") -> bool:
-    """Whether ``derived`` was written from this very ``source`` file (path, size and
-    modification time recorded beside it) with the same ``variant``."""
-    stamp = derived.with_name(derived.name + ".source")
-    return derived.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == _stamp(source, variant)

@@ -31,11 +31,22 @@ def make_runtime(settings: Settings) -> Runtime:
     choice = choose_runtime(settings)
     inter, intra = settings.ort_threads
     if choice.name == "onnxruntime":
-        from .onnxruntime import OnnxRuntime
+        from .onnxruntime import OnnxRuntime, default_sessions
 
         plan = cpu_plan(settings)
         if limit_malloc_arenas(settings.malloc_arenas):
             log.info("malloc: at most %d glibc arenas (IMMICH_TRT_MALLOC_ARENAS)", settings.malloc_arenas)
+        factory = default_sessions
+        if settings.fast:
+            from .fast import FastSessions
+
+            factory = FastSessions(settings.engines_dir)
+            log.info(
+                "Fast mode (IMMICH_TRT_FAST): int8 CLIP visual and ArcFace files from %s where built, "
+                "OCR in %s; answers differ slightly from immich-ml's",
+                settings.engines_dir,
+                "OpenVINO" if factory.openvino else "ONNX Runtime (openvino is not installed)",
+            )
         log.info(
             "Runtime: in-process ONNX Runtime (%s); %s",
             choice.reason,
@@ -48,10 +59,16 @@ def make_runtime(settings: Settings) -> Runtime:
             threads=max(2, settings.request_threads),
             spinning=settings.ort_spinning,
             plan=plan,
+            session_factory=factory,
         )
     else:
         from .triton import TritonRuntime
 
         log.info("Runtime: Triton (%s)", choice.reason)
+        if settings.fast:
+            log.warning(
+                "IMMICH_TRT_FAST applies to the in-process runtime only; Triton serves the fp32 models "
+                "(IMMICH_TRT_RUNTIME=onnxruntime for fast mode)"
+            )
         runtime = TritonRuntime(settings)
     return with_ensembles(runtime, settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,18 @@ def make_session(
     )
 
 
+#: ``factory(spec, inter_op, intra_op, arena, spinning, **options)`` (:func:`make_session`'s
+#: parameters after the path): an object with ``run(output_names, feeds)`` and
+#: ``get_outputs()`` for ``spec`` (:func:`make_session` on ``spec.onnx_path`` by default;
+#: fast mode's :class:`.fast.FastSessions` may load another file or engine).
+SessionFactory = Callable[..., object]
+
+
+def default_sessions(spec: ModelSpec, inter_op: int, intra_op: int, arena: bool, spinning: bool, **options):
+    """:func:`make_session` on the model's own file."""
+    return make_session(spec.onnx_path, inter_op, intra_op, arena, spinning, **options)
+
+
 @dataclass
 class _Sessions:
     """A model's wide session and, for a small model, its one-thread session."""
@@ -76,6 +88,7 @@ class OnnxRuntime(Runtime):
     the GIL), so the event loop stays free.
     ``plan=None``: immich-ml's setup (``intra_op`` threads per session, calls limited only
     by the pool of ``threads``), the reference the plan is measured against.
+    ``session_factory`` opens each session (:data:`SessionFactory`).
     """
 
     def __init__(
@@ -86,8 +99,10 @@ class OnnxRuntime(Runtime):
         threads: int = 4,
         spinning: bool = True,
         plan: CpuPlan | None = None,
+        session_factory: SessionFactory = default_sessions,
     ) -> None:
         self.plan = plan
+        self.session_factory = session_factory
         self._opts = (inter_op, intra_op, arena, spinning)
         self._sessions: dict[str, _Sessions] = {}
         self.calls: Counter[str] = Counter()  # inferences run on "wide" / "narrow" sessions
@@ -99,13 +114,13 @@ class OnnxRuntime(Runtime):
         inter_op, intra_op, arena, spinning = self._opts
         plan, path = self.plan, spec.onnx_path
         if plan is None:
-            return _Sessions(make_session(path, inter_op, intra_op, arena, spinning))
+            return _Sessions(self.session_factory(spec, inter_op, intra_op, arena, spinning))
         has_narrow = plan.has_narrow(Path(path).stat().st_size)
         # the wide session of a model with a narrow one, or of a latency-bound model, mostly
         # runs alone: its threads may spin between a call's parallel sections, never after it
         spin = plan.spinning or plan.spin_within_call(has_narrow, spec.latency_bound)
-        wide = make_session(path, inter_op, plan.wide_threads, arena, spin, stop_spinning_after_run=not plan.spinning)
-        narrow = make_session(path, 1, 1, arena, False) if has_narrow else None
+        wide = self.session_factory(spec, inter_op, plan.wide_threads, arena, spin, stop_spinning_after_run=not plan.spinning)
+        narrow = self.session_factory(spec, 1, 1, arena, False) if has_narrow else None
         return _Sessions(wide, narrow)
 
     async def load(self, spec: ModelSpec) -> None:

@@ -585,25 +585,76 @@ def box_iou(a: dict, b: dict) -> float:
     return inter / union if union > 0 else (1.0 if a == b else 0.0)
 
 
-def match_faces(faces_a: list[dict], faces_b: list[dict]) -> list[tuple[dict, dict, float]]:
-    """Greedy one-to-one matching by box IoU (highest first); pairs with IoU 0 are left out."""
-    pairs = sorted(
-        (
-            (box_iou(fa["boundingBox"], fb["boundingBox"]), i, j)
-            for i, fa in enumerate(faces_a)
-            for j, fb in enumerate(faces_b)
-        ),
-        reverse=True,
-    )
+def greedy_pairs(boxes_a: Sequence[dict], boxes_b: Sequence[dict], min_iou: float = 0.0) -> list[tuple[int, int, float]]:
+    """One-to-one pairs ``(i, j, iou)`` of two lists of boxes (x1, y1, x2, y2 dicts),
+    greedily by IoU, highest first; pairs whose IoU is not above ``min_iou`` are left out."""
+    pairs = sorted(((box_iou(a, b), i, j) for i, a in enumerate(boxes_a) for j, b in enumerate(boxes_b)), reverse=True)
     used_a, used_b, matches = set(), set(), []
     for iou, i, j in pairs:
-        if iou <= 0:
+        if iou <= min_iou:
             break
         if i not in used_a and j not in used_b:
             used_a.add(i)
             used_b.add(j)
-            matches.append((faces_a[i], faces_b[j], iou))
+            matches.append((i, j, iou))
     return matches
+
+
+def match_faces(faces_a: list[dict], faces_b: list[dict]) -> list[tuple[dict, dict, float]]:
+    """Greedy one-to-one matching by box IoU (highest first); pairs with IoU 0 are left out."""
+    pairs = greedy_pairs([f["boundingBox"] for f in faces_a], [f["boundingBox"] for f in faces_b])
+    return [(faces_a[i], faces_b[j], iou) for i, j, iou in pairs]
+
+
+def box_offset(a: dict, b: dict) -> float:
+    """The largest difference between two boxes' coordinates (x1, y1, x2, y2), in their
+    unit (pixels for Immich's face boxes)."""
+    return max(abs(float(a[k]) - float(b[k])) for k in ("x1", "y1", "x2", "y2"))
+
+
+def ocr_lines(answer: dict) -> list[tuple[str, dict | None, list[float] | None]]:
+    """The lines of an Immich OCR answer (``{"ocr": {"box": [8N floats], "text": [N]},
+    "imageWidth", "imageHeight"}``) as ``(text, bounding rectangle, quad)``: the quad's
+    corners in pixels (``box`` holds them as fractions of the image's width and height),
+    the rectangle as x1, y1, x2, y2; both None when the answer has no boxes (``box``
+    empty). Raises ``ValueError`` when there are boxes but not 8 numbers per text."""
+    ocr = answer["ocr"]
+    texts, flat = ocr["text"], ocr["box"]
+    if len(flat) == 0 and texts:
+        return [(text, None, None) for text in texts]
+    if len(flat) != 8 * len(texts):
+        raise ValueError(f"{len(texts)} OCR texts but {len(flat)} box coordinates")
+    width, height = float(answer.get("imageWidth", 1)), float(answer.get("imageHeight", 1))
+    lines = []
+    for n, text in enumerate(texts):
+        quad = [float(v) * (width if k % 2 == 0 else height) for k, v in enumerate(flat[8 * n : 8 * n + 8])]
+        xs, ys = quad[0::2], quad[1::2]
+        lines.append((text, {"x1": min(xs), "y1": min(ys), "x2": max(xs), "y2": max(ys)}, quad))
+    return lines
+
+
+#: OCR lines are the same line when their bounding rectangles overlap by more than this IoU.
+OCR_LINE_IOU = 0.5
+
+
+def match_ocr_lines(answer_a: dict, answer_b: dict) -> tuple[int, int, list[float]]:
+    """How two OCR answers' lines agree: ``(identical, lines, offsets)``.
+
+    Lines are paired one to one, greedily by the IoU of their bounding rectangles (above
+    :data:`OCR_LINE_IOU`); answers without boxes pair lines in reading order instead. A
+    line is *identical* when it is paired and its text is equal. ``lines`` is the larger
+    of the two answers' line counts, so a line one answer lacks or adds counts as not
+    identical; ``offsets`` holds, for each pair of lines with boxes, the largest distance
+    between corresponding quad corners along x or y, in pixels."""
+    lines_a, lines_b = ocr_lines(answer_a), ocr_lines(answer_b)
+    boxed = all(r is not None for _, r, _ in lines_a + lines_b)
+    if boxed:
+        pairs = [(i, j) for i, j, _ in greedy_pairs([r for _, r, _ in lines_a], [r for _, r, _ in lines_b], OCR_LINE_IOU)]
+    else:
+        pairs = [(i, i) for i in range(min(len(lines_a), len(lines_b)))]
+    identical = sum(lines_a[i][0] == lines_b[j][0] for i, j in pairs)
+    offsets = [max(abs(p - q) for p, q in zip(lines_a[i][2], lines_b[j][2])) for i, j in pairs] if boxed else []
+    return identical, max(len(lines_a), len(lines_b)), offsets
 
 
 @dataclasses.dataclass
@@ -615,7 +666,10 @@ class Agreement:
     items: int = 0  # answered (2xx) by both
     cosines: list[float] = dataclasses.field(default_factory=list)  # CLIP, or matched faces' embeddings
     ious: list[float] = dataclasses.field(default_factory=list)  # matched faces
+    offsets: list[float] = dataclasses.field(default_factory=list)  # matched faces / paired OCR lines: px
     equal: int = 0  # faces: same count; OCR: same texts
+    lines: int = 0  # OCR: lines, the larger count of the two answers per image (match_ocr_lines)
+    identical_lines: int = 0  # OCR: paired lines with the same text
     unmatched_faces: int = 0
     malformed: int = 0  # 2xx answers that are not what Immich reads
 
@@ -635,8 +689,13 @@ class Agreement:
                 self.unmatched_faces += len(faces_a) + len(faces_b) - 2 * len(matches)
                 self.ious += [iou for iou, _ in pairs]
                 self.cosines += [c for _, c in pairs]
+                self.offsets += [box_offset(fa["boundingBox"], fb["boundingBox"]) for fa, fb, _ in matches]
             elif self.task == "ocr":
+                identical, lines, offsets = match_ocr_lines(a, b)
                 self.equal += a["ocr"]["text"] == b["ocr"]["text"]
+                self.identical_lines += identical
+                self.lines += lines
+                self.offsets += offsets
         except (KeyError, TypeError, ValueError, AttributeError):
             self.malformed += 1
             return
@@ -656,14 +715,25 @@ class Agreement:
             if self.ious:
                 text += (
                     f"; {len(self.ious)} matched faces: box IoU min {min(self.ious):.4f}, "
-                    f"embedding cosine min {min(self.cosines):.6f}"
+                    f"box offset max {max(self.offsets):.2f} px, embedding cosine min {min(self.cosines):.6f}"
                 )
             else:
                 text += "; no matched faces"
             if self.unmatched_faces:
                 text += f"; {self.unmatched_faces} unmatched"
             return text
-        return f"texts equal {self.equal}/{self.items} ({100.0 * self.equal / self.items:.1f}%)"
+        text = f"texts equal {self.equal}/{self.items} ({100.0 * self.equal / self.items:.1f}%)"
+        if self.lines:
+            text += (
+                f"; lines identical {self.identical_lines}/{self.lines} ({self.identical_line_share * 100:.1f}%)"
+                + (f", box offset max {max(self.offsets):.2f} px" if self.offsets else "")
+            )
+        return text
+
+    @property
+    def identical_line_share(self) -> float | None:
+        """OCR: identical lines over lines (:func:`match_ocr_lines`), None without lines."""
+        return self.identical_lines / self.lines if self.lines else None
 
 
 def agreements(
