@@ -16,6 +16,7 @@ from .config import NO_OP_VARIABLES, Settings
 from .runtime.select import choose_runtime
 from .tools.bench import add_arguments as add_bench_arguments
 from .tools.quantize import DEFAULT_MAX_IMAGES
+from .web.state import STATE
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
 LOG_LEVELS = {
@@ -72,6 +73,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if any(k.upper() == name for k in os.environ):
             log.info("%s is accepted but has no effect here: %s", name, why)
     app = create_app(settings)
+    runtime = app[STATE].runtime
+    runtime_name = (runtime.choice or choose_runtime(settings)).name
     sock = listen_socket(settings.host, settings.port)
     web.run_app(
         app,
@@ -81,7 +84,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         keepalive_timeout=settings.http_keepalive_timeout_s,
         access_log=None,
         print=lambda *_: log.info(
-            "Listening on %s:%s (runtime: %s)", settings.host, settings.port, choose_runtime(settings).name
+            "Listening on %s:%s (runtime: %s)", settings.host, settings.port, runtime_name
         ),
     )
     return 0

@@ -71,4 +71,6 @@ def make_runtime(settings: Settings) -> Runtime:
                 "(IMMICH_TRT_RUNTIME=onnxruntime for fast mode)"
             )
         runtime = TritonRuntime(settings)
-    return with_ensembles(runtime, settings)
+    served = with_ensembles(runtime, settings)
+    served.choice = choice  # read by the log line and /v1/status: never probed again
+    return served

@@ -43,7 +43,12 @@ class ModelSpec:
 
 
 class Runtime(ABC):
-    """Loads models by name and runs them. All methods are coroutines."""
+    """Loads models by name and runs them. All methods are coroutines.
+
+    ``choice``: which runtime serves and why (a :class:`.select.RuntimeChoice`), set once
+    by :func:`immich_trt.runtime.make_runtime`; None for a runtime built directly."""
+
+    choice = None
 
     async def start(self) -> None:
         """Prepare the backend (e.g. launch or connect to Triton)."""

@@ -679,7 +679,7 @@ async def status(call: Call) -> dict:
     result = await call.sidecar.call(counts)
     state = call.app[STATE]
     settings = state.settings
-    choice = choose_runtime(settings)
+    choice = state.runtime.choice or choose_runtime(settings)
     result["runtime"] = {
         "name": choice.name,
         "reason": choice.reason,
