@@ -6,7 +6,7 @@ CPU image runs it), every inference allocates and frees its activations through
 8 per core); memory freed in one arena is not reused by another, so resident memory creeps
 up with concurrency. Measured under Immich's job mix on 2 cores (``bench/NOTES.md``):
 glibc's default 2396 MB peak and rising, two arenas 1820 MB at the same speed (mimalloc,
-which Immich's image preloads: 1682 MB but 16 % slower here).
+which Immich's image preloads: 1682 MB but 14 % fewer assets/s here).
 """
 
 from __future__ import annotations
