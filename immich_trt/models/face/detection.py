@@ -16,7 +16,7 @@ from ...runtime.base import ModelSpec
 from ..base import ModelContext, ModelLoadError
 from ..onnxfile import load_onnx
 from ..registry import ModelType
-from ..transforms import encoded_bytes, to_bgr
+from ..transforms import EncodedImage, ImageInput, encoded_bytes, pixels, to_bgr
 from .base import _FaceModel
 
 DET_INPUT_SIZE = (640, 640)  # (width, height), as Immich prepares RetinaFace
@@ -208,11 +208,11 @@ class FaceDetector(_FaceModel):
         canvas, det_scale = letterbox(to_bgr(image), self.input_size)
         return detection_blob(canvas), det_scale
 
-    def _input_tensors(self, image: Image.Image) -> dict[str, np.ndarray]:
-        return {self.input_name: self._preprocess(image)[0]}
+    def _input_tensors(self, image: ImageInput) -> dict[str, np.ndarray]:
+        return {self.input_name: self._preprocess(pixels(image))[0]}
 
-    async def _predict(self, image: Image.Image) -> dict[str, np.ndarray]:
-        if not isinstance(image, Image.Image):
+    async def _predict(self, image: ImageInput) -> dict[str, np.ndarray]:
+        if not isinstance(image, (Image.Image, EncodedImage)):
             raise TypeError("face detection needs an image")
         assert self.layout is not None
         names = self.layout.output_names

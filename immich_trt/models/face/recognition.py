@@ -19,7 +19,7 @@ from ...runtime.base import ModelSpec
 from ..base import ModelContext
 from ..onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
 from ..registry import ModelTask, ModelType
-from ..transforms import serialize_np, to_bgr
+from ..transforms import ImageInput, pixels, serialize_np, to_bgr
 from .alignment import norm_crop
 from .base import _FaceModel
 
@@ -83,8 +83,8 @@ class FaceRecognizer(_FaceModel):
             dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
             self.runtime_file = dynamic_batch_copy(self.model_file, dest)
 
-    def _crops(self, image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
-        bgr = to_bgr(image)
+    def _crops(self, image: ImageInput, landmarks: np.ndarray) -> np.ndarray:
+        bgr = to_bgr(pixels(image))
         return recognition_blob([norm_crop(bgr, lmk) for lmk in landmarks], self.mean, self.std)
 
     async def _embeddings(self, blob: np.ndarray) -> np.ndarray:

