@@ -68,6 +68,7 @@ from immich_trt.tools.gpu.ensemble import (
     ensemble_config_pbtxt,
     gpu_kind,
     read_model_io,
+    write_standin_models,
     write_standin_preprocess,
     write_standin_repository,
 )
@@ -262,8 +263,8 @@ def test_the_tensorrt_and_dali_configs_give_the_stand_ins_ensembles(cache: Path,
     dali = parse_config((tmp_path / gpu_path_names(ARCFACE).preprocess / "config.pbtxt").read_text())
     assert [list(g.gpus) for g in dali.instance_group] == [[0], [1]]
     # the batching that follows from the engines: CLIP batch-1 export, SCRFD without a
-    # batch axis in its outputs, the OCR detector's dynamic batch of 4
-    assert [read_model_io(tmp_path / gpu_path_names(b).ensemble).max_batch_size for b in (CLIP, FACE, OCR)] == [1, 0, 4]
+    # batch axis in its outputs, the OCR detector one image at a time
+    assert [read_model_io(tmp_path / gpu_path_names(b).ensemble).max_batch_size for b in (CLIP, FACE, OCR)] == [1, 0, 1]
 
 
 def test_names_and_kinds() -> None:
@@ -343,6 +344,31 @@ def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, 
     assert rec_call == (f"{OCR_REC}__preprocess", OCR_RECOGNITION, {}, PREPROCESS_MAX_BATCH_SIZE, (0, 1))
     assert read_model_io(tmp_path / f"{OCR}__ensemble").max_batch_size == 4  # the detector's
     assert not (tmp_path / f"{FACE}__ensemble").exists()
+
+
+def test_a_failed_engine_skips_only_its_own_kind(cache: Path, tmp_path: Path, caplog) -> None:
+    """A model whose engine failed has no config.pbtxt: its preprocessing, unbatched copy
+    and ensemble are not written, and every other kind's are."""
+    failed = {ARCFACE, OCR}
+
+    def engines(settings, repository, **kwargs):
+        written = write_standin_models(settings, repository, only=kwargs["only"])
+        for name in failed:
+            shutil.rmtree(repository / name)  # as the TensorRT builder leaves a failed model
+        return written
+
+    with caplog.at_level(logging.ERROR):
+        written = build_gpu_repository(offline_settings(cache), tmp_path, build_engines=engines,
+                                       write_preprocess=write_standin_preprocess)  # fmt: skip
+    assert written.skipped == sorted(failed)
+    expected = [b for b in GPU_BASES if b not in failed]
+    assert written.preprocess == [gpu_path_names(b).preprocess for b in expected]
+    assert written.ensembles == [gpu_path_names(b).ensemble for b in expected]
+    for base in failed:
+        names = gpu_path_names(base)
+        assert not any((tmp_path / n).exists() for n in names[1:])  # (the base keeps its derived ONNX copy)
+        assert f"{base}: no model was built" in caplog.text
+    assert (tmp_path / gpu_path_names(OCR_REC).ensemble / "config.pbtxt").is_file()  # OCR recognition still wired
 
 
 def test_det_scale_comes_back_exactly_from_its_float32() -> None:

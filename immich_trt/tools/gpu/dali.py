@@ -8,7 +8,15 @@ ensemble (per sample; Triton adds the batch axis):
 - ``face_detection``: ``encoded`` -> ``input.1`` FP32 [3, 640, 640] and
   ``det_scale`` FP32 [1];
 - ``ocr_detection``: ``encoded``, ``resize_hw`` INT32 [2] and ``bucket_hw`` INT32 [2]
-  (height, width; computed by the server) -> ``image_u8`` UINT8 [H, W, 3].
+  (height, width; computed by the server) -> ``image_u8`` UINT8 [H, W, 3];
+- ``face_recognition``: ``encoded`` and ``face_landmarks`` FP32 [N, 5, 2] -> the aligned
+  faces ``aligned_faces`` FP32 [N, 3, 112, 112] (:func:`face_recognition_graph`);
+- ``ocr_recognition``: ``encoded``, ``line_coefficients`` FP32 [N, 8] and
+  ``line_geometry`` INT32 [N, 8] of one recognizer batch -> ``text_lines`` FP32
+  [N, 3, 48, W] (:func:`ocr_recognition_graph`).
+
+The recognizers' pipelines decode the image once and cut every face or line from a
+sequence of N references to it (``sequence_rearrange``), one sample per request.
 
 Each graph exists for two devices: ``"gpu"`` decodes with nvJPEG (``decoders.image``
 on ``device="mixed"``) and resizes/normalises on the GPU, for Triton; ``"cpu"`` is the
@@ -47,6 +55,14 @@ project's photo and OCR sets that DALI decodes; ``tests/test_dali_parity.py``):
 - OCR ``image_u8``: max |diff| 5 grey levels (borders), mean <= 0.014; PP-OCRv5 texts
   identical on all 16 OCR images at Immich's recognition score 0.8 (two images differ
   in one line read below it), box corners within 2 px.
+- ``aligned_faces`` against ``norm_crop`` + ``recognition_blob``: max 6 grey levels,
+  mean <= 0.2 (cv2's warpAffine quantizes coordinates to 1/32 px); test-pack ArcFace
+  embeddings cosine >= 0.9999992 over 132 faces (synthetic landmarks on the photos).
+- ``text_lines`` against ``crop_text_line`` + ``line_tensor``: max 18 grey levels, mean
+  <= 1.35, on slanted lines: Pillow's perspective BICUBIC is Keys' cubic with a = -1,
+  ``warp_perspective``'s OpenCV's a = -0.75, and no DALI operator has Pillow's kernel
+  (docs/gpu.md); texts identical on 12 of the 13 OCR images with text, japan.jpg
+  reading one character differently in two of its lines.
 
 Not measurable without a GPU: nvJPEG's decode may differ from libjpeg-turbo by a grey
 level or two (IDCT, chroma upsampling) and the GPU resampling kernels are separate
@@ -659,8 +675,9 @@ def write_dali_model(
     (:func:`dali_config_pbtxt`); the model name is ``folder.name``. Returns ``folder``.
     Raises as :func:`serialize` (a "gpu" model needs a GPU to be written)."""
     folder = Path(folder)
-    first_id = int(next(iter(device_ids), 0))
-    data = serialize(kind, params, device, max_batch_size, num_threads, first_id)
+    # serialised on CUDA device 0: the build's GPU (build_environment makes the first id
+    # the only one visible); the backend runs each instance on its own group's GPU
+    data = serialize(kind, params, device, max_batch_size, num_threads, 0)
     write_if_changed(folder / "1" / "model.dali", data)
     config = dali_config_pbtxt(
         folder.name,
