@@ -1,21 +1,31 @@
 """Triton ensembles of the GPU target: how they are built.
 
-For the three models whose preprocessing runs on the GPU, the repository built by
+For the five models whose preprocessing runs on the GPU, the repository built by
 ``build-engines --target tensorrt`` holds, next to the TensorRT model ``<base>`` (its
 name is the model's ``triton_name``, e.g. ``clip__ViT-B-32__openai__visual``):
 
-* ``<base>__preprocess``: the DALI pipeline (``encoded`` bytes -> the model's input);
-* ``<base>__ensemble``: ``platform: "ensemble"``, ``<base>__preprocess`` then ``<base>``.
+* ``<base>__preprocess``: the DALI pipeline (``encoded`` bytes, and for the recognizers
+  the detector's landmarks or line geometry, -> the model's input);
+* ``<base>__ensemble``: ``platform: "ensemble"``, ``<base>__preprocess`` then ``<base>``;
+* for the recognizers, ``<base>__unbatched`` (:func:`write_unbatched`): ``<base>``'s
+  engine with ``max_batch_size`` 0, the ensemble's second step. One request carries all
+  its faces (or one batch of text lines) as one DALI sample, ``[1, N, ...]``; Triton
+  gives a non-batching step that tensor as ``[N, ...]`` (core ``ensemble_scheduler.cc``
+  ``ReshapeTensorDims``), so the engine sees the N faces or lines as its batch.
 
-==================  ==========================================  =====================================
-kind                ensemble inputs (per request, batch of 1)   ensemble outputs
-==================  ==========================================  =====================================
-``clip_visual``     ``encoded`` UINT8 [1, n]                    ``embedding`` FP32 [1, D]
-``face_detection``  ``encoded`` UINT8 [1, n]                    the detector's outputs (9 for SCRFD,
-                                                                same names) + ``det_scale`` FP32 [1, 1]
-``ocr_detection``   ``encoded`` UINT8 [1, n], ``resize_hw`` and  the detector's probability map, same
-                    ``bucket_hw`` INT32 [1, 2] (height, width)  name, FP32 [1, 1, H_bucket, W_bucket]
-==================  ==========================================  =====================================
+====================  ============================================  =====================================
+kind                  ensemble inputs (per request, batch of 1)     ensemble outputs
+====================  ============================================  =====================================
+``clip_visual``       ``encoded`` UINT8 [1, n]                      ``embedding`` FP32 [1, D]
+``face_detection``    ``encoded`` UINT8 [1, n]                      the detector's outputs (9 for SCRFD,
+                                                                    same names) + ``det_scale`` FP32 [1, 1]
+``ocr_detection``     ``encoded`` UINT8 [1, n], ``resize_hw`` and    the detector's probability map, same
+                      ``bucket_hw`` INT32 [1, 2] (height, width)    name, FP32 [1, 1, H_bucket, W_bucket]
+``face_recognition``  ``encoded``, ``face_landmarks`` FP32          the recognizer's output, same name,
+                      [1, N, 5, 2]                                  FP32 [N, 512]
+``ocr_recognition``   ``encoded``, ``line_coefficients`` FP32       ``ctc_index`` INT64 and ``ctc_prob``
+                      [1, N, 8], ``line_geometry`` INT32 [1, N, 8]  FP32 [N, T]
+====================  ============================================  =====================================
 
 The ensemble's tensors are derived from the composing models' own ``config.pbtxt`` (read
 back after they are written), so they always agree with what the TensorRT builder and the
