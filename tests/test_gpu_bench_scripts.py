@@ -6,6 +6,7 @@ says when the stock server is not there."""
 from __future__ import annotations
 
 import os
+import time
 import re
 from pathlib import Path
 
@@ -33,7 +34,17 @@ def test_cpu_budget_measures_every_kind(tmp_path: Path, capsys, monkeypatch) -> 
 
 
 def test_tree_cpu_counts_this_process_and_excludes_tritonserver() -> None:
-    server, triton = budget.tree_cpu(os.getpid())
+    import subprocess
+    import sys
+
+    # a child of its own: this test process may hold a tritonserver child of another test
+    child = subprocess.Popen([sys.executable, "-c", "sum(range(3_000_000)); import time; time.sleep(30)"])
+    try:
+        time.sleep(1.0)
+        server, triton = budget.tree_cpu(child.pid)
+    finally:
+        child.kill()
+        child.wait()
     assert server > 0 and triton == 0
     assert budget.tree_cpu(2**22 + 12345) == (0.0, 0.0)  # a process that is gone
 
