@@ -5,9 +5,8 @@ says when the stock server is not there."""
 
 from __future__ import annotations
 
-import os
-import time
 import re
+import time
 from pathlib import Path
 
 import pytest
