@@ -5,6 +5,16 @@
 # supervises /opt/tritonserver itself (IMMICH_TRT_TRITON_SERVER).
 set -euo pipefail
 
+# A bind mount created by Docker (or by root on the host) is owned by root; the server
+# runs as uid 10001 (group 0) and must write there. Named volumes take the image's
+# ownership and never fail this.
+for dir in "${MACHINE_LEARNING_CACHE_FOLDER:-/cache}" "${IMMICH_TRT_ENGINES_DIR:-/engines}" "${IMMICH_TRT_DATA_DIR:-/data}"; do
+    if [ -d "$dir" ] && ! [ -w "$dir" ]; then
+        echo "entrypoint: $dir is not writable by uid $(id -u); on the host run: sudo chown -R $(id -u):0 <the folder mounted at $dir> (or use the named volumes of docker/compose.yml)" >&2
+        exit 1
+    fi
+done
+
 models="${IMMICH_TRT_GPU_MODELS:-clip:ViT-B-32__openai ocr:PP-OCRv5_mobile facial-recognition:buffalo_l}"
 for item in $models; do
     task="${item%%:*}"

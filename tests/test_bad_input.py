@@ -366,6 +366,42 @@ async def test_text_that_is_not_utf8_is_a_400(client, filename) -> None:
     await healthy(client)
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["unterminated", "no-boundary", "unknown-charset", "garbage"],
+)
+async def test_malformed_multipart_bodies_are_a_400(client, case) -> None:
+    body, content_type = raw_multipart(("entries", json.dumps(TEXT).encode(), None), ("text", b"a cat", None))
+    if case == "unterminated":
+        body = body[: body.rindex(b"--") - 10]
+    elif case == "no-boundary":
+        content_type = "multipart/form-data"
+    elif case == "unknown-charset":
+        body = body.replace(b'name="text"\r\n', b'name="text"\r\nContent-Type: text/plain; charset=no-such-codec\r\n')
+    else:
+        body = b"\x00\xff" * 64
+    response = await client.post("/predict", data=body, headers={"Content-Type": content_type})
+    assert response.status == 400, case
+    assert await response.json() == {"detail": "There was an error parsing the body"}
+    await healthy(client)
+
+
+def test_multipart_fields_as_starlette_gives_them() -> None:
+    """The image as bytes with or without a filename, text decoded by its charset, parts
+    without a name skipped, the last of a repeated field kept."""
+    from immich_trt.web.http import parse_multipart
+
+    body, content_type = raw_multipart(
+        ("entries", b"first", None), ("image", b"\x89PNG\r\n\x00\xff", None), ("entries", b'{"a": 1}', None),
+        ("doc", "é".encode("latin-1"), None), ("blob", b"\x00\x01", "x.bin"),
+    )  # fmt: skip
+    body = body.replace(b'name="doc"\r\n', b'name="doc"\r\nContent-Type: text/plain; charset=latin-1\r\n')
+    unnamed = b'--' + content_type.split("=")[1].encode() + b'\r\nContent-Disposition: form-data\r\n\r\nzzz\r\n'
+    body = unnamed + body
+    fields = parse_multipart(body, content_type)
+    assert fields == {"entries": '{"a": 1}', "image": b"\x89PNG\r\n\x00\xff", "doc": "é", "blob": b"\x00\x01"}
+
+
 # ------------------------------------------------------------------ model-name paths
 
 

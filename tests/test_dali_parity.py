@@ -186,6 +186,41 @@ def test_config_pbtxt_for_two_gpus_parses_as_a_triton_model_config() -> None:
         D.dali_config_pbtxt("x", D.FACE_DETECTION, {}, max_batch_size=0)
 
 
+def _landmarks(width: int, height: int, count: int, seed: int) -> np.ndarray:
+    """``float32[count, 5, 2]`` face landmarks: the ArcFace template scaled (faces of 34
+    to 670 px), turned up to 35 degrees, jittered by 2 px and placed anywhere in (and
+    partly outside) a ``width x height`` image, as a detector reports them."""
+    from immich_trt.models.face import ARCFACE_DST
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        scale, angle = rng.uniform(0.3, 6.0), rng.uniform(-0.6, 0.6)
+        turn = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        centre = np.array([rng.uniform(-50, width + 50), rng.uniform(-50, height + 50)])
+        out.append((ARCFACE_DST - ARCFACE_DST.mean(0)) @ turn.T + centre + rng.normal(0, 2, (5, 2)))
+    return np.array(out, np.float32)
+
+
+def _sequence_inputs(kind: str, images) -> list[dict[str, np.ndarray]] | None:
+    """Inputs of the recognizers' pipelines for ``images`` (the first batch of lines
+    of two synthetic boxes; four faces), ``None`` for the other kinds."""
+    from immich_trt.models.ocr import LineGeometry, line_batches, line_inputs
+
+    if kind == D.FACE_RECOGNITION:
+        return [{"face_landmarks": _landmarks(im.width, im.height, 4, i)} for i, im in enumerate(images)]
+    if kind == D.OCR_RECOGNITION:
+        rows = []
+        for image in images:
+            w, h = image.size
+            boxes = np.array([[[10, 10], [w * 0.6, 14], [w * 0.6, 60], [10, 56]], [[20, 30], [60, 30], [60, 200], [20, 200]]],
+                             np.float32)  # fmt: skip
+            geometry = LineGeometry.of(boxes)
+            rows.append({k: v[0] for k, v in line_inputs(geometry, line_batches(geometry.shapes, 6)[0]).items()})
+        return rows
+    return None
+
+
 # ------------------------------------------------------------------- geometry
 
 
@@ -342,7 +377,8 @@ def test_written_cpu_model_deserialises_and_gives_the_same_tensors(tmp_path: Pat
     from nvidia.dali import Pipeline
     from tritonclient.grpc import model_config_pb2
 
-    params = D.clip_params(224, [0.5] * 3, [0.25] * 3) if kind == D.CLIP_VISUAL else {}
+    params = {D.CLIP_VISUAL: D.clip_params(224, [0.5] * 3, [0.25] * 3), D.FACE_RECOGNITION: D.arcface_params(127.5, 127.5)}
+    params = params.get(kind, {})
     folder = D.write_dali_model(tmp_path / f"{kind}__preprocess", kind, params, max_batch_size=4, device="cpu")
     config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.name == folder.name and config.backend == "dali"
@@ -353,8 +389,9 @@ def test_written_cpu_model_deserialises_and_gives_the_same_tensors(tmp_path: Pat
     sizes = [(704, 832), (320, 608)] if kind == D.OCR_DETECTION else None
     pipe = Pipeline.deserialize(filename=str(folder / "1" / "model.dali"), device_id=None, **D.SYNCHRONOUS)
     pipe.build()
-    got = D.feed_and_run(pipe, kind, data, sizes)
-    expected = D.run_cpu(kind, params, data, sizes)
+    inputs = _sequence_inputs(kind, [decoded(d) for d in data])
+    got = D.feed_and_run(pipe, kind, data, sizes, inputs=inputs)
+    expected = D.run_cpu(kind, params, data, sizes, inputs=inputs)
     for g, e in zip(got, expected):
         assert g.keys() == e.keys()
         for name in e:
@@ -368,7 +405,7 @@ def test_gpu_graph_decodes_with_nvjpeg_and_keeps_the_image_on_the_gpu(kind: str)
     (``mixed``) and every image op after it runs on the GPU; the geometry stays on the CPU."""
     from nvidia.dali import Pipeline
 
-    params = D.clip_params(224, [0.5] * 3, [0.25] * 3)
+    params = D.arcface_params(127.5, 128.0) if kind == D.FACE_RECOGNITION else D.clip_params(224, [0.5] * 3, [0.25] * 3)
     with Pipeline(batch_size=2, num_threads=1, device_id=0):
         outputs = D.GRAPHS[kind]("gpu", params)
     devices = {}
@@ -570,3 +607,164 @@ async def test_ocr_texts_identical(model_cache: Path, tmp_path: Path, cpu_pipeli
     )
     assert lines > 0
     assert len(same) == len(results), sorted(set(results) - set(same))
+
+
+# --------------------------------------------------- face alignment and text lines
+
+#: ``aligned_faces`` against ``norm_crop`` + ``recognition_blob``, in grey levels: cv2's
+#: warpAffine quantizes source coordinates to 1/32 px and weights to 15 bits, DALI's
+#: warp_affine interpolates in float [max 6, mean 0.20].
+FACE_ALIGN_MAX_LEVELS = 8
+FACE_ALIGN_MEAN_LEVELS = 0.3
+FACE_MIN_COSINE = 0.995
+#: ``text_lines`` against ``crop_text_line`` + ``line_tensor``, in grey levels: Pillow's
+#: perspective transform interpolates with Keys' cubic at a = -1, DALI's
+#: warp_perspective at a = -0.75 (OpenCV's), which differ on slanted lines [max 18,
+#: mean 1.35, on a slanted line of th_rec.jpg].
+TEXT_LINE_MAX_LEVELS = 24
+TEXT_LINE_MEAN_LEVELS = 2.0
+
+
+@needs_dali
+def test_face_alignment_parity(real_images) -> None:
+    from immich_trt.models.face import norm_crop, recognition_blob
+    from immich_trt.models.transforms import to_bgr
+
+    pipe = D.cpu_pipeline(D.FACE_RECOGNITION, D.arcface_params(127.5, 127.5))
+    rows = []
+    for index, (name, data, image) in enumerate(real_images):
+        landmarks = _landmarks(image.width, image.height, 6, index)
+        (out,) = D.feed_and_run(pipe, D.FACE_RECOGNITION, [data], inputs=[{"face_landmarks": landmarks}])
+        bgr = to_bgr(image)
+        reference = recognition_blob([norm_crop(bgr, lmk) for lmk in landmarks], 127.5, 127.5)
+        assert out["aligned_faces"].shape == reference.shape == (6, 3, 112, 112)
+        diff = np.abs(out["aligned_faces"] - reference) * 127.5
+        rows.append((name, float(diff.max()), float(diff.mean())))
+    _report("aligned faces (grey levels)", rows)
+    assert max(r[1] for r in rows) <= FACE_ALIGN_MAX_LEVELS
+    assert max(r[2] for r in rows) <= FACE_ALIGN_MEAN_LEVELS
+
+
+@needs_dali
+def test_alignment_matrices_are_estimate_norms_inverse_in_dali_coordinates() -> None:
+    """The closed form in DALI arithmetic against scikit-image's Umeyama (float32
+    inputs there), mapped back to cv2's coordinates: equal within float32 precision."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import Pipeline
+
+    from immich_trt.models.face import estimate_norm
+
+    landmarks = _landmarks(4000, 3000, 64, 7)
+    pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, **D.SYNCHRONOUS)
+    with pipe:
+        pipe.set_outputs(D.alignment_matrices(fn.external_source(name="lm", dtype=types.FLOAT, ndim=3)))
+    pipe.build()
+    pipe.feed_input("lm", [landmarks])
+    inverse = np.array(pipe.run()[0][0], np.float64)
+    for matrix, landmark in zip(inverse, landmarks):
+        forward = np.vstack([estimate_norm(landmark), [0, 0, 1]])
+        expected = np.linalg.inv(forward)[:2]
+        expected[:, 2] += 0.5 - expected[:, :2] @ [0.5, 0.5]  # pixel centres at +0.5
+        np.testing.assert_allclose(matrix, expected, rtol=2e-5, atol=2e-3)
+
+
+@needs_dali
+async def test_face_embeddings_agree(real_images, model_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    """The test pack's ArcFace on DALI-aligned faces against the CPU path's, through
+    ``FaceRecognizer`` (its CPU preprocessing replaced by the pipeline's tensor)."""
+    import orjson
+
+    from immich_trt.models.face import FaceRecognizer
+
+    ctx, runtime = _context(model_cache, tmp_path)
+    recognizer = FaceRecognizer("buffalo_l", ctx)
+    await recognizer.load()
+    params = D.arcface_params(recognizer.mean, recognizer.std)
+    pipe = D.cpu_pipeline(D.FACE_RECOGNITION, params)
+
+    def dali_crops(image, landmarks):
+        inputs = [{"face_landmarks": np.asarray(landmarks, np.float32)}]
+        (out,) = D.feed_and_run(pipe, D.FACE_RECOGNITION, [image.info[FILE_BYTES]], inputs=inputs)
+        return {recognizer.input_name: out["aligned_faces"]}
+
+    cosines = []
+    for index, (name, _, image) in enumerate(real_images):
+        landmarks = _landmarks(image.width, image.height, 4, 100 + index)
+        faces = {"boxes": np.zeros((4, 4), np.float32), "scores": np.ones(4, np.float32), "landmarks": landmarks}
+        reference = await recognizer.predict(image, faces)
+        with monkeypatch.context() as m:
+            m.setattr(recognizer, "_crops", dali_crops)
+            dali = await recognizer.predict(image, faces)
+        for ref, got in zip(reference, dali):
+            a, b = (np.array(orjson.loads(x["embedding"]), np.float64) for x in (ref, got))
+            cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    await runtime.stop()
+    print(f"\nArcFace embedding cosine: min {min(cosines):.7f} over {len(cosines)} faces")
+    assert len(cosines) >= 100
+    assert min(cosines) >= FACE_MIN_COSINE
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+@needs_dali
+async def test_ocr_text_lines_and_texts_agree(model_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    """PP-OCRv5 on every OCR image, the recognizer's input made by the pipeline from
+    the CPU path's boxes: tensors within the tolerances; texts (score > 0.8) identical
+    on all images but japan.jpg, where two of its 11 lines differ by one character (an
+    ideographic space read between two words, a final full stop dropped), at
+    scores 0.96-0.99 on both paths: the bicubic kernels differ (see the tolerances)."""
+    from immich_trt.models.ocr import TextDetector, TextRecognizer, line_inputs
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    ctx, runtime = _context(model_cache, tmp_path)
+    detector = TextDetector("PP-OCRv5_mobile", ctx)
+    recognizer = TextRecognizer("PP-OCRv5_mobile", ctx, minScore=0.0)
+    await detector.load()
+    await recognizer.load()
+    pipe = D.cpu_pipeline(D.OCR_RECOGNITION, {})
+    reference_input = recognizer._batch_input
+    rows: list[tuple[str, float, float]] = []
+
+    def dali_input(image, geometry, batch):
+        inputs = [{k: v[0] for k, v in line_inputs(geometry, batch).items()}]
+        (out,) = D.feed_and_run(pipe, D.OCR_RECOGNITION, [image.info[FILE_BYTES]], inputs=inputs)
+        reference = reference_input(image, geometry, batch)["x"]
+        assert out["text_lines"].shape == reference.shape
+        diff = np.abs(out["text_lines"] - reference) * 127.5
+        rows.append((f"{image.info['test.name']} ({len(batch.indices)} lines)", float(diff.max()), float(diff.mean())))
+        return {"x": out["text_lines"]}
+
+    def texts(result) -> list[str]:
+        return [t for t, score in zip(result["text"], result["textScore"]) if score > IMMICH_MIN_TEXT_SCORE]
+
+    differing: dict[str, list[tuple[str, str]]] = {}
+    images = 0
+    for name, data in _images("ocr"):
+        image = decoded(data)
+        image.info["test.name"] = name
+        detection = await detector.predict(image)
+        reference = await recognizer.predict(image, detection)
+        with monkeypatch.context() as m:
+            m.setattr(recognizer, "_batch_input", dali_input)
+            dali = await recognizer.predict(image, detection)
+        images += len(detection["boxes"]) > 0
+        if texts(dali) != texts(reference):
+            differing[name] = [(a, b) for a, b in zip(texts(reference), texts(dali)) if a != b]
+            assert len(texts(dali)) == len(texts(reference)), name
+    await runtime.stop()
+    _report("text lines (grey levels)", rows)
+    print(f"OCR texts identical on {images - len(differing)}/{images} images; differing lines: {differing}")
+    assert images >= 13
+    assert max(r[1] for r in rows) <= TEXT_LINE_MAX_LEVELS
+    assert max(r[2] for r in rows) <= TEXT_LINE_MEAN_LEVELS
+    assert set(differing) <= {"ocr/japan.jpg"}
+    assert all(_edit_distance(a, b) <= 1 for lines in differing.values() for a, b in lines)

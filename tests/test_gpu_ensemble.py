@@ -58,7 +58,9 @@ from immich_trt.tools.engines import build_repository
 from immich_trt.tools.gpu.ensemble import (
     CLIP_VISUAL,
     FACE_DETECTION,
+    FACE_RECOGNITION,
     OCR_DETECTION,
+    OCR_RECOGNITION,
     PREPROCESS_MAX_BATCH_SIZE,
     ModelIO,
     TensorSpec,
@@ -66,6 +68,7 @@ from immich_trt.tools.gpu.ensemble import (
     ensemble_config_pbtxt,
     gpu_kind,
     read_model_io,
+    write_standin_models,
     write_standin_preprocess,
     write_standin_repository,
 )
@@ -76,6 +79,10 @@ CLIP = "clip__ViT-B-32__openai__visual"
 FACE = "facial-recognition__buffalo_l__detection"
 BROKEN_FACE = "facial-recognition__buffalo_s__detection"  # its __preprocess is removed
 OCR = "ocr__PP-OCRv5_mobile__detection"
+ARCFACE = "facial-recognition__buffalo_l__recognition"
+OCR_REC = "ocr__PP-OCRv5_mobile__recognition"
+#: every model with GPU preprocessing in the stand-in repository (all but CLIP textual)
+GPU_BASES = sorted([CLIP, FACE, BROKEN_FACE, OCR, ARCFACE, BROKEN_FACE.replace("detection", "recognition"), OCR_REC])
 GOLDEN_DIR = GOLDEN / "ensemble"
 PHOTOS = SHARED_DATA / "photos"
 OCR_IMAGES = SHARED_DATA / "ocr"
@@ -134,8 +141,9 @@ def repository(cache: Path, tmp_path_factory) -> Path:
     others = [CLIP.replace("visual", "textual"), FACE.replace("detection", "recognition"),
               BROKEN_FACE.replace("detection", "recognition"), OCR.replace("detection", "recognition")]  # fmt: skip
     assert written.models == sorted(bases + others)  # every cached model
-    assert written.preprocess == [gpu_path_names(b).preprocess for b in sorted(bases)]
-    assert written.ensembles == [gpu_path_names(b).ensemble for b in sorted(bases)]
+    assert written.preprocess == [gpu_path_names(b).preprocess for b in GPU_BASES]
+    assert written.ensembles == [gpu_path_names(b).ensemble for b in GPU_BASES]
+    assert written.skipped == []
     shutil.rmtree(repo / gpu_path_names(BROKEN_FACE).preprocess)
     return repo
 
@@ -209,7 +217,8 @@ def batched_models() -> tuple[ModelIO, ModelIO]:
 def test_ensemble_configs_match_the_golden_files(repository: Path) -> None:
     texts = {
         f"{kind}.pbtxt": (repository / gpu_path_names(base).ensemble / "config.pbtxt").read_text()
-        for kind, base in ((CLIP_VISUAL, CLIP), (FACE_DETECTION, FACE), (OCR_DETECTION, OCR))
+        for kind, base in ((CLIP_VISUAL, CLIP), (FACE_DETECTION, FACE), (OCR_DETECTION, OCR),
+                           (FACE_RECOGNITION, ARCFACE), (OCR_RECOGNITION, OCR_REC))  # fmt: skip
     }
     if os.environ.get("IMMICH_TRT_UPDATE_GOLDEN") == "1":
         GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
@@ -235,30 +244,35 @@ def test_the_tensorrt_and_dali_configs_give_the_stand_ins_ensembles(cache: Path,
             text = tensorrt_config_pbtxt(engine_layout(spec, settings), gpus or settings.device_ids)
             (repository / spec.name / "config.pbtxt").write_text(text)
 
-    def pipeline_config(folder: Path, kind, params, max_batch_size):
+    def pipeline_config(folder: Path, kind, params, max_batch_size, device_ids):
         (folder / "1").mkdir(parents=True, exist_ok=True)
-        (folder / "config.pbtxt").write_text(dali_config_pbtxt(folder.name, kind, params, max_batch_size))
+        text = dali_config_pbtxt(folder.name, kind, params, max_batch_size, device_ids=device_ids)
+        (folder / "config.pbtxt").write_text(text)
 
     settings = offline_settings(cache)
     written = build_gpu_repository(settings, tmp_path, gpus=["0", "1"], build_engines=plan_configs,
                                    write_preprocess=pipeline_config)  # fmt: skip
     assert 'platform: "tensorrt_plan"' in (tmp_path / CLIP / "config.pbtxt").read_text()
     assert 'backend: "dali"' in (tmp_path / gpu_path_names(CLIP).preprocess / "config.pbtxt").read_text()
-    for base in (CLIP, FACE, BROKEN_FACE, OCR):
+    for base in GPU_BASES:
         name = gpu_path_names(base).ensemble
         assert name in written.ensembles
         if base != BROKEN_FACE:
             assert (tmp_path / name / "config.pbtxt").read_text() == (repository / name / "config.pbtxt").read_text()
+    # the DALI models have one GPU instance group per id
+    dali = parse_config((tmp_path / gpu_path_names(ARCFACE).preprocess / "config.pbtxt").read_text())
+    assert [list(g.gpus) for g in dali.instance_group] == [[0], [1]]
     # the batching that follows from the engines: CLIP batch-1 export, SCRFD without a
-    # batch axis in its outputs, the OCR detector's dynamic batch of 4
-    assert [read_model_io(tmp_path / gpu_path_names(b).ensemble).max_batch_size for b in (CLIP, FACE, OCR)] == [1, 0, 4]
+    # batch axis in its outputs, the OCR detector one image at a time
+    assert [read_model_io(tmp_path / gpu_path_names(b).ensemble).max_batch_size for b in (CLIP, FACE, OCR)] == [1, 0, 1]
 
 
 def test_names_and_kinds() -> None:
-    assert gpu_path_names(OCR) == (OCR, f"{OCR}__preprocess", f"{OCR}__ensemble")
-    assert [gpu_kind(n) for n in (CLIP, FACE, OCR)] == [CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION]
-    for name in ("clip__ViT-B-32__openai__textual", "facial-recognition__buffalo_l__recognition",
-                 "ocr__PP-OCRv5_mobile__recognition", "nonsense", "a__b__c"):  # fmt: skip
+    assert gpu_path_names(OCR) == (OCR, f"{OCR}__preprocess", f"{OCR}__ensemble", f"{OCR}__unbatched")
+    assert [gpu_kind(n) for n in (CLIP, FACE, OCR, ARCFACE, OCR_REC)] == [
+        CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION, FACE_RECOGNITION, OCR_RECOGNITION
+    ]  # fmt: skip
+    for name in ("clip__ViT-B-32__openai__textual", "nonsense", "a__b__c"):
         assert gpu_kind(name) is None
 
 
@@ -306,8 +320,8 @@ def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, 
         calls["engines"].append((settings.engines_dir, settings.preprocess, repository, kwargs))
         return build_repository(settings, repository, kwargs["only"])
 
-    def preprocess(folder, kind, params, max_batch_size):
-        calls["preprocess"].append((folder.name, kind, params, max_batch_size))
+    def preprocess(folder, kind, params, max_batch_size, device_ids):
+        calls["preprocess"].append((folder.name, kind, params, max_batch_size, device_ids))
         return write_standin_preprocess(folder, kind, params, max_batch_size)
 
     settings = offline_settings(cache, preprocess="gpu")  # models' specs never depend on it
@@ -315,20 +329,46 @@ def test_build_gpu_repository_passes_its_arguments_to_the_builders(cache: Path, 
                                    precision="fp32", gpus=["0", "1"], force=True,
                                    build_engines=engines, write_preprocess=preprocess)  # fmt: skip
     assert written.models == [CLIP, OCR, "ocr__PP-OCRv5_mobile__recognition"]  # what the builder returned
-    assert written.preprocess == [f"{CLIP}__preprocess", f"{OCR}__preprocess"]
-    assert written.ensembles == [f"{CLIP}__ensemble", f"{OCR}__ensemble"]
+    assert written.preprocess == [f"{CLIP}__preprocess", f"{OCR}__preprocess", f"{OCR_REC}__preprocess"]
+    assert written.ensembles == [f"{CLIP}__ensemble", f"{OCR}__ensemble", f"{OCR_REC}__ensemble"]
     only = [CLIP, OCR, "ocr__PP-OCRv5_mobile__recognition"]
     assert calls["engines"] == [
         (tmp_path, "gpu", tmp_path, {"only": only, "precision": "fp32", "gpus": ["0", "1"], "force": True})
     ]
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    (clip_call, ocr_call) = calls["preprocess"]
+    (clip_call, ocr_call, rec_call) = calls["preprocess"]
     assert clip_call[:2] == (f"{CLIP}__preprocess", CLIP_VISUAL) and clip_call[2]["size"] == 224
     assert np.allclose(clip_call[2]["mean"], mean) and np.allclose(clip_call[2]["std"], std)
-    assert clip_call[3] == PREPROCESS_MAX_BATCH_SIZE  # the CLIP model is unbatched
-    assert ocr_call == (f"{OCR}__preprocess", OCR_DETECTION, {}, PREPROCESS_MAX_BATCH_SIZE)
+    assert clip_call[3:] == (PREPROCESS_MAX_BATCH_SIZE, (0, 1))  # the CLIP model is unbatched; the GPU ids
+    assert ocr_call == (f"{OCR}__preprocess", OCR_DETECTION, {}, PREPROCESS_MAX_BATCH_SIZE, (0, 1))
+    assert rec_call == (f"{OCR_REC}__preprocess", OCR_RECOGNITION, {}, PREPROCESS_MAX_BATCH_SIZE, (0, 1))
     assert read_model_io(tmp_path / f"{OCR}__ensemble").max_batch_size == 4  # the detector's
     assert not (tmp_path / f"{FACE}__ensemble").exists()
+
+
+def test_a_failed_engine_skips_only_its_own_kind(cache: Path, tmp_path: Path, caplog) -> None:
+    """A model whose engine failed has no config.pbtxt: its preprocessing, unbatched copy
+    and ensemble are not written, and every other kind's are."""
+    failed = {ARCFACE, OCR}
+
+    def engines(settings, repository, **kwargs):
+        written = write_standin_models(settings, repository, only=kwargs["only"])
+        for name in failed:
+            shutil.rmtree(repository / name)  # as the TensorRT builder leaves a failed model
+        return written
+
+    with caplog.at_level(logging.ERROR):
+        written = build_gpu_repository(offline_settings(cache), tmp_path, build_engines=engines,
+                                       write_preprocess=write_standin_preprocess)  # fmt: skip
+    assert written.skipped == sorted(failed)
+    expected = [b for b in GPU_BASES if b not in failed]
+    assert written.preprocess == [gpu_path_names(b).preprocess for b in expected]
+    assert written.ensembles == [gpu_path_names(b).ensemble for b in expected]
+    for base in failed:
+        names = gpu_path_names(base)
+        assert not any((tmp_path / n).exists() for n in names[1:])  # (the base keeps its derived ONNX copy)
+        assert f"{base}: no model was built" in caplog.text
+    assert (tmp_path / gpu_path_names(OCR_REC).ensemble / "config.pbtxt").is_file()  # OCR recognition still wired
 
 
 def test_det_scale_comes_back_exactly_from_its_float32() -> None:
@@ -382,13 +422,14 @@ async def test_gpu_mode_with_onnxruntime_fails_the_load_with_the_reason(aiohttp_
 
 async def test_loading_an_ensemble_loads_its_composing_models(gpu_settings, triton, client_stats) -> None:
     names = gpu_path_names(CLIP)
-    for name in names[::-1]:
+    composed = names[:3]  # a detector's ensemble holds the model itself
+    for name in composed[::-1]:
         await client_stats.unload_model(name)
     for _ in range(100):  # an unload completes in the background
-        if not any([await client_stats.is_model_ready(n) for n in names]):
+        if not any([await client_stats.is_model_ready(n) for n in composed]):
             break
         await asyncio.sleep(0.05)
-    assert [await client_stats.is_model_ready(n) for n in names] == [False, False, False]
+    assert [await client_stats.is_model_ready(n) for n in composed] == [False, False, False]
     runtime = TritonRuntime(gpu_settings)
     await runtime.start()
     try:
@@ -397,7 +438,7 @@ async def test_loading_an_ensemble_loads_its_composing_models(gpu_settings, trit
         await model.load()
     finally:
         await runtime.stop()
-    assert [await client_stats.is_model_ready(n) for n in names] == [True, True, True]
+    assert [await client_stats.is_model_ready(n) for n in composed] == [True, True, True]
 
 
 @requires_data
@@ -653,3 +694,143 @@ def test_only_rgb_and_greyscale_images_keep_their_bytes_for_the_gpu_path() -> No
         image = decode_pil(buffer.getvalue())
         assert image.mode == "RGB"
         assert (encoded_bytes(image) is not None) is kept, mode
+
+
+# ------------------------------------------------------- decodes on the CPU (GPU mode)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[int]:
+    """One entry (the file's length) per CPU pixel decode in this process (the
+    server's; the stand-ins run in Triton's own processes)."""
+    from immich_trt.models import transforms
+
+    calls: list[int] = []
+    real = transforms._decode_rgb
+
+    def counting(image, data):
+        calls.append(len(data))
+        return real(image, data)
+
+    monkeypatch.setattr(transforms, "_decode_rgb", counting)
+    return calls
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **options)
+    return buffer.getvalue()
+
+
+@requires_data
+async def test_gpu_mode_never_decodes_on_the_cpu_when_every_model_runs_behind_an_ensemble(
+    apps, decodes, client_stats
+) -> None:
+    """CLIP, faces (detection and recognition) and OCR (detection and recognition): the
+    image reaches the server's models as its header only; the answers are the CPU
+    server's (which decodes once, as before)."""
+    photo = (PHOTOS / "portrait.jpg").read_bytes()
+    text = (OCR_IMAGES / "en.jpg").read_bytes()
+    faces = _jpeg(Image.open(io.BytesIO(squares_png())))
+    cases = [(clip_visual_entries(), photo), (face_entries("buffalo_l"), faces), (ocr_entries(), text),
+             ({**clip_visual_entries(), **face_entries("buffalo_l"), **ocr_entries()}, faces)]  # fmt: skip
+    await predict_both(apps, {**face_entries("buffalo_l"), **ocr_entries()}, faces)  # load every model
+    before = {b: await success_count(client_stats, gpu_path_names(b).ensemble) for b in (ARCFACE, OCR_REC)}
+    for entries, data in cases:
+        decodes.clear()
+        gpu, cpu = await predict_both(apps, entries, data)
+        assert decodes == [len(data)], "the CPU server decodes once"  # predict_both asks the GPU server first
+        assert gpu == cpu
+    face_answers = (await predict_both(apps, face_entries("buffalo_l"), faces))[0]["facial-recognition"]
+    assert len(face_answers) == 2  # the recognizer really ran (two squares)
+    # the recognizers ran through their ensembles: faces twice, lines at least twice
+    assert await success_count(client_stats, gpu_path_names(ARCFACE).ensemble, before[ARCFACE] + 3) >= before[ARCFACE] + 3
+    assert await success_count(client_stats, gpu_path_names(OCR_REC).ensemble, before[OCR_REC] + 1) > before[OCR_REC]
+
+
+@pytest.mark.parametrize("case", ["tiff", "cmyk", "palette", "ensemble-refuses"])
+async def test_gpu_mode_decodes_exactly_once_when_a_cpu_step_needs_pixels(
+    apps, decodes, runtime, monkeypatch, case: str
+) -> None:
+    """A format DALI does not take (TIFF), a non-RGB source (CMYK JPEG, palette PNG) or
+    every ensemble refusing (the CPU fallback of all five models): one decode for the
+    whole request (CLIP, faces and OCR), and the CPU server's answer."""
+    from immich_trt.runtime.base import InferenceError
+    from immich_trt.runtime.triton import TritonRuntime as Triton
+
+    base = Image.open(io.BytesIO(squares_png())).convert("RGB")
+    data = {
+        "tiff": lambda: _encode(base, "TIFF"),
+        "cmyk": lambda: _jpeg(base.convert("CMYK")),
+        "palette": lambda: _encode(base.convert("P"), "PNG"),
+        "ensemble-refuses": lambda: _jpeg(base),
+    }[case]()
+    if case == "ensemble-refuses":
+        real_infer = Triton.infer
+
+        async def refusing(self, name, inputs, outputs=None):
+            if name.endswith("__ensemble"):
+                raise InferenceError(f"Triton failed on '{name}': refused by the test")
+            return await real_infer(self, name, inputs, outputs)
+
+        monkeypatch.setattr(Triton, "infer", refusing)
+    entries = {**clip_visual_entries(), **face_entries("buffalo_l"), **ocr_entries()}
+    gpu_client, cpu_client = apps
+    decodes.clear()
+    resp = await gpu_client.post("/predict", data=form(entries, data))
+    assert resp.status == 200, await resp.text()
+    assert decodes == [len(data)]
+    gpu = await resp.json()
+    cpu = await (await cpu_client.post("/predict", data=form(entries, data))).json()
+    assert gpu == cpu and len(gpu["facial-recognition"]) == 2
+
+
+async def test_gpu_mode_answers_pixels_pillow_cannot_decode_as_the_cpu_path_does(apps, decodes) -> None:
+    """A valid header with truncated pixels: the stand-in ensemble refuses the bytes, the
+    CPU fallback's decode fails: the plain 500 of the CPU path, the server stays up."""
+    data = _jpeg(Image.open(io.BytesIO(squares_png())).convert("RGB"))
+    truncated = data[: len(data) // 3]
+    for client in apps:
+        resp = await client.post("/predict", data=form(clip_visual_entries(), truncated))
+        assert resp.status == 500 and await resp.text() == "Internal Server Error"
+        assert (await client.get("/ping")).status == 200
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+async def test_batches_falling_back_together_load_the_base_once(tmp_path: Path) -> None:
+    """A recognizer's batches are issued together (OCR lines); when its ensemble refuses
+    them all, the base model for the CPU fallback is loaded once, not once per batch."""
+    from immich_trt.runtime.base import Runtime
+
+    class Recording(Runtime):
+        def __init__(self) -> None:
+            self.loads: list[str] = []
+
+        async def load(self, spec: ModelSpec) -> None:
+            await asyncio.sleep(0.01)  # a load takes a while: the other batches arrive meanwhile
+            self.loads.append(spec.name)
+
+        async def unload(self, name: str) -> None:
+            return None
+
+        async def infer(self, name, inputs, outputs=None):
+            return {"y": np.asarray(inputs["x"]) + 1}
+
+    settings = offline_settings(tmp_path, triton_url="localhost:1", preprocess="gpu")
+    inner = Recording()
+    runtime = with_ensembles(inner, settings)
+    await runtime.load(ModelSpec("ocr_rec", tmp_path / "model.onnx", from_encoded_image=True))
+
+    async def preprocess(i: int):
+        return {"x": np.array([i])}
+
+    outs = await asyncio.gather(
+        *(runtime.infer_image("ocr_rec", None, lambda i=i: preprocess(i)) for i in range(4))
+    )
+    assert [int(out["y"][0]) for out in outs] == [1, 2, 3, 4]
+    assert inner.loads == [gpu_path_names("ocr_rec").ensemble, "ocr_rec"]

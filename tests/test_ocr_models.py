@@ -405,7 +405,7 @@ def test_tensorrt_layouts_and_engines_of_ppocrv6_and_imported_models(ocr_models_
     for name in ready:
         det = engine_layout(specs[f"ocr__{name}__detection"], settings)
         rec = engine_layout(specs[f"ocr__{name}__recognition"], settings)
-        assert det.family == "ocr-detection" and det.inputs[0][0] == DET_INPUT_U8 and det.max_batch_size == 4
+        assert det.family == "ocr-detection" and det.inputs[0][0] == DET_INPUT_U8 and det.max_batch_size == 1  # one image per engine call
         assert rec.family == "ocr-recognition" and rec.max_batch_size == 8
         assert all(p["x"].min[2] == p["x"].max[2] == 48 for p in rec.profiles)
         assert rec.profiles[0]["x"].min == (1, 3, 48, 320)
@@ -426,7 +426,8 @@ async def test_gpu_target_standin_serves_ppocrv6_and_imported_models_as_the_cpu_
     """``IMMICH_TRT_PREPROCESS=gpu`` on the GPU target's layout with python stand-ins
     (``build-engines --target standin``, served by the real Triton): the OCR detection
     ensembles of PP-OCRv6 and of an imported model (their own normalisation inside the
-    uint8 graph) answer as the CPU path on the real OCR images."""
+    uint8 graph) and their recognition ensembles (line crops from the detector's boxes)
+    answer as the CPU path on the real OCR images."""
     from immich_trt.application import create_app
     from immich_trt.runtime.launcher import TritonLauncher
     from immich_trt.tools.gpu.ensemble import write_standin_repository
@@ -438,7 +439,9 @@ async def test_gpu_target_standin_serves_ppocrv6_and_imported_models_as_the_cpu_
     repo = tmp_path / "repository"
     only = [f"ocr__{m}__{t}" for m in models for t in ("detection", "recognition")]
     written = write_standin_repository(offline_settings(cache, engines_dir=repo), repo, only=only)
-    assert sorted(written.ensembles) == sorted(f"ocr__{m}__detection__ensemble" for m in models)
+    # both recognizers take 48 px lines: the GPU steps crop their lines too
+    kinds = ("detection", "recognition")
+    assert sorted(written.ensembles) == sorted(f"ocr__{m}__{t}__ensemble" for m in models for t in kinds)
     launcher = TritonLauncher(repo, tmp_path / "triton")
     await launcher.start()
     try:
@@ -460,8 +463,9 @@ async def test_gpu_target_standin_serves_ppocrv6_and_imported_models_as_the_cpu_
         stats_client = httpclient.InferenceServerClient(launcher.http_url)
         try:
             for model in models:  # the gpu server went through the ensembles
-                stats = await stats_client.get_inference_statistics(f"ocr__{model}__detection__ensemble")
-                assert int(stats["model_stats"][0]["inference_stats"]["success"]["count"]) >= 5
+                for kind in kinds:
+                    stats = await stats_client.get_inference_statistics(f"ocr__{model}__{kind}__ensemble")
+                    assert int(stats["model_stats"][0]["inference_stats"]["success"]["count"]) >= 5, (model, kind)
         finally:
             await stats_client.close()
     finally:

@@ -242,3 +242,25 @@ def test_uint8_detector_graph_normalises_exactly_like_numpy(ocr_cache: Path, tmp
     np.testing.assert_array_equal(ours, full)
     assert det_uint8_model(src, tmp_path / "model.onnx") == served
     assert (tmp_path / "model.onnx.source").read_text().startswith(str(src.resolve()))
+
+
+def test_line_batches_follow_the_processing_and_other_heights_keep_lines_on_the_cpu(tmp_path: Path) -> None:
+    """``line_batches`` (the GPU path's grouping) and ``rec_batches`` (the CPU path's)
+    agree for a recognizer of another line height and minimum width; such a recognizer
+    asks for no ensemble, since the device pipeline makes 48 px lines only."""
+    from immich_trt.models.base import ModelContext
+    from immich_trt.models.ocr import RecognitionProcessing, TextRecognizer, line_batches
+    from immich_trt.tools.testing import offline_settings
+
+    crops = [np.zeros((h, w, 3), np.uint8) for h, w in ((20, 50), (30, 400), (10, 15))]
+    processing = RecognitionProcessing(32, 100)
+    lines = line_batches(np.array([crop.shape[:2] for crop in crops]), 2, processing=processing)
+    tensors = rec_batches(crops, 2, processing=processing)
+    assert [list(b.indices) for b in lines] == [list(indices) for indices, _ in tensors] == [[2, 0], [1]]
+    assert [b.width for b in lines] == [100, 426]  # min_width 100; int(32 * 400 / 30)
+    assert [t.shape for _, t in tensors] == [(2, 3, 32, 100), (1, 3, 32, 426)]
+
+    recognizer = TextRecognizer("PP-OCRv5_mobile", ModelContext(settings=offline_settings(tmp_path)))
+    assert recognizer.gpu_lines and recognizer._spec().from_encoded_image
+    recognizer.processing = processing
+    assert not recognizer.gpu_lines and not recognizer._spec().from_encoded_image

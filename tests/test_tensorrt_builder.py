@@ -191,13 +191,14 @@ def test_profiles_of_the_fixed_shape_models(layouts) -> None:
 
 def test_ocr_detection_profiles_follow_the_side_buckets(layouts) -> None:
     det = layouts[OCR_DET]
-    assert det.family == "ocr-detection" and det.max_batch_size == 4
+    # batch 1: each of the 9 contexts holds one image (the CPU target batches 4)
+    assert det.family == "ocr-detection" and det.max_batch_size == 1
     assert len(det.profiles) == len(DET_BUCKETS) + 2
     for profile, side in zip(det.profiles, DET_BUCKETS):
-        assert shapes(profile, "image_u8") == ((1, 32, 32, 3), (1, side, side, 3), (4, side, side, 3))
+        assert shapes(profile, "image_u8") == ((1, 32, 32, 3), (1, side, side, 3), (1, side, side, 3))
     wide, tall = det.profiles[-2:]
-    assert shapes(wide, "image_u8") == ((1, 32, 2080, 3), (1, 768, 2560, 3), (4, 1024, 4096, 3))
-    assert shapes(tall, "image_u8") == ((1, 2080, 32, 3), (1, 2560, 768, 3), (4, 4096, 1024, 3))
+    assert shapes(wide, "image_u8") == ((1, 32, 2080, 3), (1, 768, 2560, 3), (1, 1024, 4096, 3))
+    assert shapes(tall, "image_u8") == ((1, 2080, 32, 3), (1, 2560, 768, 3), (1, 4096, 1024, 3))
     assert det.preferred_batch_size == () and det.max_queue_delay_us == 0
 
 
@@ -290,14 +291,14 @@ def test_detection_bucket_selection_every_shape(layouts) -> None:
             assert select_profile(profiles, {"image_u8": (1, h, w, 3)}) == expected, (h, w)
     for k, side in enumerate(DET_BUCKETS):  # the padded bucket shapes the server sends
         for other in DET_BUCKETS[: k + 1]:
-            assert select_profile(profiles, {"image_u8": (4, side, other, 3)}) == k
-            assert select_profile(profiles, {"image_u8": (2, other, side, 3)}) == k
+            assert select_profile(profiles, {"image_u8": (1, side, other, 3)}) == k
+            assert select_profile(profiles, {"image_u8": (1, other, side, 3)}) == k
     wide, tall = len(DET_BUCKETS), len(DET_BUCKETS) + 1
     assert select_profile(profiles, {"image_u8": (1, 736, 2208, 3)}) == wide
     assert select_profile(profiles, {"image_u8": (1, 768, 2560, 3)}) == wide
-    assert select_profile(profiles, {"image_u8": (4, 1024, 4096, 3)}) == wide
+    assert select_profile(profiles, {"image_u8": (1, 1024, 4096, 3)}) == wide
     assert select_profile(profiles, {"image_u8": (1, 2560, 768, 3)}) == tall
-    for uncovered in [(1, 2080, 2080, 3), (1, 736, 4128, 3), (1, 1056, 2560, 3), (5, 256, 256, 3), (1, 16, 256, 3)]:
+    for uncovered in [(1, 2080, 2080, 3), (1, 736, 4128, 3), (1, 1056, 2560, 3), (2, 256, 256, 3), (1, 16, 256, 3)]:
         with pytest.raises(ValueError, match="no optimization profile holds image_u8"):
             select_profile(profiles, {"image_u8": uncovered})
 
@@ -396,13 +397,15 @@ def test_build_skips_cached_engines_and_rebuilds_what_changed(cache_copy: Path, 
     assert sorted(c["name"] for c in builder.calls) == sorted(ALL_MODELS)
     calls = {c["name"]: c for c in builder.calls}
     assert calls[OCR_REC]["onnx"] == repo / OCR_REC / "1" / "model.onnx"  # the served, derived copy
-    assert all(c["timing_cache"] == repo / TIMING_CACHE_NAME and c["precision"] == "fp16" for c in calls.values())
+    assert all(c["timing_cache"] == repo / TIMING_CACHE_NAME for c in calls.values())
+    assert {n: c["precision"] for n, c in calls.items()} == {n: "fp32" if n == OCR_REC else "fp16" for n in calls}
     layouts = {
         s.name: engine_layout(s, dataclasses.replace(settings, engines_dir=repo)) for s in cached_specs(settings)
     }
     for result in results:
         folder = repo / result.name
-        assert result.status == "built" and result.precision == "fp16"
+        # the recognizer in FP32 whatever is asked (its LayerNorm overflows in FP16)
+        assert result.status == "built" and result.precision == ("fp32" if result.name == OCR_REC else "fp16")
         assert calls[result.name]["profiles"] == layouts[result.name].profiles
         info = json.loads((folder / "1" / BUILD_INFO_NAME).read_text())
         assert info["key"] == result.key and info["plan_bytes"] == (folder / "1" / PLAN_NAME).stat().st_size
@@ -418,7 +421,7 @@ def test_build_skips_cached_engines_and_rebuilds_what_changed(cache_copy: Path, 
     assert all(name in table for name in ALL_MODELS) and table.count("cached") == 6
 
     run(precision="fp32")
-    assert sorted(builder.built()) == sorted(ALL_MODELS)
+    assert sorted(builder.built()) == sorted(set(ALL_MODELS) - {OCR_REC})  # the recognizer's engine is FP32 already
     run(precision="fp32")
     assert builder.built() == []
     run(force=True)
@@ -636,3 +639,155 @@ def test_build_engine_with_tensorrt_rtx(layouts, cache_copy: Path, tmp_path: Pat
         settings, repo, only=[SCRFD, ARCFACE], precision="fp32", builder=RtxBuilder(), progress=False
     )
     assert [r.status for r in again] == ["cached", "cached"]
+
+
+# ------------------------------------------- the backend's profile distance (finding h)
+
+
+def test_the_backends_distance_compares_each_opt_dimension_with_the_previous_one() -> None:
+    """tensorrt_backend ranks holding profiles by |opt[0] - batch| + sum |opt[i] -
+    shape[i - 1]| (instance_state.cc 1978-1982), not by the Manhattan distance it means:
+    here the two pick different profiles."""
+    from immich_trt.tools.gpu.tensorrt import backend_distance
+
+    exact = Profile((ProfileShape("x", (1, 1), (4, 60), (8, 200)),))
+    other = Profile((ProfileShape("x", (1, 1), (4, 5), (8, 200)),))
+    shape = {"x": (4, 60)}
+    assert (exact.distance(shape), other.distance(shape)) == (0, 55)  # Manhattan: the first
+    assert (backend_distance(exact, shape), backend_distance(other, shape)) == (56, 1)  # the backend: the second
+    assert select_profile([exact, other], shape) == 1
+
+
+def _manhattan_choice(profiles, shapes) -> int:
+    holding = [i for i, p in enumerate(profiles) if p.holds(shapes)]
+    return min(holding, key=lambda i: (profiles[i].distance(shapes), i))
+
+
+def test_our_profiles_get_the_same_choice_under_both_distances(layouts) -> None:
+    """Nested square detector profiles (the smallest holding side wins either way) and
+    disjoint recognizer width ranges (one profile holds a width): every shape the
+    server can send picks the same profile with the backend's formula and Manhattan's."""
+    det = layouts[OCR_DET].profiles
+    checked = 0
+    for h in range(32, 4097, 32):
+        for w in range(32, 4097, 32):
+            shapes = {"image_u8": (1, h, w, 3)}
+            if any(p.holds(shapes) for p in det):
+                assert select_profile(det, shapes) == _manhattan_choice(det, shapes), (h, w)
+                checked += 1
+    rec = layouts[OCR_REC].profiles
+    for width in range(320, 5121, 7):
+        for batch in (1, 3, 6, 8):
+            shapes = {"x": (batch, 3, 48, width)}
+            assert select_profile(rec, shapes) == _manhattan_choice(rec, shapes), (batch, width)
+            checked += 1
+    assert checked > 6000
+
+
+# --------------------------------------------------- FP16 where it is safe (finding f)
+
+
+def test_an_fp16_engine_that_disagrees_with_onnxruntime_is_rebuilt_in_fp32(cache_copy: Path, tmp_path: Path) -> None:
+    settings = offline_settings(cache_copy)
+    repo = tmp_path / "engines"
+    builder = RecordingBuilder(served_files(settings, repo))
+    seen: list[tuple[str, int]] = []
+
+    def verify(layout, plan):
+        precision = builder.calls[-1]["precision"]
+        seen.append((layout.name, precision))
+        if layout.name == SCRFD and precision == "fp16":
+            return False, "score_8: cosine 0.410000"
+        if layout.name == CLIP_TEXTUAL:
+            return None, "CUDA's runtime library (libcudart) cannot be loaded"
+        return True, "embedding: cosine 0.999990"
+
+    results = {r.name: r for r in build_tensorrt_models(settings, repo, builder=builder, progress=False, verify=verify)}
+    assert [c["precision"] for c in builder.calls if c["name"] == SCRFD] == ["fp16", "fp32"]
+    assert results[SCRFD].precision == "fp32" and results[SCRFD].status == "built"
+    info = json.loads((repo / SCRFD / "1" / BUILD_INFO_NAME).read_text())
+    assert info["precision"] == "fp32" and info["requested_precision"] == "fp16"
+    assert info["checked"].startswith("FP16 disagreed, FP32 built: embedding: cosine")
+    assert results[OCR_REC].precision == "fp32"  # by policy: not built in FP16 at all
+    assert "LayerNorm" in json.loads((repo / OCR_REC / "1" / BUILD_INFO_NAME).read_text())["fp32_because"]
+    assert results[CLIP_TEXTUAL].checked.startswith("not checked: CUDA")
+    assert results[ARCFACE].precision == "fp16" and results[ARCFACE].checked == "embedding: cosine 0.999990"
+    # cached: the FP32 engine stays, nothing is built or checked again
+    builder.calls.clear()
+    seen.clear()
+    again = {r.name: r for r in build_tensorrt_models(settings, repo, builder=builder, progress=False, verify=verify)}
+    assert builder.calls == [] and seen == [] and again[SCRFD].precision == "fp32"
+
+    def fp32_disagrees_too(layout, plan):
+        return (False, "collapsed") if layout.name == OCR_DET else (True, "ok")
+
+    results = build_tensorrt_models(settings, repo, builder=builder, progress=False, verify=fp32_disagrees_too,
+                                    force=True)  # fmt: skip
+    failed = {r.name: r for r in results if r.status == "failed"}
+    assert list(failed) == [OCR_DET] and "disagrees with ONNX Runtime: FP16 disagreed, FP32 built: collapsed" in (
+        failed[OCR_DET].error
+    )
+
+
+def test_reference_inputs_and_agreement(layouts) -> None:
+    import numpy as np
+
+    from immich_trt.tools.gpu.verify import agreement, reference_inputs
+
+    shapes = {name: {k: (v.shape, v.dtype.name) for k, v in reference_inputs(layout).items()} for name, layout in layouts.items()}
+    assert shapes[CLIP_VISUAL] == {"image": ((1, 3, 224, 224), "float32")}
+    assert shapes[ARCFACE] == {"input.1": ((8, 3, 112, 112), "float32")}  # the opt batch
+    assert shapes[OCR_DET]["image_u8"] == ((1, 256, 256, 3), "uint8")
+    assert shapes[OCR_REC]["x"][1] == "float32" and shapes[OCR_REC]["x"][0][1:3] == (3, 48)
+    text = reference_inputs(layouts[CLIP_TEXTUAL])["text"]
+    assert text[0, 0] == 49406 and (text[0, 1:] < 1000).all()
+    page = reference_inputs(layouts[OCR_DET])["image_u8"]
+    assert set(np.unique(page)) == {20, 235}  # dark bars on white
+    rng = np.random.default_rng(1)
+    ref = {"e": rng.normal(size=(4, 512)).astype(np.float32), "i": rng.integers(0, 100, (6, 40))}
+    close = {"e": ref["e"] + 1e-3, "i": ref["i"].copy()}
+    assert agreement(ref, close)[0]
+    overflow = {"e": np.where(ref["e"] > 1, np.inf, ref["e"]), "i": ref["i"]}
+    assert agreement(ref, overflow) == (False, "e: not finite")
+    wrong = {"e": rng.normal(size=(4, 512)).astype(np.float32), "i": rng.integers(0, 100, (6, 40))}
+    ok, measured = agreement(ref, wrong)
+    assert not ok and "cosine" in measured and "% equal" in measured
+
+
+# ---------------------------------------------- the build's GPU is the one asked for (d)
+
+
+def test_the_builder_points_cuda_at_the_first_gpu_in_pci_order(tmp_path: Path, monkeypatch) -> None:
+    from immich_trt.tools.gpu import tensorrt as trt_module
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA A10'\necho '1, NVIDIA H100 80GB HBM3'\necho '2, NVIDIA H100 80GB HBM3'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+
+    class FakeTensorRT:
+        __version__ = "10.13.3.9"
+
+    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: FakeTensorRT)
+    builder = trt_module.TensorRTBuilder([2, 1])
+    assert builder.gpu_name == "NVIDIA H100 80GB HBM3"
+    # TensorRT builds on CUDA device 0: the H100 number 2, not the A10 nvidia-smi lists first
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2" and os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(NoGPUError, match="different models"):
+        trt_module.TensorRTBuilder([0, 1])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # refused before touching it
+
+
+def test_the_launched_triton_numbers_gpus_as_nvidia_smi(tmp_path: Path, monkeypatch) -> None:
+    from immich_trt.runtime.launcher import TritonLauncher
+    from immich_trt.tools.testing import triton_installation_from_wheel
+
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    launcher = TritonLauncher(tmp_path / "repo", tmp_path / "work", server_root=triton_installation_from_wheel(tmp_path / "t"))
+    from immich_trt.runtime.launcher import TritonInstallation
+
+    env = launcher._environment(TritonInstallation.at(tmp_path / "t"))
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

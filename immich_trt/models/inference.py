@@ -16,6 +16,7 @@ from PIL import Image
 
 from .cache import ModelCache
 from .entries import InferenceEntry
+from .transforms import EncodedImage, ImageInput
 
 
 class MissingDependency(Exception):
@@ -24,7 +25,7 @@ class MissingDependency(Exception):
 
 async def run_inference(
     cache: ModelCache,
-    payload: Image.Image | str,
+    payload: ImageInput | str,
     without_deps: list[InferenceEntry],
     with_deps: list[InferenceEntry],
     outputs: dict[tuple, Any] | None = None,
@@ -61,6 +62,6 @@ async def run_inference(
     await asyncio.gather(*(run_one(entry) for entry in without_deps))
     if with_deps:
         await asyncio.gather(*(run_one(entry) for entry in with_deps))
-    if isinstance(payload, Image.Image):
+    if isinstance(payload, (Image.Image, EncodedImage)):
         response["imageHeight"], response["imageWidth"] = payload.height, payload.width
     return response

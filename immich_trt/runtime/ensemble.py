@@ -2,10 +2,15 @@
 
 With ``IMMICH_TRT_PREPROCESS=gpu`` the repository built by ``build-engines --target
 tensorrt`` holds, next to each model ``<base>`` whose input is made from the encoded
-image (CLIP visual, face detection, OCR detection; :attr:`ModelSpec.from_encoded_image`):
+image (CLIP visual, face detection and recognition, OCR detection and recognition;
+:attr:`ModelSpec.from_encoded_image`):
 
-* ``<base>__preprocess``: a DALI pipeline (``encoded`` bytes -> the model's input);
-* ``<base>__ensemble``: ``<base>__preprocess`` then ``<base>``.
+* ``<base>__preprocess``: a DALI pipeline (``encoded`` bytes, plus the detector's
+  landmarks or text boxes for the recognizers, -> the model's input);
+* ``<base>__ensemble``: ``<base>__preprocess`` then ``<base>``, or, for the recognizers,
+  ``<base>__unbatched``: the same engine served without a batch axis, since one request
+  carries all its faces (or text lines) as one DALI sample (see
+  ``immich_trt.tools.gpu.ensemble``).
 
 :class:`EnsembleRuntime` wraps the Triton runtime and makes that choice, so that a model
 never knows where its preprocessing runs: it loads ``<base>__ensemble`` for such models
@@ -20,6 +25,8 @@ ensembles written by the GPU build tooling.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -40,6 +47,23 @@ BUCKET_HW = "bucket_hw"
 DET_SCALE_OUTPUT = "det_scale"
 #: The CLIP ensemble's output, whatever the model calls its own (FP32 [1, D]).
 CLIP_EMBEDDING = "embedding"
+#: Face recognition: the detector's landmarks of the request's faces, FP32 [1, N, 5, 2]
+#: (pixels of the image; the similarity transform to the ArcFace template is computed on
+#: the device).
+FACE_LANDMARKS = "face_landmarks"
+#: OCR recognition, one request per batch of lines of the CPU path: each line's crop
+#: homography as PIL ``PERSPECTIVE`` data, FP32 [1, N, 8], and INT32 [1, N, 8] (the
+#: columns of :data:`LINE_GEOMETRY_COLUMNS`).
+LINE_COEFFICIENTS = "line_coefficients"
+LINE_GEOMETRY = "line_geometry"
+#: ``line_geometry`` columns: the line's index in the request; the crop's width and
+#: height before rotation; 1 when the crop is rotated 90 degrees (``h / w >= 1.5``); the
+#: resized width at height 48; the batch's padded width; the first output column and
+#: row where ``cv2.resize`` clamps to the crop's last column and row (the output width and
+#: 48 when it never does).
+LINE_GEOMETRY_COLUMNS = (
+    "index", "width", "height", "rotated", "resized_width", "batch_width", "clamp_column", "clamp_row",
+)
 
 
 class GpuPathNames(NamedTuple):
@@ -48,11 +72,13 @@ class GpuPathNames(NamedTuple):
     base: str  # the TensorRT (or CPU-target) model, e.g. ``clip__ViT-B-32__openai__visual``
     preprocess: str  # ``<base>__preprocess``
     ensemble: str  # ``<base>__ensemble``
+    unbatched: str  # ``<base>__unbatched``: the recognizers' engine without a batch axis
 
 
 def gpu_path_names(base: str) -> GpuPathNames:
-    """The names of the preprocessing model and the ensemble served for model ``base``."""
-    return GpuPathNames(base, f"{base}__preprocess", f"{base}__ensemble")
+    """The names of the preprocessing model, the ensemble and the unbatched copy served
+    for model ``base``."""
+    return GpuPathNames(base, f"{base}__preprocess", f"{base}__ensemble", f"{base}__unbatched")
 
 
 def image_format(encoded: bytes) -> str | None:
@@ -137,7 +163,10 @@ class EnsembleRuntime(Runtime):
     def __init__(self, inner: Runtime, settings: Settings) -> None:
         self.settings = settings
         self.inner = inner
-        self._ensembles: set[str] = set()  # base names served through their ensemble
+        self._ensembles: dict[str, ModelSpec] = {}  # base name -> its spec, served through its ensemble
+        self._bases: set[str] = set()  # bases loaded for the CPU fallback
+        # one load per base when a request's batches fall back together (OCR lines)
+        self._base_loads: dict[str, asyncio.Lock] = {}
 
     def __getattr__(self, name: str):  # the wrapped runtime's own attributes (launcher, url...)
         if name == "inner":
@@ -159,14 +188,17 @@ class EnsembleRuntime(Runtime):
         if spec.from_encoded_image:
             check_gpu_settings(self.settings)
             await self.inner.load(ensemble_spec(spec))
-            self._ensembles.add(spec.name)
+            self._ensembles[spec.name] = spec
         else:
             await self.inner.load(spec)
 
     async def unload(self, name: str) -> None:
         if name in self._ensembles:
-            self._ensembles.discard(name)
+            del self._ensembles[name]
             await self.inner.unload(gpu_path_names(name).ensemble)
+            if name in self._bases:
+                self._bases.discard(name)
+                await self.inner.unload(name)
         else:
             await self.inner.unload(name)
 
@@ -185,12 +217,20 @@ class EnsembleRuntime(Runtime):
         image_size: tuple[int, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """``<name>__ensemble`` on ``encoded`` when the bytes suit it, else the model's CPU
-        ``preprocess`` and ``name`` directly, which the ensemble's load has loaded (see
-        :meth:`Runtime.infer_image`)."""
+        ``preprocess`` and ``name`` directly (see :meth:`Runtime.infer_image`). The
+        detectors' ensembles hold ``name``; a recognizer's holds its unbatched copy, so
+        ``name`` is loaded on its first fallback."""
         out = await infer_ensemble(self.inner, name, encoded, ensemble_inputs, outputs, image_size)
         if out is not None:
             return out
-        return await self.inner.infer(name, await preprocess(), outputs)
+        inputs = await preprocess()
+        spec = self._ensembles.get(name)
+        if spec is not None and name not in self._bases:
+            async with self._base_loads.setdefault(name, asyncio.Lock()):
+                if name not in self._bases:
+                    await self.inner.load(dataclasses.replace(spec, from_encoded_image=False))
+                    self._bases.add(name)
+        return await self.inner.infer(name, inputs, outputs)
 
 
 def with_ensembles(runtime: Runtime, settings: Settings) -> Runtime:
@@ -202,7 +242,8 @@ def with_ensembles(runtime: Runtime, settings: Settings) -> Runtime:
 
 
 __all__ = [
-    "BUCKET_HW", "CLIP_EMBEDDING", "DET_SCALE_OUTPUT", "ENCODED_INPUT", "RESIZE_HW", "EnsembleRuntime",
+    "BUCKET_HW", "CLIP_EMBEDDING", "DET_SCALE_OUTPUT", "ENCODED_INPUT", "FACE_LANDMARKS", "LINE_COEFFICIENTS",
+    "LINE_GEOMETRY", "LINE_GEOMETRY_COLUMNS", "RESIZE_HW", "EnsembleRuntime",
     "GpuPathNames", "check_gpu_settings", "ensemble_spec", "gpu_path_names", "image_format", "infer_ensemble",
     "with_ensembles",
 ]

@@ -214,6 +214,9 @@ class TritonLauncher:
             p for p in (str(install.libs or ""), libdir, env.get("LD_LIBRARY_PATH", "")) if p
         )
         env["IMMICH_TRT_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
+        # the configs' instance_group gpus are MACHINE_LEARNING_DEVICE_IDS, nvidia-smi's
+        # indices (PCI bus order); CUDA numbers devices fastest first unless told otherwise
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         return env
 
     async def start(self) -> None:

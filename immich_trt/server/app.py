@@ -22,7 +22,7 @@ from ..models import build_model
 from ..models.base import ModelContext
 from ..models.cache import FailedToLoad, ModelCache
 from ..models.entries import InvalidEntries, parse_entries
-from ..models.transforms import ImageTooLarge, UndecodableImage, decode_pil
+from ..models.transforms import EncodedImage, ImageInput, ImageTooLarge, UndecodableImage, decode_pil, open_encoded
 from ..runtime import make_runtime
 from ..runtime.base import Runtime
 from ..web import METRICS, STATE, AppState, HTTPError, Metrics, error_middleware, json_response, read_form
@@ -55,7 +55,12 @@ async def predict(request: web.Request) -> web.Response:
     """``POST /predict``: Immich's multipart request (``entries`` + ``image`` or ``text``)
     answered with Immich's JSON: 422 for missing or invalid ``entries``, 400 without
     input, 413 for an image over the pixel bound, a plain 500 for an undecodable image,
-    503 with ``Retry-After`` while the backend is unavailable."""
+    503 with ``Retry-After`` while the backend is unavailable.
+
+    With ``IMMICH_TRT_PREPROCESS=gpu`` the image is read from its header only
+    (:func:`open_encoded`, on the event loop): models whose preprocessing runs in the
+    GPU ensembles never decode it on the CPU, and a step that needs its pixels decodes
+    it then, once per request (bytes Pillow cannot decode answer the same 500 then)."""
     state = request.app[STATE]
     metrics = state.metrics
     ctx = state.ctx
@@ -78,17 +83,17 @@ async def predict(request: web.Request) -> web.Response:
         text = fields.get("text")
         if isinstance(image, str):
             image = image.encode()
-        payload: Image.Image | str
+        payload: ImageInput | str
         if image is not None:
             try:
-                payload = await ctx.run(decode_pil, image, state.settings.max_image_pixels)
+                if state.settings.preprocess == "gpu":
+                    payload = open_encoded(image, state.settings.max_image_pixels)
+                else:
+                    payload = await ctx.run(decode_pil, image, state.settings.max_image_pixels)
             except ImageTooLarge as exc:
                 raise HTTPError(413, str(exc), "image_too_large") from None
             except UndecodableImage as exc:
-                # Immich's code for an undecodable image is a plain 500; one log line, no traceback
-                log.info("Undecodable image (%d bytes): %s: %s", len(image), exc, exc.__cause__)
-                metrics.errors.labels("500", "undecodable_image").inc()
-                return web.Response(status=500, text="Internal Server Error")
+                return _undecodable(metrics, image, exc)
             if payload.width == 0 or payload.height == 0:
                 raise HTTPError(400, "Image has zero width or height", "zero_size")
         elif isinstance(text, (str, bytes)) and text != "":
@@ -100,9 +105,13 @@ async def predict(request: web.Request) -> web.Response:
             raise HTTPError(400, "Either image or text must be provided", "no_input")
 
         outputs: dict[tuple, Any] = {}
-        response = await state.run_entries(payload, without_deps, with_deps, outputs)
+        try:
+            response = await state.run_entries(payload, without_deps, with_deps, outputs)
+        except UndecodableImage as exc:  # an EncodedImage whose pixels a CPU step asked for
+            assert isinstance(image, bytes)
+            return _undecodable(metrics, image, exc)
         body = json_response(response)
-        if isinstance(payload, Image.Image) and isinstance(image, bytes):
+        if isinstance(payload, (Image.Image, EncodedImage)) and isinstance(image, bytes):
             for hook in state.prediction_hooks:
                 hook(image, payload, response, outputs, without_deps + with_deps)
         return body
@@ -110,6 +119,13 @@ async def predict(request: web.Request) -> web.Response:
         state.active -= 1
         metrics.in_flight.dec()
         metrics.request_latency.observe(time.perf_counter() - started)
+
+
+def _undecodable(metrics: Metrics, data: bytes, exc: UndecodableImage) -> web.Response:
+    """Immich's answer to an undecodable image: a plain 500; one log line, no traceback."""
+    log.info("Undecodable image (%d bytes): %s: %s", len(data), exc, exc.__cause__)
+    metrics.errors.labels("500", "undecodable_image").inc()
+    return web.Response(status=500, text="Internal Server Error")
 
 
 async def idle_unload_loop(app: web.Application) -> None:

@@ -12,9 +12,9 @@ import asyncio
 import logging
 
 from aiohttp import web
-from PIL import Image
 
 from ..models.entries import InferenceEntry
+from ..models.transforms import ImageInput
 from ..web import STATE
 from ..web.access import make_access_middleware
 from .ingest import record_prediction
@@ -40,7 +40,7 @@ def _recorder(app: web.Application):
     """The ``/predict`` hook of record mode: stores the result in the background; a
     failure is logged and never reaches the Immich request."""
 
-    def record(data: bytes, image: Image.Image, response: dict, outputs: dict, entries: list[InferenceEntry]) -> None:
+    def record(data: bytes, image: ImageInput, response: dict, outputs: dict, entries: list[InferenceEntry]) -> None:
         state = app[STATE]
         sidecar = app.get(SIDECAR)
         if sidecar is None or state.ctx is None:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import contract
 from ..config import clean_name
+from ..models.transforms import ImageInput, pixels
 from .assets import AssetResults, FaceResult, OcrLine, find_asset, tasks_done
 from .duplicates import imohash_of
 from .errors import BadRequest
@@ -69,7 +70,7 @@ class IngestOptions:
 
 
 def results_from_outputs(
-    image: Image.Image,
+    image: ImageInput,
     data_size: int,
     imohash: str,
     response: dict[str, Any],
@@ -98,7 +99,7 @@ def results_from_outputs(
                     score=float(face["score"]),
                     embedding=np.asarray(orjson.loads(face["embedding"]), dtype=np.float32),
                     landmarks=None if landmarks is None else np.asarray(landmarks[i], dtype=np.float32),
-                    thumbnail=face_thumbnail(image, box),
+                    thumbnail=face_thumbnail(pixels(image), box),
                 )
             )
         results.faces = (models["faces"], stored)
@@ -182,7 +183,7 @@ def recorded_tasks(entries: list[tuple[str, str, str]]) -> dict[str, str]:
 async def record_prediction(
     sidecar: Sidecar,
     data: bytes,
-    image: Image.Image,
+    image: ImageInput,
     response: dict[str, Any],
     outputs: dict[tuple, Any],
     entries: list[tuple[str, str, str]],

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from PIL import Image
 
 from ..config import Settings
 from ..models.base import ModelContext
 from ..models.cache import FailedToLoad, ModelCache
 from ..models.entries import InferenceEntry
 from ..models.inference import MissingDependency, run_inference
+from ..models.transforms import ImageInput
 from ..runtime.base import Runtime, RuntimeUnavailableError
 from .http import HTTPError
 from .metrics import Metrics
@@ -27,9 +27,10 @@ from .metrics import Metrics
 log = logging.getLogger("immich_trt.server")
 
 #: ``hook(data, image, response, outputs, entries)``: told of each answered ``/predict``
-#: on an image (the encoded bytes, the decoded image, the response, every model's raw
+#: on an image (the encoded bytes, the image as the models got it: decoded, or an
+#: ``EncodedImage`` whose pixels ``pixels()`` decodes, the response, every model's raw
 #: output by ``(type, task)``, the entries); must not block (schedule work instead).
-PredictionHook = Callable[[bytes, Image.Image, dict, dict, list[InferenceEntry]], None]
+PredictionHook = Callable[[bytes, ImageInput, dict, dict, list[InferenceEntry]], None]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class AppState:
 
     async def run_entries(
         self,
-        payload: Image.Image | str,
+        payload: ImageInput | str,
         without_deps: list[InferenceEntry],
         with_deps: list[InferenceEntry],
         outputs: dict[tuple, Any] | None = None,

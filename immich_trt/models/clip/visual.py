@@ -13,7 +13,7 @@ from PIL import Image
 from ...runtime.base import ModelSpec
 from ..base import ModelContext
 from ..registry import ModelType
-from ..transforms import crop_pil, encoded_bytes, resize_pil, serialize_np
+from ..transforms import EncodedImage, ImageInput, crop_pil, encoded_bytes, pixels, resize_pil, serialize_np
 from .base import _ClipModel
 
 
@@ -43,14 +43,15 @@ class ClipVisualEncoder(_ClipModel):
         self.mean = np.array(cfg["mean"], dtype=np.float32)
         self.std = np.array(cfg["std"], dtype=np.float32)
 
-    def preprocess(self, image: Image.Image) -> dict[str, np.ndarray]:
-        return {"image": clip_preprocess(image, self.size, self.mean, self.std)}
+    def preprocess(self, image: ImageInput) -> dict[str, np.ndarray]:
+        """The CPU preprocessing (decodes an :class:`EncodedImage`: call it in the executor)."""
+        return {"image": clip_preprocess(pixels(image), self.size, self.mean, self.std)}
 
     def _spec(self) -> ModelSpec:
         return ModelSpec(self.triton_name, self.model_file, max_batch_size=0, from_encoded_image=True)
 
-    async def _predict(self, image: Image.Image) -> str:
-        if not isinstance(image, Image.Image):
+    async def _predict(self, image: ImageInput) -> str:
+        if not isinstance(image, (Image.Image, EncodedImage)):
             raise TypeError("clip visual needs an image")
         out = await self.ctx.runtime.infer_image(
             self.triton_name, encoded_bytes(image), lambda: self.ctx.run(self.preprocess, image), image_size=image.size

@@ -13,15 +13,19 @@ from typing import Any
 import cv2
 import numpy as np
 import onnx
-from PIL import Image
 
 from ...runtime.base import ModelSpec
+from ...runtime.ensemble import FACE_LANDMARKS
 from ..base import ModelContext
 from ..onnxfile import is_up_to_date, load_onnx, save_onnx_atomic
 from ..registry import ModelTask, ModelType
-from ..transforms import serialize_np, to_bgr
+from ..transforms import ImageInput, encoded_bytes, pixels, serialize_np, to_bgr
 from .alignment import norm_crop
 from .base import _FaceModel
+
+#: The most faces one ArcFace call (Triton ``max_batch_size``, the engine's largest
+#: profile batch) takes; a photo with more is sent in chunks.
+ARCFACE_MAX_BATCH = 64
 
 
 def arcface_normalisation(model: Path | onnx.GraphProto) -> tuple[float, float]:
@@ -69,7 +73,12 @@ class FaceRecognizer(_FaceModel):
         self.runtime_file = self.model_file
 
     def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=0 if self.batch_size == 1 else 64)
+        return ModelSpec(
+            self.triton_name,
+            self.runtime_file,
+            max_batch_size=0 if self.batch_size == 1 else ARCFACE_MAX_BATCH,
+            from_encoded_image=True,
+        )
 
     def prepare_files(self) -> None:
         graph = load_onnx(self.model_file).graph
@@ -83,25 +92,31 @@ class FaceRecognizer(_FaceModel):
             dest = self.ctx.settings.engines_dir / self.triton_name / "1" / "model.onnx"
             self.runtime_file = dynamic_batch_copy(self.model_file, dest)
 
-    def _crops(self, image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
-        bgr = to_bgr(image)
-        return recognition_blob([norm_crop(bgr, lmk) for lmk in landmarks], self.mean, self.std)
+    def _crops(self, image: ImageInput, landmarks: np.ndarray) -> dict[str, np.ndarray]:
+        """The CPU preprocessing: the aligned faces' blob ``{input: float32[N, 3, 112,
+        112]}`` (decodes an :class:`EncodedImage`: call it in the executor)."""
+        bgr = to_bgr(pixels(image))
+        return {self.input_name: recognition_blob([norm_crop(bgr, lmk) for lmk in landmarks], self.mean, self.std)}
 
-    async def _embeddings(self, blob: np.ndarray) -> np.ndarray:
-        size = len(blob) if self.batch_size is None else self.batch_size
-        chunks = []
-        for start in range(0, len(blob), max(1, size)):
-            out = await self.ctx.runtime.infer(
-                self.triton_name, {self.input_name: blob[start : start + size]}, [self.output_name]
-            )
-            chunks.append(out[self.output_name])
-        return np.concatenate(chunks)
-
-    async def _predict(self, image: Image.Image, faces: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    async def _predict(self, image: ImageInput, faces: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         if faces["boxes"].shape[0] == 0:
             return []
-        blob = await self.ctx.run(self._crops, image, faces["landmarks"])
-        embeddings = await self._embeddings(blob)
+        landmarks = faces["landmarks"]
+        size = min(len(landmarks) if self.batch_size is None else max(1, self.batch_size), ARCFACE_MAX_BATCH)
+        encoded = encoded_bytes(image)
+        chunks = []
+        for start in range(0, len(landmarks), size):
+            chunk = landmarks[start : start + size]
+            out = await self.ctx.runtime.infer_image(
+                self.triton_name,
+                encoded,
+                lambda chunk=chunk: self.ctx.run(self._crops, image, chunk),
+                ensemble_inputs={FACE_LANDMARKS: np.ascontiguousarray(chunk, dtype=np.float32)[None]},
+                outputs=[self.output_name],
+                image_size=image.size,
+            )
+            chunks.append(out[self.output_name])
+        embeddings = np.concatenate(chunks)
         return [
             {"boundingBox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}, "embedding": serialize_np(embedding), "score": score}
             for (x1, y1, x2, y2), embedding, score in zip(faces["boxes"], embeddings, faces["scores"])

@@ -17,7 +17,7 @@ from ...runtime.ensemble import BUCKET_HW, RESIZE_HW
 from ..base import ModelContext
 from ..onnxfile import load_onnx
 from ..registry import ModelType
-from ..transforms import encoded_bytes
+from ..transforms import ImageInput, encoded_bytes, pixels
 from .base import _PaddleModel
 from .buckets import DET_BUCKETS, bucket
 from .db_postprocess import DBPostProcess, empty_detection, sorted_boxes
@@ -150,8 +150,8 @@ class TextDetector(_PaddleModel):
         pixels = det_resize(image, self.max_resolution)
         return pad_to_bucket(pixels) if self.shape_buckets else pixels
 
-    def _input_tensors(self, image: Image.Image) -> dict[str, np.ndarray]:
-        tensor = self._preprocess(image)
+    def _input_tensors(self, image: ImageInput) -> dict[str, np.ndarray]:
+        tensor = self._preprocess(pixels(image))
         assert tensor is not None  # tiny images never reach the runtime
         return {DET_INPUT_U8: tensor}
 
@@ -162,7 +162,7 @@ class TextDetector(_PaddleModel):
             return empty_detection()
         return {"boxes": sorted_boxes(boxes), "scores": np.array(scores, dtype=np.float32)}
 
-    async def _predict(self, image: Image.Image) -> dict[str, np.ndarray]:
+    async def _predict(self, image: ImageInput) -> dict[str, np.ndarray]:
         w, h = image.size
         if w < 32 or h < 32:
             return empty_detection()

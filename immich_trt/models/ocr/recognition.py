@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -15,9 +16,11 @@ import numpy as np
 from PIL import Image
 
 from ...runtime.base import ModelSpec
+from ...runtime.ensemble import LINE_COEFFICIENTS, LINE_GEOMETRY
 from ..base import ModelContext, ModelLoadError
 from ..onnxfile import load_onnx
 from ..registry import ModelTask, ModelType
+from ..transforms import ImageInput, encoded_bytes, pixels
 from .base import _PaddleModel
 from .buckets import REC_WIDTH_BUCKETS, bucket
 from .ctc import CTCLabelDecode, characters_of
@@ -69,21 +72,48 @@ def crop_sizes(boxes: np.ndarray) -> np.ndarray:
     return np.stack([widths, heights], axis=1).astype(np.int32)
 
 
+@dataclass(frozen=True)
+class LineGeometry:
+    """Where each text line's crop comes from, computed from the detector's boxes alone
+    (no pixels): ``sizes`` ``int32[N, 2]`` (width, height) of the crop before rotation
+    (:func:`crop_sizes`), ``coefficients`` ``float32[N, 8]`` its homography
+    (:func:`perspective_coefficients`), ``rotated`` ``bool[N]`` (``h / w >= 1.5``: turned
+    90 degrees counter-clockwise), ``shapes`` ``int32[N, 2]`` (height, width) of the
+    crop as the recognizer sees it (after rotation)."""
+
+    sizes: np.ndarray
+    coefficients: np.ndarray
+    rotated: np.ndarray
+    shapes: np.ndarray
+
+    @classmethod
+    def of(cls, boxes: np.ndarray) -> LineGeometry:
+        """The geometry of ``boxes`` ``float32[N, 4, 2]`` (tl, tr, br, bl pixels)."""
+        sizes = crop_sizes(boxes)
+        coefficients = perspective_coefficients(boxes, sizes)
+        rotated = np.array([h * 1.0 / w >= 1.5 for w, h in sizes], dtype=bool)
+        shapes = np.where(rotated[:, None], sizes, sizes[:, ::-1]).astype(np.int32)
+        return cls(sizes, coefficients, rotated, shapes)
+
+
+def crop_text_line(image: Image.Image, coefficients: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """One rectified BGR ``uint8[h, w, 3]`` crop: PIL perspective transform of ``image``
+    to ``size`` (width, height) with BICUBIC and ``coefficients`` (PIL ``PERSPECTIVE``
+    data), rotated 90 degrees counter-clockwise when ``h / w >= 1.5``, as immich-ml
+    ``TextRecognizer.get_crop_img_list``."""
+    width, height = int(size[0]), int(size[1])
+    crop = image.transform((width, height), Image.Transform.PERSPECTIVE, tuple(coefficients), Image.Resampling.BICUBIC)
+    if height * 1.0 / width >= 1.5:
+        crop = crop.rotate(90, expand=True)
+    return cv2.cvtColor(np.array(crop), cv2.COLOR_RGB2BGR)
+
+
 def crop_text_lines(image: Image.Image, boxes: np.ndarray) -> list[np.ndarray]:
     """Rectified BGR ``uint8[h, w, 3]`` crops of each quadrilateral: PIL perspective
     transform with BICUBIC, rotated 90 degrees counter-clockwise when ``h / w >= 1.5``,
-    as immich-ml ``TextRecognizer.get_crop_img_list``."""
-    sizes = crop_sizes(boxes)
-    coeffs = perspective_coefficients(boxes, sizes)
-    crops = []
-    for (width, height), data in zip(sizes, coeffs):
-        crop = image.transform(
-            (int(width), int(height)), Image.Transform.PERSPECTIVE, tuple(data), Image.Resampling.BICUBIC
-        )
-        if height * 1.0 / width >= 1.5:
-            crop = crop.rotate(90, expand=True)
-        crops.append(cv2.cvtColor(np.array(crop), cv2.COLOR_RGB2BGR))
-    return crops
+    as immich-ml ``TextRecognizer.get_crop_img_list`` (:func:`crop_text_line` each)."""
+    geometry = LineGeometry.of(boxes)
+    return [crop_text_line(image, c, s) for c, s in zip(geometry.coefficients, geometry.sizes)]
 
 
 def rec_input_width(max_wh_ratio: float, buckets: bool = False, height: int = REC_HEIGHT) -> int:
@@ -92,24 +122,73 @@ def rec_input_width(max_wh_ratio: float, buckets: bool = False, height: int = RE
     return bucket(width, REC_WIDTH_BUCKETS, 640) if buckets else width
 
 
+def resized_width(height: int, width: int, max_wh_ratio: float, target_height: int = REC_HEIGHT) -> int:
+    """The width a ``height x width`` crop is resized to at ``target_height`` (48) in a
+    batch of ``max_wh_ratio``: ``ceil(target_height * w / h)``, at most
+    ``int(target_height * max_wh_ratio)``, as RapidOCR ``TextRecognizer.resize_norm_img``."""
+    img_width = int(target_height * max_wh_ratio)
+    ratio = width / float(height)
+    return img_width if math.ceil(target_height * ratio) > img_width else int(math.ceil(target_height * ratio))
+
+
 def resize_norm_img(
     img: np.ndarray, max_wh_ratio: float, width: int | None = None, height: int = REC_HEIGHT
 ) -> np.ndarray:
     """BGR ``uint8[h, w, 3]`` -> ``float32[3, height, W]``: bilinear resize to ``height``
-    (48) keeping the aspect (capped at ``W``), ``(x/255 - 0.5)/0.5``, zero right padding.
-    As RapidOCR ``TextRecognizer.resize_norm_img``; ``W = int(height * max_wh_ratio)``
-    unless ``width`` (a bucket) is given."""
-    img_width = int(height * max_wh_ratio)
+    (48) keeping the aspect (capped at ``W``; :func:`resized_width`),
+    ``(x/255 - 0.5)/0.5``, zero right padding. As RapidOCR
+    ``TextRecognizer.resize_norm_img``; ``W = int(height * max_wh_ratio)`` unless
+    ``width`` (a bucket) is given."""
     h, w = img.shape[:2]
-    ratio = w / float(h)
-    resized_w = img_width if math.ceil(height * ratio) > img_width else int(math.ceil(height * ratio))
+    return line_tensor(img, resized_width(h, w, max_wh_ratio, height), width or int(height * max_wh_ratio), height)
+
+
+def line_tensor(img: np.ndarray, resized_w: int, width: int, height: int = REC_HEIGHT) -> np.ndarray:
+    """BGR ``uint8[h, w, 3]`` -> ``float32[3, height, width]``: ``cv2.resize``
+    (bilinear) to ``resized_w x height``, ``(x/255 - 0.5)/0.5``, zeros right of
+    ``resized_w``."""
     resized = cv2.resize(img, (resized_w, height))
     resized = resized.astype(np.float32).transpose((2, 0, 1)) / 255
     resized -= 0.5
     resized /= 0.5
-    out = np.zeros((3, height, width or img_width), dtype=np.float32)
+    out = np.zeros((3, height, width), dtype=np.float32)
     out[:, :, :resized_w] = resized
     return out
+
+
+@dataclass(frozen=True)
+class LineBatch:
+    """One recognizer call of RapidOCR's grouping: ``indices`` of its lines (into the
+    request's boxes), the batch's ``max_wh_ratio`` (at least ``min_width / height``, 320 / 48)
+    and its padded ``width`` in pixels (:func:`rec_input_width`)."""
+
+    indices: np.ndarray
+    max_wh_ratio: float
+    width: int
+
+
+def line_batches(
+    shapes: np.ndarray,
+    batch_size: int,
+    buckets: bool = False,
+    processing: RecognitionProcessing = IMMICH_RECOGNITION,
+) -> list[LineBatch]:
+    """Group lines of crop ``shapes`` ``[N, 2]`` (height, width) as RapidOCR
+    ``TextRecognizer.__call__``: sorted by aspect ratio, in batches of ``batch_size``,
+    each padded to its widest member (at least ``processing.min_width``, 320 px, at
+    ``processing.height``, 48 px)."""
+    height = processing.height
+    ratios = np.array([w / float(h) for h, w in shapes])
+    order = np.argsort(ratios)
+    batches = []
+    for begin in range(0, len(shapes), batch_size):
+        idx = order[begin : begin + batch_size]
+        max_wh_ratio = processing.min_width / height
+        for i in idx:
+            h, w = shapes[i]
+            max_wh_ratio = max(max_wh_ratio, w * 1.0 / h)
+        batches.append(LineBatch(idx, max_wh_ratio, rec_input_width(max_wh_ratio, buckets, height)))
+    return batches
 
 
 def rec_batches(
@@ -118,25 +197,56 @@ def rec_batches(
     buckets: bool = False,
     processing: RecognitionProcessing = IMMICH_RECOGNITION,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Group crops as RapidOCR ``TextRecognizer.__call__``: sorted by aspect ratio, in
-    batches of ``batch_size``, each padded to its widest member (at least
-    ``processing.min_width``, 320 px).
-
-    Returns ``(original indices, float32[B, 3, height, W])`` per batch."""
+    """Group crops as RapidOCR ``TextRecognizer.__call__`` (:func:`line_batches`) and
+    make each batch's input. Returns ``(original indices, float32[B, 3, height, W])``
+    per batch."""
+    shapes = np.array([crop.shape[:2] for crop in crops]).reshape(-1, 2)
     height = processing.height
-    ratios = np.array([crop.shape[1] / float(crop.shape[0]) for crop in crops])
-    order = np.argsort(ratios)
-    batches = []
-    for begin in range(0, len(crops), batch_size):
-        idx = order[begin : begin + batch_size]
-        max_wh_ratio = processing.min_width / height
-        for i in idx:
-            h, w = crops[i].shape[:2]
-            max_wh_ratio = max(max_wh_ratio, w * 1.0 / h)
-        width = rec_input_width(max_wh_ratio, buckets, height)
-        batch = np.stack([resize_norm_img(crops[i], max_wh_ratio, width, height) for i in idx]).astype(np.float32)
-        batches.append((idx, batch))
-    return batches
+    return [
+        (
+            b.indices,
+            np.stack([resize_norm_img(crops[i], b.max_wh_ratio, b.width, height) for i in b.indices]).astype(
+                np.float32
+            ),
+        )
+        for b in line_batches(shapes, batch_size, buckets, processing)
+    ]
+
+
+def resize_clamps(height: int, width: int, resized_w: int) -> tuple[int, int]:
+    """``(column, row)``: the first output column and row of ``cv2.resize`` INTER_LINEAR
+    (``height x width`` -> ``48 x resized_w``) that read past the crop's last column or
+    row and so repeat it (``resized_w`` and 48 when none does). Reproduces OpenCV's
+    ``resize`` coordinate computation (``fx = (float)((dx + 0.5) * scale - 0.5)``,
+    clamped where ``floor(fx) >= size - 1``), for a device resize that reads a wider
+    canvas."""
+
+    def first(out: int, size: int) -> int:
+        scale = 1.0 / (out / size)
+        fx = ((np.arange(out, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+        past = np.nonzero(np.floor(fx) >= size - 1)[0]
+        return int(past[0]) if len(past) else out
+
+    return first(resized_w, width), first(REC_HEIGHT, height)
+
+
+def line_inputs(geometry: LineGeometry, batch: LineBatch) -> dict[str, np.ndarray]:
+    """The GPU path's inputs for one :class:`LineBatch` (the contract of
+    :data:`immich_trt.runtime.ensemble.LINE_GEOMETRY`): ``line_coefficients`` FP32
+    [1, n, 8] and ``line_geometry`` INT32 [1, n, 8]. The device pipeline makes lines
+    48 px high (:data:`REC_HEIGHT`): ``batch`` must come from :func:`line_batches` at
+    that height (a recognizer of another height takes the CPU path, see
+    :attr:`TextRecognizer.gpu_lines`)."""
+    rows = []
+    for frame, i in enumerate(batch.indices):
+        (w, h), (ch, cw) = geometry.sizes[i], geometry.shapes[i]
+        rw = resized_width(int(ch), int(cw), batch.max_wh_ratio)
+        clamp_column, clamp_row = resize_clamps(int(ch), int(cw), rw)
+        rows.append((frame, w, h, int(geometry.rotated[i]), rw, batch.width, clamp_column, clamp_row))
+    return {
+        LINE_COEFFICIENTS: geometry.coefficients[batch.indices].astype(np.float32)[None],
+        LINE_GEOMETRY: np.array(rows, dtype=np.int32)[None],
+    }
 
 
 def _static_input_height(model) -> int | None:
@@ -172,8 +282,21 @@ class TextRecognizer(_PaddleModel):
     def configure(self, **options: Any) -> None:
         self.min_score = options.get("minScore", self.min_score)
 
+    @property
+    def gpu_lines(self) -> bool:
+        """Whether the device pipeline can make this recognizer's line inputs: it crops
+        and resizes lines to 48 px high (:data:`REC_HEIGHT`) only, so a recognizer of
+        another ``processing.height`` keeps its preprocessing on the CPU (no ensemble;
+        any ``processing.min_width`` is fine: the batch width is an input)."""
+        return self.processing.height == REC_HEIGHT
+
     def _spec(self) -> ModelSpec:
-        return ModelSpec(self.triton_name, self.runtime_file, max_batch_size=max(8, self.batch_size))
+        return ModelSpec(
+            self.triton_name,
+            self.runtime_file,
+            max_batch_size=max(8, self.batch_size),
+            from_encoded_image=self.gpu_lines,
+        )
 
     def prepare_files(self) -> None:
         """Character list, processing (an input height fixed in the graph wins over a
@@ -202,12 +325,18 @@ class TextRecognizer(_PaddleModel):
             "textScore": np.empty(0, dtype=np.float32),
         }
 
-    def _prepare_batches(self, image: Image.Image, boxes: np.ndarray):
-        crops = crop_text_lines(image, boxes)
-        return rec_batches(crops, self.batch_size, self.shape_buckets, self.processing)
+    def _batch_input(self, image: ImageInput, geometry: LineGeometry, batch: LineBatch) -> dict[str, np.ndarray]:
+        """The CPU preprocessing of one batch: its crops, resized and padded,
+        ``{"x": float32[B, 3, height, W]}`` (decodes an :class:`EncodedImage`: call it in
+        the executor)."""
+        rgb = pixels(image)
+        crops = [crop_text_line(rgb, geometry.coefficients[i], geometry.sizes[i]) for i in batch.indices]
+        height = self.processing.height
+        tensor = np.stack([resize_norm_img(crop, batch.max_wh_ratio, batch.width, height) for crop in crops])
+        return {"x": tensor.astype(np.float32)}
 
     def _format(
-        self, image: Image.Image, det: dict[str, np.ndarray], results: list[tuple[str, float]]
+        self, image: ImageInput, det: dict[str, np.ndarray], results: list[tuple[str, float]]
     ) -> dict[str, Any]:
         boxes = det["boxes"].copy()
         boxes[:, :, 0] /= image.width
@@ -221,20 +350,33 @@ class TextRecognizer(_PaddleModel):
             "textScore": text_scores[valid],
         }
 
-    async def _predict(self, image: Image.Image, det: dict[str, np.ndarray]) -> dict[str, Any]:
+    async def _predict(self, image: ImageInput, det: dict[str, np.ndarray]) -> dict[str, Any]:
         boxes = det["boxes"]
         if boxes.shape[0] == 0:
             return self.empty()
         assert self.decode is not None
-        batches = await self.ctx.run(self._prepare_batches, image, boxes)
-        results: list[tuple[str, float]] = [("", 0.0)] * len(boxes)
+        geometry = LineGeometry.of(boxes)
+        batches = line_batches(geometry.shapes, self.batch_size, self.shape_buckets, self.processing)
+        # None: the runtime preprocesses on the CPU (a height the device lines do not make)
+        encoded = encoded_bytes(image) if self.gpu_lines else None
         # the batches are independent calls: issued together, the runtime may run them side
         # by side (the in-process runtime's narrow sessions, Triton's instances)
         outs = await asyncio.gather(
-            *(self.ctx.runtime.infer(self.triton_name, {"x": batch}, [CTC_INDEX, CTC_PROB]) for _, batch in batches)
+            *(
+                self.ctx.runtime.infer_image(
+                    self.triton_name,
+                    encoded,
+                    lambda batch=batch: self.ctx.run(self._batch_input, image, geometry, batch),
+                    ensemble_inputs=line_inputs(geometry, batch) if self.gpu_lines else None,
+                    outputs=[CTC_INDEX, CTC_PROB],
+                    image_size=image.size,
+                )
+                for batch in batches
+            )
         )
-        for (indices, _), out in zip(batches, outs):
+        results: list[tuple[str, float]] = [("", 0.0)] * len(boxes)
+        for batch, out in zip(batches, outs):
             decoded = self.decode.decode(out[CTC_INDEX], out[CTC_PROB])
-            for i, result in zip(indices, decoded):
+            for i, result in zip(batch.indices, decoded):
                 results[i] = result
         return await self.ctx.run(self._format, image, det, results)

@@ -8,7 +8,15 @@ ensemble (per sample; Triton adds the batch axis):
 - ``face_detection``: ``encoded`` -> ``input.1`` FP32 [3, 640, 640] and
   ``det_scale`` FP32 [1];
 - ``ocr_detection``: ``encoded``, ``resize_hw`` INT32 [2] and ``bucket_hw`` INT32 [2]
-  (height, width; computed by the server) -> ``image_u8`` UINT8 [H, W, 3].
+  (height, width; computed by the server) -> ``image_u8`` UINT8 [H, W, 3];
+- ``face_recognition``: ``encoded`` and ``face_landmarks`` FP32 [N, 5, 2] -> the aligned
+  faces ``aligned_faces`` FP32 [N, 3, 112, 112] (:func:`face_recognition_graph`);
+- ``ocr_recognition``: ``encoded``, ``line_coefficients`` FP32 [N, 8] and
+  ``line_geometry`` INT32 [N, 8] of one recognizer batch -> ``text_lines`` FP32
+  [N, 3, 48, W] (:func:`ocr_recognition_graph`).
+
+The recognizers' pipelines decode the image once and cut every face or line from a
+sequence of N references to it (``sequence_rearrange``), one sample per request.
 
 Each graph exists for two devices: ``"gpu"`` decodes with nvJPEG (``decoders.image``
 on ``device="mixed"``) and resizes/normalises on the GPU, for Triton; ``"cpu"`` is the
@@ -47,6 +55,14 @@ project's photo and OCR sets that DALI decodes; ``tests/test_dali_parity.py``):
 - OCR ``image_u8``: max |diff| 5 grey levels (borders), mean <= 0.014; PP-OCRv5 texts
   identical on all 16 OCR images at Immich's recognition score 0.8 (two images differ
   in one line read below it), box corners within 2 px.
+- ``aligned_faces`` against ``norm_crop`` + ``recognition_blob``: max 6 grey levels,
+  mean <= 0.2 (cv2's warpAffine quantizes coordinates to 1/32 px); test-pack ArcFace
+  embeddings cosine >= 0.9999992 over 132 faces (synthetic landmarks on the photos).
+- ``text_lines`` against ``crop_text_line`` + ``line_tensor``: max 18 grey levels, mean
+  <= 1.35, on slanted lines: Pillow's perspective BICUBIC is Keys' cubic with a = -1,
+  ``warp_perspective``'s OpenCV's a = -0.75, and no DALI operator has Pillow's kernel
+  (docs/gpu.md); texts identical on 12 of the 13 OCR images with text, japan.jpg
+  reading one character differently in two of its lines.
 
 Not measurable without a GPU: nvJPEG's decode may differ from libjpeg-turbo by a grey
 level or two (IDCT, chroma upsampling) and the GPU resampling kernels are separate
@@ -63,9 +79,18 @@ from typing import Any
 
 import numpy as np
 
-from ...models.face import DET_INPUT_SIZE
-from ...models.ocr import DET_INPUT_U8
-from ...runtime.ensemble import BUCKET_HW, DET_SCALE_OUTPUT, ENCODED_INPUT, RESIZE_HW
+from ...models.face import ARCFACE_DST, DET_INPUT_SIZE
+from ...models.ocr import DET_INPUT_U8, REC_HEIGHT
+from ...runtime.ensemble import (
+    BUCKET_HW,
+    DET_SCALE_OUTPUT,
+    ENCODED_INPUT,
+    FACE_LANDMARKS,
+    LINE_COEFFICIENTS,
+    LINE_GEOMETRY,
+    LINE_GEOMETRY_COLUMNS,
+    RESIZE_HW,
+)
 from ...runtime.repository import (
     add_instance_group,
     add_parameters,
@@ -78,18 +103,29 @@ from ...runtime.repository import (
 CLIP_VISUAL = "clip_visual"
 FACE_DETECTION = "face_detection"
 OCR_DETECTION = "ocr_detection"
-KINDS = (CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION)
+FACE_RECOGNITION = "face_recognition"
+OCR_RECOGNITION = "ocr_recognition"
+KINDS = (CLIP_VISUAL, FACE_DETECTION, OCR_DETECTION, FACE_RECOGNITION, OCR_RECOGNITION)
+#: Kinds whose one sample (one request) carries several model inputs (faces, text
+#: lines) as a sequence: the model behind them takes that sequence as its batch.
+SEQUENCE_KINDS = (FACE_RECOGNITION, OCR_RECOGNITION)
 
 #: Tensor names of the GPU contract (the ensembles' own inputs and outputs, shared with
 #: the serving side, are those of :mod:`immich_trt.runtime.ensemble`).
 CLIP_IMAGE = "image"
 SCRFD_INPUT = "input.1"
+ALIGNED_FACES = "aligned_faces"
+TEXT_LINES = "text_lines"
 #: Output names per kind, in pipeline order (the DALI backend maps outputs by position).
 OUTPUT_NAMES = {
     CLIP_VISUAL: (CLIP_IMAGE,),
     FACE_DETECTION: (SCRFD_INPUT, DET_SCALE_OUTPUT),
     OCR_DETECTION: (DET_INPUT_U8,),
+    FACE_RECOGNITION: (ALIGNED_FACES,),
+    OCR_RECOGNITION: (TEXT_LINES,),
 }
+#: The aligned face's side (insightface ``norm_crop``'s ``image_size``).
+ARCFACE_SIZE = 112
 
 #: insightface's detector blob: ``(x - 127.5) / 128`` (``cv2.dnn.blobFromImage`` in
 #: :func:`immich_trt.models.face.detection_blob`).
@@ -122,6 +158,13 @@ def clip_params(size: int, mean: Sequence[float], std: Sequence[float]) -> dict[
     return {"size": int(size), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
+def arcface_params(mean: float, std: float) -> dict[str, Any]:
+    """Parameters of the ``face_recognition`` pipeline: the recognizer's blob
+    ``(x - mean) / std`` (``arcface_normalisation``: 127.5/127.5, or 0/1 when the graph
+    normalises itself)."""
+    return {"mean": float(mean), "std": float(std)}
+
+
 def _face_input_size(params: Mapping[str, Any]) -> tuple[int, int]:
     width, height = params.get("input_size", DET_INPUT_SIZE)
     return int(width), int(height)
@@ -131,10 +174,23 @@ def io_specs(kind: str, params: Mapping[str, Any]) -> tuple[list[TensorSpec], li
     """Inputs and outputs of a pipeline, in the order of the pipeline's outputs.
 
     ``params``: ``clip_visual`` needs :func:`clip_params`; ``face_detection`` takes
-    ``input_size`` (width, height), default :data:`DET_INPUT_SIZE`; ``ocr_detection``
-    none. Raises ``ValueError`` for an unknown kind."""
+    ``input_size`` (width, height), default :data:`DET_INPUT_SIZE`;
+    ``face_recognition`` :func:`arcface_params`; ``ocr_detection`` and
+    ``ocr_recognition`` none. Raises ``ValueError`` for an unknown kind."""
     _check_kind(kind)
     encoded = TensorSpec(ENCODED_INPUT, "TYPE_UINT8", (-1,))
+    if kind == FACE_RECOGNITION:
+        side = ARCFACE_SIZE
+        return [encoded, TensorSpec(FACE_LANDMARKS, "TYPE_FP32", (-1, 5, 2))], [
+            TensorSpec(ALIGNED_FACES, "TYPE_FP32", (-1, 3, side, side))
+        ]
+    if kind == OCR_RECOGNITION:
+        columns = len(LINE_GEOMETRY_COLUMNS)
+        return [
+            encoded,
+            TensorSpec(LINE_COEFFICIENTS, "TYPE_FP32", (-1, 8)),
+            TensorSpec(LINE_GEOMETRY, "TYPE_INT32", (-1, columns)),
+        ], [TensorSpec(TEXT_LINES, "TYPE_FP32", (-1, 3, REC_HEIGHT, -1))]
     if kind == CLIP_VISUAL:
         size = int(params["size"])
         return [encoded], [TensorSpec(CLIP_IMAGE, "TYPE_FP32", (3, size, size))]
@@ -167,14 +223,17 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device must be 'gpu' or 'cpu', not {device!r}")
 
 
-def _encoded_image(device: str):
-    """External input ``encoded`` -> (RGB uint8 HWC image on ``device``, its height and
-    width as float64 CPU scalars read from the header)."""
+def _encoded_image(device: str, bgr: bool = False):
+    """External input ``encoded`` -> (RGB, or BGR, uint8 HWC image on ``device``, its
+    height and width as float64 CPU scalars read from the header)."""
     fn, types, _ = _dali()
     encoded = fn.external_source(name=ENCODED_INPUT, device="cpu", dtype=types.UINT8, ndim=1)
     shape = fn.peek_image_shape(encoded, adjust_orientation=False)
     image = fn.decoders.image(
-        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB, adjust_orientation=False
+        encoded,
+        device="mixed" if device == "gpu" else "cpu",
+        output_type=types.BGR if bgr else types.RGB,
+        adjust_orientation=False,
     )
     height = fn.cast(shape[0], dtype=types.FLOAT64)
     width = fn.cast(shape[1], dtype=types.FLOAT64)
@@ -292,7 +351,193 @@ def ocr_detection_graph(device: str, params: Mapping[str, Any]) -> list:
     return [fn.pad(resized, axes=[0, 1], shape=bucket_hw, fill_value=0)]
 
 
-GRAPHS = {CLIP_VISUAL: clip_visual_graph, FACE_DETECTION: face_detection_graph, OCR_DETECTION: ocr_detection_graph}
+def _repeat_frames(image, per_frame):
+    """``image`` (HWC, on its device) as a sequence (FHWC) of ``len(per_frame)`` copies,
+    one per face or text line: ``sequence_rearrange`` with a ``new_order`` of zeros, so
+    the image is decoded once however many frames are cut from it."""
+    fn, types, _ = _dali()
+    zeros = fn.cast(per_frame * 0, dtype=types.INT32)
+    return fn.sequence_rearrange(fn.expand_dims(image, axes=[0], new_axis_names="F"), new_order=zeros)
+
+
+def _stack_matrices(rows, cols: int):
+    """``rows`` (lists of ``cols`` float64 [N] DALI vectors) -> float32 [N, rows, cols]."""
+    fn, types, _ = _dali()
+    flat = [entry for row in rows for entry in row]
+    return fn.cast(fn.reshape(fn.stack(*flat, axis=1), shape=[-1, len(rows), cols]), dtype=types.FLOAT)
+
+
+def alignment_matrices(landmarks):
+    """``float32 [N, 5, 2]`` landmarks (image pixels) -> ``float32 [N, 2, 3]`` inverse
+    maps (aligned-face pixel -> image pixel, pixel-corner origin as DALI's
+    ``warp_affine`` takes them), in float64 DALI arithmetic:
+
+    insightface ``estimate_norm`` (scikit-image ``SimilarityTransform``, Umeyama) is the
+    least-squares similarity ``[[a, -b], [b, a]] p + t`` from the landmarks ``p`` to
+    :data:`~immich_trt.models.face.ARCFACE_DST`; for 2-D points it has the closed form
+    ``a = sum(p'.q') / sum(|p'|^2)``, ``b = sum(p'_x q'_y - p'_y q'_x) / sum(|p'|^2)``
+    over the centred points (the rotation without reflection Umeyama picks), ``t`` from
+    the centroids. ``cv2.warpAffine`` inverts it and samples with pixel centres at
+    integer coordinates; DALI puts them at +0.5, hence the shift of the translation.
+    DALI's reductions take no float64, so the five points are summed term by term."""
+    fn, types, _ = _dali()
+    points = fn.cast(landmarks, dtype=types.FLOAT64)
+    xs = [points[:, k, 0] for k in range(5)]
+    ys = [points[:, k, 1] for k in range(5)]
+    dst = ARCFACE_DST.astype(np.float64)
+    centred = dst - dst.mean(axis=0)
+    mean_x = (xs[0] + xs[1] + xs[2] + xs[3] + xs[4]) / 5.0
+    mean_y = (ys[0] + ys[1] + ys[2] + ys[3] + ys[4]) / 5.0
+    dot = cross = norm = None
+    for k in range(5):
+        px, py = xs[k] - mean_x, ys[k] - mean_y
+        qx, qy = float(centred[k, 0]), float(centred[k, 1])
+        terms = (px * qx + py * qy, px * qy - py * qx, px * px + py * py)
+        dot, cross, norm = terms if dot is None else (dot + terms[0], cross + terms[1], norm + terms[2])
+    a, b = dot / norm, cross / norm
+    tx = float(dst[:, 0].mean()) - (a * mean_x - b * mean_y)
+    ty = float(dst[:, 1].mean()) - (b * mean_x + a * mean_y)
+    det = a * a + b * b
+    ia, ib = a / det, b / det  # inverse linear part [[ia, ib], [-ib, ia]]
+    ix = -(ia * tx + ib * ty)
+    iy = -(-ib * tx + ia * ty)
+    # centres at +0.5: src = A (dst - 0.5) + t' + 0.5
+    ix = ix + 0.5 - 0.5 * (ia + ib)
+    iy = iy + 0.5 - 0.5 * (ia - ib)
+    return _stack_matrices([[ia, ib, ix], [-ib, ia, iy]], 3)
+
+
+def face_recognition_graph(device: str, params: Mapping[str, Any]) -> list:
+    """``encoded``, ``face_landmarks`` [N, 5, 2] -> ``aligned_faces`` float32
+    [N, 3, 112, 112], as ``norm_crop`` (``cv2.warpAffine`` bilinear, black border) on
+    the RGB image + ``recognition_blob`` (``(x - mean) / std``, RGB, CHW); the image is
+    decoded once and each face warped from it (:func:`_repeat_frames`)."""
+    fn, types, _ = _dali()
+    image, _, _ = _encoded_image(device)
+    landmarks = fn.external_source(name=FACE_LANDMARKS, device="cpu", dtype=types.FLOAT, ndim=3)
+    frames = _repeat_frames(image, landmarks[:, 0, 0])
+    aligned = fn.warp_affine(
+        frames,
+        matrix=fn.per_frame(alignment_matrices(landmarks)),
+        size=[ARCFACE_SIZE, ARCFACE_SIZE],
+        fill_value=0,
+        interp_type=types.INTERP_LINEAR,
+        inverse_map=True,
+    )
+    mean, std = float(params["mean"]), float(params["std"])
+    return [
+        fn.crop_mirror_normalize(aligned, dtype=types.FLOAT, output_layout="FCHW", mean=[mean] * 3, std=[std] * 3)
+    ]
+
+
+def _geometry_column(geometry, name: str):
+    return geometry[:, LINE_GEOMETRY_COLUMNS.index(name)]
+
+
+def _erase_regions(geometry, frame_axis_start: str, extent):
+    """Flat ``(anchor, shape)`` of one ``fn.erase`` region per frame, from column
+    ``frame_axis_start`` to ``extent`` (a scalar or per-frame vector) along one axis."""
+    fn, types, _ = _dali()
+    index = _geometry_column(geometry, "index")
+    start = _geometry_column(geometry, frame_axis_start)
+    anchor = fn.reshape(fn.cast(fn.stack(index, start, axis=1), dtype=types.FLOAT), shape=[-1])
+    shape = fn.reshape(fn.cast(fn.stack(index * 0 + 1, extent - start, axis=1), dtype=types.FLOAT), shape=[-1])
+    return anchor, shape
+
+
+def ocr_recognition_graph(device: str, params: Mapping[str, Any]) -> list:
+    """``encoded``, ``line_coefficients`` [N, 8], ``line_geometry`` [N, 8] ->
+    ``text_lines`` float32 [N, 3, 48, W], as ``crop_text_line`` + ``line_tensor`` of
+    each line of one recognizer batch (module docstring): the BGR image decoded once,
+
+    1. each crop by ``experimental.warp_perspective`` (bicubic, edge pixels repeated as
+       PIL clamps its taps) from the float image to a canvas of the batch's largest
+       crop, the 90-degree turn folded into the homography, truncated as PIL stores it;
+    2. ``cv2.resize`` to ``resized_width x 48`` as a bilinear warp of that canvas (scale
+       ``w / resized_width``), with the columns and rows past the crop's last one (where
+       cv2 clamps, and the wider canvas would blend its neighbour) taken from warps
+       pinned to that last column or row; rounded as cv2's fixed point does;
+    3. ``(x - 127.5) / 127.5``, CHW, zeros right of each line's resized width."""
+    fn, types, dmath = _dali()
+    image, _, _ = _encoded_image(device, bgr=True)
+    coefficients = fn.external_source(name=LINE_COEFFICIENTS, device="cpu", dtype=types.FLOAT, ndim=2)
+    geometry = fn.external_source(name=LINE_GEOMETRY, device="cpu", dtype=types.INT32, ndim=2)
+    frames = _repeat_frames(fn.cast(image, dtype=types.FLOAT), _geometry_column(geometry, "index"))
+
+    def f64(node):
+        return fn.cast(node, dtype=types.FLOAT64)
+
+    c = [f64(coefficients[:, k]) for k in range(8)]
+    one = c[0] * 0.0 + 1.0
+    zero = c[0] * 0.0
+    homography = [[c[0], c[1], c[2]], [c[3], c[4], c[5]], [c[6], c[7], one]]
+    turned = f64(_geometry_column(geometry, "rotated"))
+    kept = one - turned
+    width = f64(_geometry_column(geometry, "width"))
+    # rotate(90, expand=True) of a w x h crop: rotated pixel (x, y) is crop pixel (w - y, x)
+    crop = [
+        [turned * row[1] + kept * row[0], turned * (zero - row[0]) + kept * row[1], turned * (row[0] * width + row[2]) + kept * row[2]]
+        for row in homography
+    ]
+    w_int, h_int = _geometry_column(geometry, "width"), _geometry_column(geometry, "height")
+    r_int = _geometry_column(geometry, "rotated")
+    crop_h = r_int * w_int + (1 - r_int) * h_int  # the rotated crop's height and width
+    crop_w = r_int * h_int + (1 - r_int) * w_int
+    canvas = fn.cast(fn.stack(fn.reductions.max(crop_h, axes=[0]), fn.reductions.max(crop_w, axes=[0])), dtype=types.FLOAT)
+    cropped = fn.experimental.warp_perspective(
+        frames,
+        matrix=fn.per_frame(_stack_matrices(crop, 3)),
+        size=canvas,
+        interp_type=types.INTERP_CUBIC,
+        border_mode="replicate",
+        inverse_map=True,
+    )
+    cropped = dmath.clamp(dmath.floor(cropped), 0.0, 255.0)  # PIL stores (UINT8)v
+
+    batch_width = _geometry_column(geometry, "batch_width")
+    size = fn.cast(fn.stack(batch_width[0] * 0 + REC_HEIGHT, batch_width[0]), dtype=types.FLOAT)
+    sx = f64(crop_w) / f64(_geometry_column(geometry, "resized_width"))
+    sy = f64(crop_h) / float(REC_HEIGHT)
+    last_x, last_y = f64(crop_w) - 0.5, f64(crop_h) - 0.5  # centres of the last column and row
+
+    def resize(x_row, y_row):
+        return fn.experimental.warp_perspective(
+            cropped,
+            matrix=fn.per_frame(_stack_matrices([x_row, y_row, [zero, zero, one]], 3)),
+            size=size,
+            interp_type=types.INTERP_LINEAR,
+            border_mode="replicate",
+            inverse_map=True,
+        )
+
+    inside = resize([sx, zero, zero], [zero, sy, zero])
+    last_column = resize([zero, zero, last_x], [zero, sy, zero])
+    last_row = resize([sx, zero, zero], [zero, zero, last_y])
+    corner = resize([zero, zero, last_x], [zero, zero, last_y])
+    ones = inside * 0.0 + 1.0
+    anchor, shape = _erase_regions(geometry, "clamp_column", batch_width)
+    before_column = fn.erase(ones, anchor=anchor, shape=shape, axis_names="FW", fill_value=0)
+    anchor, shape = _erase_regions(geometry, "clamp_row", batch_width * 0 + REC_HEIGHT)
+    before_row = fn.erase(ones, anchor=anchor, shape=shape, axis_names="FH", fill_value=0)
+    after_column, after_row = ones - before_column, ones - before_row
+    resized = before_row * (before_column * inside + after_column * last_column) + after_row * (
+        before_column * last_row + after_column * corner
+    )
+    resized = dmath.floor(resized + 0.5)  # cv2's fixed point rounds to nearest
+    normalised = fn.crop_mirror_normalize(
+        resized, dtype=types.FLOAT, output_layout="FCHW", mean=[127.5] * 3, std=[127.5] * 3
+    )
+    anchor, shape = _erase_regions(geometry, "resized_width", batch_width)
+    return [fn.erase(normalised, anchor=anchor, shape=shape, axis_names="FW", fill_value=0)]
+
+
+GRAPHS = {
+    CLIP_VISUAL: clip_visual_graph,
+    FACE_DETECTION: face_detection_graph,
+    OCR_DETECTION: ocr_detection_graph,
+    FACE_RECOGNITION: face_recognition_graph,
+    OCR_RECOGNITION: ocr_recognition_graph,
+}
 
 
 def build_pipeline(
@@ -385,8 +630,9 @@ def dali_config_pbtxt(
     num_threads: int = 4,
 ) -> str:
     """``config.pbtxt`` of a DALI-backend model: the tensors of :func:`io_specs` (outputs
-    in pipeline order, which is how the backend maps them), ``encoded`` with
-    ``allow_ragged_batch`` (encoded images of different lengths batch together),
+    in pipeline order, which is how the backend maps them), ``encoded`` and every input
+    of variable length with ``allow_ragged_batch`` (encoded images of different lengths,
+    requests with different numbers of faces or lines, batch together),
     ``dynamic_batching``, one ``KIND_GPU`` instance group per device id ("gpu") or one
     ``KIND_CPU`` group ("cpu"), and the pipeline's ``num_threads``.
     Raises ``ValueError`` if ``max_batch_size < 1``."""
@@ -397,7 +643,9 @@ def dali_config_pbtxt(
     config = model_config(name, backend="dali", max_batch_size=max_batch_size)
     for tensors, specs in ((config.input, inputs), (config.output, outputs)):
         for spec in specs:
-            ragged = {"allow_ragged_batch": True} if spec.name == ENCODED_INPUT else {}
+            # encoded files, and a request's faces or text lines, vary in length between requests
+            ragged = tensors is config.input and (spec.name == ENCODED_INPUT or -1 in spec.dims)
+            ragged = {"allow_ragged_batch": True} if ragged else {}
             add_tensor(tensors, spec.name, spec.data_type, spec.dims, **ragged)
     preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
     config.dynamic_batching.preferred_batch_size.extend(preferred)
@@ -427,8 +675,9 @@ def write_dali_model(
     (:func:`dali_config_pbtxt`); the model name is ``folder.name``. Returns ``folder``.
     Raises as :func:`serialize` (a "gpu" model needs a GPU to be written)."""
     folder = Path(folder)
-    first_id = int(next(iter(device_ids), 0))
-    data = serialize(kind, params, device, max_batch_size, num_threads, first_id)
+    # serialised on CUDA device 0: the build's GPU (build_environment makes the first id
+    # the only one visible); the backend runs each instance on its own group's GPU
+    data = serialize(kind, params, device, max_batch_size, num_threads, 0)
     write_if_changed(folder / "1" / "model.dali", data)
     config = dali_config_pbtxt(
         folder.name,
@@ -466,6 +715,7 @@ def feed_and_run(
     encoded: Sequence[bytes],
     resize_hw: Sequence[tuple[int, int]] | None = None,
     bucket_hw: Sequence[tuple[int, int]] | None = None,
+    inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run a built pipeline (:func:`cpu_pipeline`, or a deserialised "cpu" one) on one
     batch of ``len(encoded)`` images; see :func:`run_cpu` for the arguments and result.
@@ -473,6 +723,14 @@ def feed_and_run(
     pipeline unusable: check :func:`image_format` first."""
     if not encoded:
         return []
+    if kind in SEQUENCE_KINDS:
+        names = [spec.name for spec in io_specs(kind, {"mean": 0.0, "std": 1.0})[0] if spec.name != ENCODED_INPUT]
+        if inputs is None or len(inputs) != len(encoded) or any(set(names) - set(row) for row in inputs):
+            raise ValueError(f"{kind} needs {', '.join(names)} per image")
+        if any(len(row[names[0]]) == 0 for row in inputs):
+            raise ValueError(f"{kind} needs at least one face or line per image")
+        for name in names:
+            pipe.feed_input(name, [np.ascontiguousarray(row[name]) for row in inputs])
     if kind == OCR_DETECTION:
         if resize_hw is None or len(resize_hw) != len(encoded):
             raise ValueError("ocr_detection needs one resize_hw (height, width) per image")
@@ -498,17 +756,22 @@ def run_cpu(
     resize_hw: Sequence[tuple[int, int]] | None = None,
     bucket_hw: Sequence[tuple[int, int]] | None = None,
     num_threads: int = 2,
+    inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run the "cpu" variant of a pipeline on encoded images (one batch) and return, per
     image, ``{output name: numpy array}`` without the batch axis (``image`` float32
     [3, S, S]; ``input.1`` float32 [3, h, w] and ``det_scale`` float32 [1];
-    ``image_u8`` uint8 [H, W, 3]).
+    ``image_u8`` uint8 [H, W, 3]; ``aligned_faces`` float32 [N, 3, 112, 112];
+    ``text_lines`` float32 [N, 3, 48, W]).
 
     ``ocr_detection`` needs ``resize_hw`` per image ((height, width), as the server's
     :func:`immich_trt.models.ocr.det_resize_shape` swapped) and takes ``bucket_hw``
-    (default: ``resize_hw``, no padding). Raises ``RuntimeError`` without DALI or when
-    an image cannot be decoded, ``ValueError`` for missing or invalid OCR sizes."""
+    (default: ``resize_hw``, no padding). ``face_recognition`` and ``ocr_recognition``
+    need ``inputs``, per image ``{face_landmarks: float32[N, 5, 2]}`` or
+    ``line_inputs``' ``{line_coefficients, line_geometry}`` without their batch axis.
+    Raises ``RuntimeError`` without DALI or when an image cannot be decoded,
+    ``ValueError`` for missing or invalid sizes or inputs."""
     if not encoded:
         return []
     pipe = cpu_pipeline(kind, params, len(encoded), num_threads)
-    return feed_and_run(pipe, kind, encoded, resize_hw, bucket_hw)
+    return feed_and_run(pipe, kind, encoded, resize_hw, bucket_hw, inputs)

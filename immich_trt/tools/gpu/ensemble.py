@@ -1,21 +1,31 @@
 """Triton ensembles of the GPU target: how they are built.
 
-For the three models whose preprocessing runs on the GPU, the repository built by
+For the five models whose preprocessing runs on the GPU, the repository built by
 ``build-engines --target tensorrt`` holds, next to the TensorRT model ``<base>`` (its
 name is the model's ``triton_name``, e.g. ``clip__ViT-B-32__openai__visual``):
 
-* ``<base>__preprocess``: the DALI pipeline (``encoded`` bytes -> the model's input);
-* ``<base>__ensemble``: ``platform: "ensemble"``, ``<base>__preprocess`` then ``<base>``.
+* ``<base>__preprocess``: the DALI pipeline (``encoded`` bytes, and for the recognizers
+  the detector's landmarks or line geometry, -> the model's input);
+* ``<base>__ensemble``: ``platform: "ensemble"``, ``<base>__preprocess`` then ``<base>``;
+* for the recognizers, ``<base>__unbatched`` (:func:`write_unbatched`): ``<base>``'s
+  engine with ``max_batch_size`` 0, the ensemble's second step. One request carries all
+  its faces (or one batch of text lines) as one DALI sample, ``[1, N, ...]``; Triton
+  gives a non-batching step that tensor as ``[N, ...]`` (core ``ensemble_scheduler.cc``
+  ``ReshapeTensorDims``), so the engine sees the N faces or lines as its batch.
 
-==================  ==========================================  =====================================
-kind                ensemble inputs (per request, batch of 1)   ensemble outputs
-==================  ==========================================  =====================================
-``clip_visual``     ``encoded`` UINT8 [1, n]                    ``embedding`` FP32 [1, D]
-``face_detection``  ``encoded`` UINT8 [1, n]                    the detector's outputs (9 for SCRFD,
-                                                                same names) + ``det_scale`` FP32 [1, 1]
-``ocr_detection``   ``encoded`` UINT8 [1, n], ``resize_hw`` and  the detector's probability map, same
-                    ``bucket_hw`` INT32 [1, 2] (height, width)  name, FP32 [1, 1, H_bucket, W_bucket]
-==================  ==========================================  =====================================
+====================  ============================================  =====================================
+kind                  ensemble inputs (per request, batch of 1)     ensemble outputs
+====================  ============================================  =====================================
+``clip_visual``       ``encoded`` UINT8 [1, n]                      ``embedding`` FP32 [1, D]
+``face_detection``    ``encoded`` UINT8 [1, n]                      the detector's outputs (9 for SCRFD,
+                                                                    same names) + ``det_scale`` FP32 [1, 1]
+``ocr_detection``     ``encoded`` UINT8 [1, n], ``resize_hw`` and    the detector's probability map, same
+                      ``bucket_hw`` INT32 [1, 2] (height, width)    name, FP32 [1, 1, H_bucket, W_bucket]
+``face_recognition``  ``encoded``, ``face_landmarks`` FP32          the recognizer's output, same name,
+                      [1, N, 5, 2]                                  FP32 [N, 512]
+``ocr_recognition``   ``encoded``, ``line_coefficients`` FP32       ``ctc_index`` INT64 and ``ctc_prob``
+                      [1, N, 8], ``line_geometry`` INT32 [1, N, 8]  FP32 [N, T]
+====================  ============================================  =====================================
 
 The ensemble's tensors are derived from the composing models' own ``config.pbtxt`` (read
 back after they are written), so they always agree with what the TensorRT builder and the
@@ -42,17 +52,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ...config import Settings
 from ...models.registry import ModelTask, ModelType
 from ...runtime.base import ModelSpec
-from ...runtime.ensemble import CLIP_EMBEDDING, gpu_path_names
+from ...runtime.ensemble import (
+    CLIP_EMBEDDING,
+    FACE_LANDMARKS,
+    LINE_COEFFICIENTS,
+    LINE_GEOMETRY,
+    LINE_GEOMETRY_COLUMNS,
+    gpu_path_names,
+)
 from ...runtime.repository import (
     add_instance_group,
     add_parameters,
@@ -71,18 +89,18 @@ from .dali import (  # the preprocessing contract (importing it never needs DALI
     DET_SCALE_OUTPUT,
     ENCODED_INPUT,
     FACE_DETECTION,
+    FACE_RECOGNITION,
     KINDS,
     OCR_DETECTION,
+    OCR_RECOGNITION,
     OUTPUT_NAMES,
     RESIZE_HW,
+    SEQUENCE_KINDS,
     TensorSpec,
+    arcface_params,
     clip_params,
     io_specs,
 )
-
-if TYPE_CHECKING:
-
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +116,8 @@ _KIND_BY_TASK_TYPE = {
     (ModelTask.SEARCH, ModelType.VISUAL): CLIP_VISUAL,
     (ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION): FACE_DETECTION,
     (ModelTask.OCR, ModelType.DETECTION): OCR_DETECTION,
+    (ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION): FACE_RECOGNITION,
+    (ModelTask.OCR, ModelType.RECOGNITION): OCR_RECOGNITION,
 }
 
 
@@ -110,12 +130,13 @@ class GpuRepository(NamedTuple):
     models: Any  # what the models' builder returned (the TensorRT builder: its BuildResults)
     preprocess: list[str]  # ``<base>__preprocess`` names
     ensembles: list[str]  # ``<base>__ensemble`` names
+    skipped: list[str]  # bases without a model (its build failed): no preprocessing, no ensemble
 
 
 def gpu_kind(base: str) -> str | None:
-    """:data:`CLIP_VISUAL`, :data:`FACE_DETECTION` or :data:`OCR_DETECTION` for a model
-    name ``<task>__<model>__<type>``; ``None`` for models that keep CPU preprocessing
-    (CLIP textual, ArcFace recognition, OCR recognition)."""
+    """The GPU preprocessing kind (:data:`~immich_trt.tools.gpu.dali.KINDS`) of a model
+    name ``<task>__<model>__<type>``: CLIP visual, face detection and recognition, OCR
+    detection and recognition; ``None`` for CLIP textual (a text model)."""
     parts = base.split("__")
     if len(parts) < 3:
         return None
@@ -149,11 +170,9 @@ class ModelIO:
         raise KeyError(f"model '{self.name}' has no output '{name}'")
 
 
-def read_model_io(folder: Path) -> ModelIO:
-    """Parse ``<folder>/config.pbtxt`` (Triton's ``ModelConfig`` text format).
-
-    Raises ``FileNotFoundError`` if it is missing, ``ValueError`` if it does not parse or
-    declares no inputs or outputs (an ensemble cannot be wired to an auto-completed one)."""
+def read_config(folder: Path):
+    """Parse ``<folder>/config.pbtxt`` into Triton's ``ModelConfig`` message. Raises
+    ``FileNotFoundError`` if it is missing, ``ValueError`` if it does not parse."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -163,6 +182,18 @@ def read_model_io(folder: Path) -> ModelIO:
         text_format.Parse(path.read_text(encoding="utf-8"), config)
     except text_format.ParseError as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    return config
+
+
+def read_model_io(folder: Path) -> ModelIO:
+    """Parse ``<folder>/config.pbtxt`` (Triton's ``ModelConfig`` text format).
+
+    Raises ``FileNotFoundError`` if it is missing, ``ValueError`` if it does not parse or
+    declares no inputs or outputs (an ensemble cannot be wired to an auto-completed one)."""
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(folder) / "config.pbtxt"
+    config = read_config(folder)
     if not config.input or not config.output:
         raise ValueError(f"{path} declares no inputs or no outputs; an ensemble needs both")
 
@@ -177,14 +208,31 @@ def _compatible(a: Sequence[int], b: Sequence[int]) -> bool:
     return len(a) == len(b) and all(x == y or x < 0 or y < 0 for x, y in zip(a, b))
 
 
-def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str:
-    """``config.pbtxt`` of ``<base>__ensemble``: ``preprocess`` (``<base>__preprocess``)
-    then ``model`` (``<base>``), for a kind of :data:`KINDS`.
+def consistent(producer: ModelIO, produced: TensorSpec, consumer: ModelIO, consumed: TensorSpec) -> bool:
+    """Whether Triton accepts tensor ``produced`` of ``producer`` as ``consumed`` of
+    ``consumer`` in an ensemble: same data type, and the dims without the batch axis
+    compatible (-1 matches anything) or else the full dims (batch axis included). This
+    is Triton's own rule (core ``src/ensemble_scheduler/ensemble_utils.cc``
+    ``ValidateTensorConsistency``, at commit 73aad7c): it lets a batching model's
+    ``[-1, 3, 112, 112]`` per-request output feed a non-batching model's
+    ``[-1, 3, 112, 112]``, the batch axis of 1 being stripped at run time
+    (``ensemble_scheduler.cc`` ``EnsembleContext::ReshapeTensorDims``)."""
+    if produced.data_type != consumed.data_type:
+        return False
+    return _compatible(produced.dims, consumed.dims) or _compatible(
+        producer.full_dims(produced), consumer.full_dims(consumed)
+    )
+
+
+def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO, name: str | None = None) -> str:
+    """``config.pbtxt`` of ``<base>__ensemble`` (``name``; default from ``model.name``):
+    ``preprocess`` (``<base>__preprocess``) then ``model`` (``<base>``, or for the
+    recognizers ``<base>__unbatched``), for a kind of :data:`KINDS`.
 
     Ensemble inputs are the preprocessing model's; outputs are the model's (the first
     renamed :data:`CLIP_EMBEDDING` for CLIP) plus :data:`DET_SCALE_OUTPUT` for faces. The
-    preprocessing output :data:`PREPROCESSED` ``[kind]`` feeds the model's single input.
-    Raises ``ValueError`` if the two models do not fit together."""
+    preprocessing output :data:`PREPROCESSED` ``[kind]`` feeds the model's single input
+    (:func:`consistent`). Raises ``ValueError`` if the two models do not fit together."""
     if kind not in KINDS:
         raise ValueError(f"unknown GPU preprocessing kind {kind!r}; expected one of {', '.join(KINDS)}")
     if len(model.inputs) != 1:
@@ -196,13 +244,14 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
         raise ValueError(f"{exc.args[0]} (the {kind} preprocessing contract)") from None
     consumed = model.inputs[0]
     link_from, link_to = preprocess.full_dims(produced), model.full_dims(consumed)
-    if produced.data_type != consumed.data_type or not _compatible(link_from, link_to):
+    if not consistent(preprocess, produced, model, consumed):
         raise ValueError(
             f"'{preprocess.name}' output '{produced.name}' ({produced.data_type} {list(link_from)}) cannot feed "
             f"'{model.name}' input '{consumed.name}' ({consumed.data_type} {list(link_to)})"
         )
     batch = min(preprocess.max_batch_size, model.max_batch_size)
-    config = model_config(gpu_path_names(model.name).ensemble, platform="ensemble", max_batch_size=batch)
+    name = name or gpu_path_names(model.name).ensemble
+    config = model_config(name, platform="ensemble", max_batch_size=batch)
 
     def add(tensors: Any, owner: ModelIO, tensor: TensorSpec, name: str) -> None:
         full = owner.full_dims(tensor)  # an unbatched ensemble's dims carry the batch axis
@@ -229,10 +278,60 @@ def ensemble_config_pbtxt(kind: str, preprocess: ModelIO, model: ModelIO) -> str
     return config_text(config)
 
 
+def unbatched_config(config, name: str):
+    """A copy of a model's ``ModelConfig`` named ``name`` that takes the batch as a
+    plain leading dimension: ``max_batch_size`` 0, every tensor's dims led by -1, no
+    ``dynamic_batching`` (a config already without a batch axis keeps its dims). The
+    engine, profiles, instance groups and parameters are the model's own."""
+    twin = type(config)()
+    twin.CopyFrom(config)
+    twin.name = name
+    if config.max_batch_size > 0:
+        twin.max_batch_size = 0
+        for tensor in (*twin.input, *twin.output):
+            dims = list(tensor.dims)
+            del tensor.dims[:]
+            tensor.dims.extend([-1, *dims])
+        twin.ClearField("dynamic_batching")
+    return twin
+
+
+def _link(source: Path, dest: Path) -> None:
+    """``dest`` -> ``source`` as a relative symbolic link (a copy where links fail),
+    replacing what ``dest`` was."""
+    if dest.is_symlink() and dest.resolve() == source.resolve():
+        return
+    if dest.exists() or dest.is_symlink():
+        dest.unlink()
+    try:
+        dest.symlink_to(Path("..") / ".." / source.parent.parent.name / source.parent.name / source.name)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def write_unbatched(repository: Path, base: str) -> str:
+    """Write ``<base>__unbatched``: ``<base>``'s config as :func:`unbatched_config` and
+    its version folder's files linked (the same engine or model file, loaded a second
+    time). A recognizer's ensemble runs it: the preprocessing gives all of a request's
+    faces or text lines as one sample, ``[1, N, ...]``, which Triton hands to a
+    non-batching model as ``[N, ...]``. Returns its name. Raises as :func:`read_config`."""
+    names = gpu_path_names(base)
+    repository = Path(repository)
+    config = unbatched_config(read_config(repository / base), names.unbatched)
+    folder = repository / names.unbatched
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    for source in sorted((repository / base / "1").iterdir()):
+        if source.is_file():
+            _link(source, folder / "1" / source.name)
+    write_if_changed(folder / "config.pbtxt", config_text(config))
+    return names.unbatched
+
+
 def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Settings | None = None) -> list[str]:
     """Write ``<base>__ensemble/config.pbtxt`` (and its empty version folder ``1/``) for
-    every spec of a GPU-preprocessed kind, from the ``config.pbtxt`` of ``<base>`` and
-    ``<base>__preprocess`` already in ``repository``. Returns the ensemble names.
+    every spec of a GPU-preprocessed kind, from the ``config.pbtxt`` of ``<base>`` (or
+    ``<base>__unbatched`` for the recognizers) and ``<base>__preprocess`` already in
+    ``repository``. Returns the ensemble names.
 
     ``settings`` is accepted so that every writer of the repository takes the same
     arguments; the ensembles depend only on the composing models. Raises
@@ -244,8 +343,12 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
         if kind is None:
             continue
         names = gpu_path_names(spec.name)
+        model = names.unbatched if kind in SEQUENCE_KINDS else names.base
         text = ensemble_config_pbtxt(
-            kind, read_model_io(Path(repository) / names.preprocess), read_model_io(Path(repository) / names.base)
+            kind,
+            read_model_io(Path(repository) / names.preprocess),
+            read_model_io(Path(repository) / model),
+            names.ensemble,
         )
         folder = Path(repository) / names.ensemble
         (folder / "1").mkdir(parents=True, exist_ok=True)
@@ -260,9 +363,10 @@ def write_ensembles(repository: Path, specs: Sequence[ModelSpec], settings: Sett
 #: models ``<base>`` with their ``config.pbtxt`` (default: the TensorRT builder). Not
 #: :class:`immich_trt.tools.gpu.tensorrt.EngineBuilder`, which builds one engine.
 ModelsWriter = Callable[..., Any]
-#: ``write_preprocess(folder, kind, params, max_batch_size)``: writes one preprocessing
-#: model (``config.pbtxt`` and its version folder) into ``folder`` (default: DALI).
-PreprocessWriter = Callable[[Path, str, dict, int], Any]
+#: ``write_preprocess(folder, kind, params, max_batch_size, device_ids=ids)``: writes
+#: one preprocessing model (``config.pbtxt`` and its version folder) into ``folder``,
+#: with one instance group per GPU id (default: DALI).
+PreprocessWriter = Callable[..., Any]
 
 
 def _tensorrt_builder(*args: Any, **kwargs: Any) -> Any:
@@ -271,10 +375,10 @@ def _tensorrt_builder(*args: Any, **kwargs: Any) -> Any:
     return build_tensorrt_models(*args, **kwargs)
 
 
-def _dali_writer(folder: Path, kind: str, params: dict, max_batch_size: int) -> Any:
+def _dali_writer(folder: Path, kind: str, params: dict, max_batch_size: int, device_ids: Sequence[int] = (0,)) -> Any:
     from .dali import write_dali_model
 
-    return write_dali_model(folder, kind, params, max_batch_size)
+    return write_dali_model(folder, kind, params, max_batch_size, device_ids=device_ids)
 
 
 def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
@@ -285,7 +389,8 @@ def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
       (``visual/preprocess_cfg.json``);
     * ``face_detection``: ``{"input_size": [width, height]}`` (640x640 unless the
       detector was exported for a fixed size);
-    * ``ocr_detection``: ``{}`` (sizes come with each request).
+    * ``ocr_detection``, ``ocr_recognition``: ``{}`` (sizes come with each request);
+    * ``face_recognition``: ``{"mean": m, "std": s}`` (``arcface_normalisation``).
 
     Raises ``ValueError`` for a model that is not GPU-preprocessed."""
     from ...models import build_model
@@ -295,7 +400,7 @@ def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
     kind = gpu_kind(base)
     if kind is None:
         raise ValueError(f"'{base}' has no GPU preprocessing")
-    if kind == OCR_DETECTION:
+    if kind in (OCR_DETECTION, OCR_RECOGNITION):
         return {}
     parts = base.split("__")
     task, name, model_type = parts[0], "__".join(parts[1:-1]), parts[-1]
@@ -305,6 +410,8 @@ def preprocess_params(settings: Settings, base: str) -> dict[str, Any]:
     model.prepare_files()
     if kind == CLIP_VISUAL:
         return clip_params(model.size, model.mean, model.std)
+    if kind == FACE_RECOGNITION:
+        return arcface_params(model.mean, model.std)
     return {"input_size": [int(v) for v in model.input_size]}
 
 
@@ -322,34 +429,55 @@ def build_gpu_repository(
     """Write the GPU target for every cached model (or only the named ones): the models
     (``build_engines``, default :func:`immich_trt.tools.gpu.tensorrt.build_tensorrt_models`,
     called as ``build_engines(settings, repository, only=, precision=, gpus=, force=)``),
-    then ``<base>__preprocess`` for CLIP visual, face detection and OCR detection
-    (``write_preprocess``, default :func:`immich_trt.tools.gpu.dali.write_dali_model`, with
-    :func:`preprocess_params` and ``max_batch_size`` = the model's, at least
-    :data:`PREPROCESS_MAX_BATCH_SIZE`), then the ensembles (:func:`write_ensembles`,
-    whose ``max_batch_size`` is then the model's).
+    then for CLIP visual, face detection and recognition, OCR detection and recognition
+    ``<base>__preprocess`` (``write_preprocess``, default
+    :func:`immich_trt.tools.gpu.dali.write_dali_model`, with :func:`preprocess_params`,
+    ``max_batch_size`` = the model's, at least :data:`PREPROCESS_MAX_BATCH_SIZE`, and
+    one instance group per id of ``gpus``, default ``MACHINE_LEARNING_DEVICE_IDS``),
+    ``<base>__unbatched`` for the recognizers (:func:`write_unbatched`) and the
+    ensembles (:func:`write_ensembles`).
 
-    Derived model files are kept beside their configs (``engines_dir = repository``).
-    Returns what was written (:class:`GpuRepository`). Raises what the writers raise,
-    ``ValueError`` if the models do not fit together."""
+    A model whose build failed (no ``<base>/config.pbtxt``: the builder reported it)
+    gets no preprocessing and no ensemble, and is listed in ``skipped``; every other
+    kind is still written. Derived model files are kept beside their configs
+    (``engines_dir = repository``). Returns what was written (:class:`GpuRepository`).
+    Raises what the writers raise, ``ValueError`` if the models do not fit together or
+    for bad GPU ids."""
+    from .tensorrt import parse_device_ids
+
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.replace(settings, engines_dir=repository)
     build_engines = build_engines or _tensorrt_builder
     write_preprocess = write_preprocess or _dali_writer
+    ids = parse_device_ids(gpus if gpus is not None else settings.device_ids)
     models = build_engines(settings, repository, only=only, precision=precision, gpus=gpus, force=force)
-    specs = [spec for spec in cached_specs(settings, only) if gpu_kind(spec.name) is not None]
+    specs, skipped = [], []
+    for spec in cached_specs(settings, only):
+        if gpu_kind(spec.name) is None:
+            continue
+        if not spec.from_encoded_image:  # e.g. a recognizer whose lines are not 48 px high
+            log.info("%s: preprocessed on the CPU (its inputs are not what the GPU steps make)", spec.name)
+            continue
+        if not (repository / spec.name / "config.pbtxt").is_file():
+            log.error("%s: no model was built; its GPU preprocessing and ensemble are not written", spec.name)
+            skipped.append(spec.name)
+            continue
+        specs.append(spec)
     preprocess = []
     for spec in specs:
         names = gpu_path_names(spec.name)
-        batch = read_model_io(repository / names.base).max_batch_size
+        kind = gpu_kind(spec.name)
+        if kind in SEQUENCE_KINDS:
+            write_unbatched(repository, spec.name)
+            batch = PREPROCESS_MAX_BATCH_SIZE  # one request is one sample, whatever the model batches
+        else:
+            batch = max(read_model_io(repository / names.base).max_batch_size, PREPROCESS_MAX_BATCH_SIZE)
         write_preprocess(
-            repository / names.preprocess,
-            gpu_kind(spec.name),
-            preprocess_params(settings, spec.name),
-            max(batch, PREPROCESS_MAX_BATCH_SIZE),
+            repository / names.preprocess, kind, preprocess_params(settings, spec.name), batch, device_ids=ids
         )
         preprocess.append(names.preprocess)
-    return GpuRepository(models, preprocess, write_ensembles(repository, specs, settings))
+    return GpuRepository(models, preprocess, write_ensembles(repository, specs, settings), skipped)
 
 
 # --------------------------------------------------------------------------- stand-ins
@@ -359,24 +487,52 @@ def reference_preprocess(
     kind: str,
     params: Mapping[str, Any],
     data: bytes,
-    resize_hw: Sequence[int] | None = None,
-    bucket_hw: Sequence[int] | None = None,
+    inputs: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The CPU reference of a preprocessing model, for one encoded image (no batch axis):
+    """The CPU reference of a preprocessing model, for one encoded image and its other
+    inputs (``inputs``, by name; no batch axis anywhere):
 
     * ``clip_visual``: ``{"image": float32[3, S, S]}`` (``clip_preprocess``);
     * ``face_detection``: ``{"input.1": float32[3, h, w], "det_scale": float32[1]}``
       (``to_bgr`` + ``letterbox`` + ``detection_blob``);
-    * ``ocr_detection``: ``{"image_u8": uint8[Hb, Wb, 3]}``: PIL LANCZOS resize to
-      ``resize_hw`` (as ``det_resize``), zero-padded bottom/right to ``bucket_hw``.
+    * ``ocr_detection`` (``resize_hw``, ``bucket_hw``): ``{"image_u8": uint8[Hb, Wb, 3]}``:
+      PIL LANCZOS resize to ``resize_hw`` (as ``det_resize``), zero-padded bottom/right
+      to ``bucket_hw``;
+    * ``face_recognition`` (``face_landmarks`` [N, 5, 2]): ``{"aligned_faces":
+      float32[N, 3, 112, 112]}`` (``norm_crop`` + ``recognition_blob``);
+    * ``ocr_recognition`` (``line_coefficients`` [N, 8], ``line_geometry`` [N, 8]):
+      ``{"text_lines": float32[N, 3, 48, W]}`` (``crop_text_line`` + ``line_tensor``).
 
-    ``data`` is decoded as the server does (``decode_pil``). Raises ``ValueError`` for a
-    bucket smaller than the resized image, PIL's errors for undecodable bytes."""
+    ``data`` is decoded as the server does (``decode_pil``): the recognizers' results
+    are the CPU path's exactly. Raises ``ValueError`` for a bucket smaller than the
+    resized image or a missing input, PIL's errors for undecodable bytes."""
     from PIL import Image
 
     from ...models.transforms import decode_pil
 
+    inputs = inputs or {}
+    needed = {FACE_RECOGNITION: (FACE_LANDMARKS,), OCR_RECOGNITION: (LINE_COEFFICIENTS, LINE_GEOMETRY)}.get(kind, ())
+    if any(name not in inputs for name in needed):
+        raise ValueError(f"{kind} preprocessing needs {', '.join(needed)}")
     image = decode_pil(bytes(data))
+    if kind == FACE_RECOGNITION:
+        from ...models.face import norm_crop, recognition_blob
+        from ...models.transforms import to_bgr
+
+        bgr = to_bgr(image)
+        crops = [norm_crop(bgr, landmark) for landmark in np.asarray(inputs[FACE_LANDMARKS], np.float32)]
+        return {PREPROCESSED[kind]: recognition_blob(crops, float(params["mean"]), float(params["std"]))}
+    if kind == OCR_RECOGNITION:
+        from ...models.ocr import crop_text_line, line_tensor
+
+        columns = {name: i for i, name in enumerate(LINE_GEOMETRY_COLUMNS)}
+        lines = []
+        for coefficients, row in zip(np.asarray(inputs[LINE_COEFFICIENTS], np.float32), inputs[LINE_GEOMETRY]):
+            size = np.array([row[columns["width"]], row[columns["height"]]], np.int32)
+            crop = crop_text_line(image, coefficients, size)
+            lines.append(line_tensor(crop, int(row[columns["resized_width"]]), int(row[columns["batch_width"]])))
+        return {PREPROCESSED[kind]: np.stack(lines).astype(np.float32)}
+    resize_hw, bucket_hw = inputs.get(RESIZE_HW), inputs.get(BUCKET_HW)
     if kind == CLIP_VISUAL:
         from ...models.clip import clip_preprocess
 
@@ -400,10 +556,10 @@ def reference_preprocess(
     raise ValueError(f"unknown GPU preprocessing kind {kind!r}")
 
 
-def write_standin_preprocess(folder: Path, kind: str, params: dict, max_batch_size: int) -> Path:
+def write_standin_preprocess(folder: Path, kind: str, params: dict, max_batch_size: int, **_: Any) -> Path:
     """Write a python-backend ``<base>__preprocess`` running :func:`reference_preprocess`,
     with the DALI model's tensors (``immich_trt.tools.gpu.dali.io_specs``; same signature as
-    the DALI writer). Returns ``folder``."""
+    the DALI writer; one CPU instance whatever GPU ids it is given). Returns ``folder``."""
     folder = Path(folder)
     inputs, outputs = io_specs(kind, params)
     config = model_config(folder.name, backend="python", max_batch_size=max_batch_size)
@@ -437,13 +593,10 @@ class PreprocessStandin:
         for request in requests:
             try:
                 feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+                others = [name for name in self.inputs if name != ENCODED_INPUT]
                 rows = [
                     reference_preprocess(
-                        self.kind,
-                        self.params,
-                        feed[ENCODED_INPUT][i].tobytes(),
-                        feed[RESIZE_HW][i] if RESIZE_HW in feed else None,
-                        feed[BUCKET_HW][i] if BUCKET_HW in feed else None,
+                        self.kind, self.params, feed[ENCODED_INPUT][i].tobytes(), {n: feed[n][i] for n in others}
                     )
                     for i in range(feed[ENCODED_INPUT].shape[0])
                 ]

@@ -31,9 +31,15 @@ Optimization profiles and their selection
 Triton's TensorRT backend makes one execution context per profile named in the
 ``instance_group`` ``profile`` list (only profile 0 when the list is empty) and runs a
 request on the profile whose ``[min, max]`` box holds every input shape and whose
-``opt`` shape is nearest in Manhattan distance (batch axis included; ties go to the
-lowest index); a shape no profile holds is refused. :func:`select_profile` applies the
-same rule. The OCR profiles follow the CPU path's shape buckets
+distance to ``opt`` is smallest (ties go to the lowest index); a shape no profile holds
+is refused. The distance is meant to be Manhattan, but the backend compares ``opt``'s
+dimension ``i`` with the request's dimension ``i - 1`` (tensorrt_backend
+``src/instance_state.cc``, ``EvaluateTensorRTContext``, lines 1978-1982 at e2ef6d7;
+so since 2022): :func:`select_profile` reproduces that formula. For the profiles below
+the choice is the Manhattan one all the same: the OCR profiles that hold a shape are
+nested squares, where the smallest holding side wins under both formulas, or disjoint
+width ranges, where one profile holds it (``tests/test_tensorrt_builder.py`` checks every
+shape the server sends). The OCR profiles follow the CPU path's shape buckets
 (:data:`immich_trt.models.ocr.DET_BUCKETS`, :data:`~immich_trt.models.ocr.REC_WIDTH_BUCKETS`):
 
 - OCR detection ``image_u8`` ``[N, H, W, 3]``: one square profile per side bucket ``b``
@@ -62,8 +68,9 @@ Dynamic batching (models with ``max_batch_size`` > 1)
 - ArcFace: profile ``opt`` batch 8, ``preferred_batch_size: [8]``, queue delay 1000 us.
 - OCR recognition: ``opt`` = ``MAX_BATCH_SIZE__OCR`` (6), ``preferred_batch_size`` the
   same (omitted when it equals ``max_batch_size``), queue delay 1000 us.
-- OCR detection: ``opt`` batch 1, no preferred size, no queue delay: every request is a
-  whole image, and requests of different sizes never batch together.
+- OCR detection: ``max_batch_size`` 1 (the CPU target's 4 buys nothing here: every
+  request is a whole image, and requests of different sizes never batch together), so
+  each of its 9 profile contexts holds one image's activations.
 
 ``opt`` is the batch TensorRT times its kernels for. With a queue delay, a batch that
 reaches a preferred size runs at once; a smaller one waits at most the delay for other
@@ -89,7 +96,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -208,17 +215,31 @@ class Profile:
         return [shape.as_json() for shape in self.shapes]
 
 
+def backend_distance(profile: Profile, shapes: Mapping[str, Sequence[int]]) -> int:
+    """The distance tensorrt_backend ranks a holding profile by (``EvaluateTensorRTContext``,
+    ``src/instance_state.cc`` lines 1978-1982 at e2ef6d7): per input,
+    ``|opt[0] - batch| + sum(|opt[i] - shape[i - 1]|, i >= 1)``, ``shape`` batch axis
+    first: each ``opt`` dimension after the first is compared with the request's
+    previous one (the Manhattan distance would compare ``opt[i]`` with ``shape[i]``)."""
+    total = 0
+    for s in profile.shapes:
+        shape = shapes[s.name]
+        total += abs(s.opt[0] - shape[0]) + sum(abs(s.opt[i] - shape[i - 1]) for i in range(1, len(s.opt)))
+    return total
+
+
 def select_profile(profiles: Sequence[Profile], shapes: Mapping[str, Sequence[int]]) -> int:
     """Index of the profile Triton's TensorRT backend runs a request with full input
     ``shapes`` (batch axis first) on: among the profiles that hold every shape, the one
-    whose ``opt`` is nearest in Manhattan distance, the lowest index on a tie
-    (tensorrt_backend ``GetMostOptimizedProfile``).
+    with the smallest :func:`backend_distance`, the lowest index on a tie
+    (tensorrt_backend ``GetMostOptimizedProfile``; see the module docstring for how that
+    differs from the Manhattan distance it intends, and why our profiles do not care).
 
     Raises ``ValueError`` naming the shape and what the profiles hold when none does."""
     best, best_distance = -1, None
     for index, profile in enumerate(profiles):
         if profile.holds(shapes):
-            distance = profile.distance(shapes)
+            distance = backend_distance(profile, shapes)
             if best_distance is None or distance < best_distance:
                 best, best_distance = index, distance
     if best < 0:
@@ -435,6 +456,11 @@ def engine_layout(spec: ModelSpec, settings: Settings) -> EngineLayout:
         max_batch = 1
     else:
         max_batch = 0
+    if family == "ocr-detection" and max_batch > 1:
+        # one image per request, and images of different sizes never batch; a backend
+        # older than tensorrt_backend #108 (Triton 25.05) allocates every profile's
+        # context at its largest shape, batch included (module docstring)
+        max_batch = 1
     engine_batch = max(1, max_batch)
 
     preferred: tuple[int, ...] = ()
@@ -825,21 +851,40 @@ class EngineBuilder(Protocol):
     ) -> bytes: ...
 
 
+def build_environment(device_ids: Sequence[int], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Point CUDA at the GPU the engines are built for, before anything initialises CUDA
+    in this process: ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (so CUDA's ordinals are
+    nvidia-smi's indices, the ids of ``MACHINE_LEARNING_DEVICE_IDS`` and of the configs'
+    ``instance_group``) and ``CUDA_VISIBLE_DEVICES`` = the first id: TensorRT builds
+    on CUDA device 0, which is then that GPU (GPU 0 may be another model or busy), and
+    DALI serialises its pipelines there. ``environ`` (default ``os.environ``) is
+    updated and returned."""
+    import os
+
+    env = os.environ if environ is None else environ
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["CUDA_VISIBLE_DEVICES"] = str(int(device_ids[0]))
+    return env
+
+
 class TensorRTBuilder:
-    """:func:`build_engine` on this machine's GPU. Creating one imports TensorRT and
-    reads the GPU names of ``device_ids``; raises :class:`TensorRTUnavailableError`,
+    """:func:`build_engine` on this machine's GPU. Creating one points CUDA at the first
+    of ``device_ids`` (:func:`build_environment`), imports TensorRT and reads the GPU
+    names of ``device_ids``; raises :class:`TensorRTUnavailableError`,
     :class:`NoGPUError`, or ``NoGPUError`` when the GPUs are different models (a plan
     runs only on the model it was built for: build one repository per GPU model).
-    Engines are built on the current CUDA device (the first visible GPU)."""
+    Engines are built on the first id's GPU; create the builder before anything else
+    in the process uses CUDA (``build-engines`` does: it is a process of its own)."""
 
     def __init__(self, device_ids: Sequence[int]) -> None:
-        self.trt = import_tensorrt()
+        self.trt = import_tensorrt()  # loads the libraries; CUDA starts with the first builder
         self.tensorrt_version = str(self.trt.__version__)
         names = gpu_names(device_ids)
         if len(set(names)) > 1:
             listed = ", ".join(f"{i}: {n}" for i, n in zip(device_ids, names))
             raise NoGPUError(f"GPUs {listed} are different models; build one repository per GPU model (--gpus)")
         self.gpu_name = names[0]
+        build_environment(device_ids)
 
     def build(self, onnx_path, profiles, precision, timing_cache_path, workspace_bytes):
         return build_engine(onnx_path, profiles, precision, timing_cache_path, workspace_bytes, trt_module=self.trt)
@@ -862,6 +907,18 @@ class BuildResult:
     status: str
     key: str
     error: str = ""
+    checked: str = ""  # the comparison with ONNX Runtime after the build (verify.py)
+
+
+#: Families built in FP32 when FP16 is asked for, and why.
+FP32_FAMILIES = {
+    "ocr-recognition": "PP-OCR recognizers (opset 14) spell LayerNorm as ReduceMean/Pow/Sqrt, which TensorRT "
+    "warns overflows in FP16 (NVIDIA/TensorRT#2781)",
+}
+
+#: ``verify(layout, plan) -> (True | False | None, what was measured)``: the engine
+#: against ONNX Runtime (``None``: it could not be run here).
+Verifier = Callable[[EngineLayout, bytes], tuple["bool | None", str]]
 
 
 def build_tensorrt_models(
@@ -875,6 +932,7 @@ def build_tensorrt_models(
     builder: EngineBuilder | None = None,
     workspace_bytes: int | None = None,
     progress: bool = True,
+    verify: Verifier | None = None,
 ) -> list[BuildResult]:
     """Write the TensorRT model of every cached model (or only the named ones) into
     ``repository``: ``model.plan`` (built, or kept when its cache key matches and
@@ -887,7 +945,12 @@ def build_tensorrt_models(
     TensorRT refuses (:class:`EngineBuildError`, :class:`Int8CalibrationError`, a layout
     ``ValueError``) is a ``"failed"`` result, its files left as they were; the others
     are still built. Raises ``ValueError`` (precision, GPU ids),
-    :class:`TensorRTUnavailableError` and :class:`NoGPUError` before building anything."""
+    :class:`TensorRTUnavailableError` and :class:`NoGPUError` before building anything.
+
+    FP16 where it is safe: the families of :data:`FP32_FAMILIES` are built in FP32, and
+    every engine built is compared with ONNX Runtime (``verify``; default
+    :func:`immich_trt.tools.gpu.verify.verify_engine` with the real builder); an FP16
+    engine that disagrees is rebuilt in FP32. ``build.json`` records both."""
     from tqdm import tqdm
 
     precision = precision or settings.trt_precision
@@ -895,6 +958,11 @@ def build_tensorrt_models(
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     ids = parse_device_ids(gpus if gpus is not None else settings.device_ids)
     builder = builder or TensorRTBuilder(ids)
+    if verify is None and isinstance(builder, TensorRTBuilder):
+        from .verify import verify_engine
+
+        trt = builder.trt
+        verify = lambda layout, plan: verify_engine(layout, plan, trt)  # noqa: E731
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
     # derived files beside their configs; the engines are the plain models whichever
@@ -908,7 +976,7 @@ def build_tensorrt_models(
         bar.set_postfix_str(spec.name)
         try:
             results.append(
-                _build_one(spec, settings, repository, builder, precision, ids, flags, force, workspace_bytes)
+                _build_one(spec, settings, repository, builder, precision, ids, flags, force, workspace_bytes, verify)
             )
         except (EngineBuildError, ValueError) as exc:  # this model only; the others are still built
             log.error("%s: %s", spec.name, exc)
@@ -926,21 +994,39 @@ def _build_one(
     flags: Mapping[str, Any],
     force: bool,
     workspace_bytes: int | None,
+    verify: Verifier | None = None,
 ) -> BuildResult:
     from ...models.download import sha256_file
 
     layout = engine_layout(spec, settings)
     folder = repository / spec.name
     onnx_sha = sha256_file(layout.onnx_path)
+    requested = precision
+    if precision == "fp16" and layout.family in FP32_FAMILIES:
+        precision = "fp32"
     key = cache_key(onnx_sha, builder.tensorrt_version, builder.gpu_name, precision, layout.profiles, flags)
     plan = folder / "1" / PLAN_NAME
+    checked = ""
     if not force and is_cached(folder, key):
         status, seconds = "cached", 0.0
+        info = json.loads((folder / "1" / BUILD_INFO_NAME).read_text(encoding="utf-8"))
+        precision, checked = info.get("precision", precision), info.get("checked", "")
     else:
         started = time.monotonic()
-        data = builder.build(
-            layout.onnx_path, layout.profiles, precision, repository / TIMING_CACHE_NAME, workspace_bytes
-        )
+        timing = repository / TIMING_CACHE_NAME
+        data = builder.build(layout.onnx_path, layout.profiles, precision, timing, workspace_bytes)
+        verdict, checked = verify(layout, data) if verify is not None else (None, "not checked")
+        if verdict is False and precision == "fp16":
+            log.warning("%s: the FP16 engine disagrees with ONNX Runtime (%s); building it in FP32", spec.name, checked)
+            precision = "fp32"
+            data = builder.build(layout.onnx_path, layout.profiles, precision, timing, workspace_bytes)
+            verdict, checked = verify(layout, data) if verify is not None else (None, "not checked")
+            checked = f"FP16 disagreed, FP32 built: {checked}"
+        if verdict is False:
+            raise EngineBuildError(f"the {precision} engine disagrees with ONNX Runtime: {checked}")
+        if verdict is None and verify is not None:
+            log.warning("%s: engine not compared with ONNX Runtime: %s", spec.name, checked)
+            checked = f"not checked: {checked}"
         seconds = time.monotonic() - started
         write_if_changed(plan, data)
         info = {
@@ -950,6 +1036,9 @@ def _build_one(
             "tensorrt": builder.tensorrt_version,
             "gpu": builder.gpu_name,
             "precision": precision,
+            "requested_precision": requested,
+            "fp32_because": FP32_FAMILIES.get(layout.family, "") if requested == "fp16" else "",
+            "checked": checked,
             "profiles": [p.as_json() for p in layout.profiles],
             "flags": dict(flags),
             "build_seconds": round(seconds, 3),
@@ -959,7 +1048,8 @@ def _build_one(
         write_if_changed(folder / "1" / BUILD_INFO_NAME, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
         status = "built"
     write_if_changed(folder / "config.pbtxt", tensorrt_config_pbtxt(layout, ids))
-    return BuildResult(spec.name, precision, len(layout.profiles), seconds, plan.stat().st_size / 1e6, status, key)
+    size = plan.stat().st_size / 1e6
+    return BuildResult(spec.name, precision, len(layout.profiles), seconds, size, status, key, checked=checked)
 
 
 def summary_table(results: Sequence[BuildResult]) -> str:
