@@ -264,11 +264,18 @@ async def test_the_rss_guard_restarts_triton_and_calls_keep_being_answered(setti
     monkeypatch.setattr(launcher_module, "RSS_CHECK_S", 0.5)
     runtime = TritonRuntime(dataclasses.replace(settings, triton_max_rss_mb=1, infer_timeout_s=60.0))
     await runtime.start()
+    # the setting reaches the launcher; the guard is held off (no await since start()
+    # returned) until the first server's pid is known, or a slow load could see the
+    # restart finish before it
+    assert runtime.launcher.max_rss_mb == 1
+    runtime.launcher.max_rss_mb = 0
     try:
         await runtime.load(specs["det"])
         x = np.zeros((1, 3, 64, 64), np.float32)
         before = await runtime.infer(specs["det"].name, {"x": x})
         first = runtime.launcher.process.pid
+        assert runtime.launcher.recycles == 0
+        runtime.launcher.max_rss_mb = 1
         answered = 0
         with caplog.at_level(logging.INFO, logger="immich_trt"):
             deadline = time.monotonic() + 60
