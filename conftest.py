@@ -103,6 +103,23 @@ def ocr_models_server(ocr_models_cache, tmp_path_factory: pytest.TempPathFactory
         yield server
 
 
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry (the file's length) per CPU pixel decode in this process (the server's
+    when it runs in the test's process; Triton's stand-ins run in processes of their own)."""
+    from immich_trt.models import transforms
+
+    calls: list[int] = []
+    real = transforms._decode_rgb
+
+    def counting(image, data):
+        calls.append(len(data))
+        return real(image, data)
+
+    monkeypatch.setattr(transforms, "_decode_rgb", counting)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def live_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     """``immich-trt serve`` in a subprocess, serving through the bundled Triton."""

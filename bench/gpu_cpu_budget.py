@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from immich_trt import contract  # noqa: E402
-from immich_trt.tools.bench import load_previews  # noqa: E402
+from immich_trt.tools.bench import environment, load_previews  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -322,18 +322,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine() -> str:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu or 'unknown CPU'}), {platform.platform()}"
-
-
 def table(runs: dict[str, list[KindResult]], cores: int) -> str:
     lines = [
         "| server | request | server CPU ms/request | goal | requests/s per core | "
@@ -379,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     runs["this" if not args.baseline else "after"] = measure(
         "after" if args.baseline else "this", None, args, cache, repository, triton, inputs
     )
+    host = environment()
     report = "\n".join([
-        f"Machine: {machine()}; date {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"Machine: {host['machine']}, {host['cpu']}, {host['cores']}, {host['memory']}, {platform.platform()}; "
+        f"date {host['date']}",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"Requests per kind: {args.requests}; concurrency {args.concurrency}; warm-up {args.warmup}; "
         f"inputs: {len(inputs['clip'])} previews (mean {np.mean([len(d) for d in inputs['clip']]) / 1024:.0f} KiB), "

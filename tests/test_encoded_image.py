@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, requires_data
-from immich_trt.models import transforms
 from immich_trt.models.transforms import (
     EncodedImage,
     ImageTooLarge,
@@ -24,20 +23,6 @@ from immich_trt.models.transforms import (
     open_encoded,
     pixels,
 )
-
-
-@pytest.fixture
-def decodes(monkeypatch) -> list[int]:
-    """One entry (the file's length) per pixel decode."""
-    calls: list[int] = []
-    real = transforms._decode_rgb
-
-    def counting(image, data):
-        calls.append(len(data))
-        return real(image, data)
-
-    monkeypatch.setattr(transforms, "_decode_rgb", counting)
-    return calls
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

@@ -697,23 +697,7 @@ def test_only_rgb_and_greyscale_images_keep_their_bytes_for_the_gpu_path() -> No
 
 
 # ------------------------------------------------------- decodes on the CPU (GPU mode)
-
-
-@pytest.fixture
-def decodes(monkeypatch) -> list[int]:
-    """One entry (the file's length) per CPU pixel decode in this process (the
-    server's; the stand-ins run in Triton's own processes)."""
-    from immich_trt.models import transforms
-
-    calls: list[int] = []
-    real = transforms._decode_rgb
-
-    def counting(image, data):
-        calls.append(len(data))
-        return real(image, data)
-
-    monkeypatch.setattr(transforms, "_decode_rgb", counting)
-    return calls
+# (counted by conftest's ``decodes`` fixture)
 
 
 def _jpeg(image: Image.Image, **options) -> bytes:
