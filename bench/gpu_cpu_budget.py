@@ -274,7 +274,8 @@ def prepare(work: Path):
 
 
 def measure(label: str, pythonpath: str | None, args, cache: Path, repository: Path, triton: Path,
-            inputs: dict[str, list[bytes]]) -> list[KindResult]:
+            inputs: dict[str, list[bytes]], workers: int = 1) -> list[KindResult]:
+    from immich_trt.server.workers import wait_for_workers
     from immich_trt.tools.testing import LiveServer
 
     env = {
@@ -283,9 +284,10 @@ def measure(label: str, pythonpath: str | None, args, cache: Path, repository: P
         "IMMICH_TRT_ENGINES_DIR": str(repository),
         "IMMICH_TRT_SIDECAR": "false",
         "MACHINE_LEARNING_MODEL_TTL": "0",
+        "MACHINE_LEARNING_WORKERS": str(workers),
         "PYTHONPATH": pythonpath or os.environ.get("PYTHONPATH", str(REPO)),
     }
-    work = args.out / label
+    work = args.out / label.replace(", ", "-").replace(" ", "-")
     work.mkdir(parents=True, exist_ok=True)
     results = []
     # `python -m` puts the working directory first on sys.path: start the server from
@@ -293,6 +295,8 @@ def measure(label: str, pythonpath: str | None, args, cache: Path, repository: P
     os.chdir(work)
     with LiveServer(cache, work, env) as server:
         assert server.process is not None
+        if workers > 1:  # the clients' connections are spread when they open: all processes must listen
+            asyncio.run(wait_for_workers(server.process.pid, workers - 1))
         for kind in args.kinds:
             spy = args.py_spy / label if args.py_spy else None
             result = asyncio.run(run_kind(server.url, server.process.pid, kind, inputs[kind], args.requests[kind],
@@ -325,8 +329,8 @@ def versions() -> dict[str, str]:
 def table(runs: dict[str, list[KindResult]], cores: int) -> str:
     lines = [
         "| server | request | server CPU ms/request | goal | requests/s per core | "
-        f"{cores} cores | Triton process CPU ms | faces or lines | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"{cores} cores | Triton process CPU ms | faces or lines | errors | requests/s measured |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, results in runs.items():
         for r in results:
@@ -334,7 +338,7 @@ def table(runs: dict[str, list[KindResult]], cores: int) -> str:
             items = f"{r.items:.1f}" if r.kind != "clip" else "-"
             lines.append(
                 f"| {label} | {r.kind} | {r.server_ms:.2f} | {GOALS_MS[r.kind]:.0f} | {per_core:,.0f} | "
-                f"{per_core * cores:,.0f} | {r.triton_ms:.2f} | {items} | {r.errors} |"
+                f"{per_core * cores:,.0f} | {r.triton_ms:.2f} | {items} | {r.errors} | {r.requests / r.wall_s:,.0f} |"
             )
     return "\n".join(lines)
 
@@ -352,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=16, help="the GPU host of the projection")
     parser.add_argument("--baseline", default=None, help="PYTHONPATH of a checkout to compare (before)")
     parser.add_argument("--py-spy", type=Path, default=None, help="record py-spy stacks into this folder")
+    parser.add_argument("--workers", default="1",
+                        help="MACHINE_LEARNING_WORKERS values to measure in turn, e.g. 1,2")  # fmt: skip
     args = parser.parse_args(argv)
+    args.workers = [int(w) for w in args.workers.split(",") if w]
     args.kinds = [k for k in args.kinds.split(",") if k]
     args.requests = {k: int(v) for k, v in (item.split("=") for item in args.requests.split(","))}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -364,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[KindResult]] = {}
     if args.baseline:
         runs["before"] = measure("before", args.baseline, args, cache, repository, triton, inputs)
-    runs["this" if not args.baseline else "after"] = measure(
-        "after" if args.baseline else "this", None, args, cache, repository, triton, inputs
-    )
+    for workers in args.workers:
+        label = "after" if args.baseline else "this"
+        if len(args.workers) > 1:
+            label += f", {workers} process" + ("es" if workers > 1 else "")
+        runs[label] = measure(label, None, args, cache, repository, triton, inputs, workers)
     host = environment()
     report = "\n".join([
         f"Machine: {host['machine']}, {host['cpu']}, {host['cores']}, {host['memory']}, {platform.platform()}; "

@@ -39,10 +39,11 @@ def setup_logging(level: str) -> None:
     )
 
 
-def listen_socket(host: str, port: int):
+def listen_socket(host: str, port: int, reuse_port: bool = False):
     """A listening socket for ``host``. ``::`` (Immich's default ``[::]``) is bound
     dual-stack (IPv6 and IPv4, as gunicorn does), or IPv4-only where IPv6 is missing;
-    other hosts return ``None`` and aiohttp binds them itself."""
+    other hosts return ``None`` and aiohttp binds them itself. ``reuse_port``: other
+    processes may listen on the same port (``SO_REUSEPORT``, several processes)."""
     import socket
 
     if host not in ("::", "[::]"):
@@ -55,38 +56,87 @@ def listen_socket(host: str, port: int):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         address = ("0.0.0.0", port)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
     sock.listen(1024)
     sock.setblocking(False)
     return sock
 
 
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+def loopback_socket(port: int = 0):
+    """A listening socket on ``127.0.0.1:port`` (0: a free port, read back from it)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def run_server(app, settings: Settings, extra_socks: list, reuse_port: bool, listening: str) -> None:
+    """``web.run_app`` on Immich's host and port (plus ``extra_socks``), logging
+    ``listening`` once the sockets are open."""
     from aiohttp import web
 
-    from .application import create_app
-
+    public = listen_socket(settings.host, settings.port, reuse_port)
+    socks = ([public] if public is not None else []) + extra_socks
     log = logging.getLogger("immich_trt")
+    web.run_app(
+        app,
+        host=None if public is not None else settings.bind_host,
+        port=None if public is not None else settings.port,
+        sock=socks or None,
+        reuse_port=reuse_port if public is None else None,
+        keepalive_timeout=settings.http_keepalive_timeout_s,
+        access_log=None,
+        print=lambda *_: log.info("%s", listening),
+    )
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM: one process, or with ``MACHINE_LEARNING_WORKERS`` and a
+    shared Triton several (:mod:`immich_trt.server.workers`). Returns 2 for settings it
+    cannot serve."""
     import os
 
-    for name, why in NO_OP_VARIABLES.items():
+    from .application import create_app
+    from .server import workers
+
+    log = logging.getLogger("immich_trt")
+    try:
+        role = workers.WorkerRole.from_env()
+        count, why = (1, None) if role is not None else workers.process_count(settings, choose_runtime(settings).name)
+    except ValueError as exc:
+        print(f"immich-trt: {exc}", file=sys.stderr)
+        return 2
+    if role is not None:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(
+                f"[%(asctime)s] %(levelname)s [worker {role.index}] [%(name)s] %(message)s", "%m/%d/%y %H:%M:%S"
+            ))  # fmt: skip
+        app = create_app(settings)
+        workers.install_worker(app, role, settings)
+        run_server(app, settings, [loopback_socket(role.own_port)], True,
+                   f"Worker {role.index} listening on {settings.host}:{settings.port}")
+        return 0
+    for name, why_not in NO_OP_VARIABLES.items():
         if any(k.upper() == name for k in os.environ):
-            log.info("%s is accepted but has no effect here: %s", name, why)
+            log.info("%s is accepted but has no effect here: %s", name, why_not)
+    if why is not None:
+        log.info("%s", why)
+    if count > 1:
+        settings = workers.shared_settings(settings)
     app = create_app(settings)
     runtime = app[STATE].runtime
     runtime_name = (runtime.choice or choose_runtime(settings)).name
-    sock = listen_socket(settings.host, settings.port)
-    web.run_app(
-        app,
-        host=None if sock is not None else settings.bind_host,
-        port=None if sock is not None else settings.port,
-        sock=sock,
-        keepalive_timeout=settings.http_keepalive_timeout_s,
-        access_log=None,
-        print=lambda *_: log.info(
-            "Listening on %s:%s (runtime: %s)", settings.host, settings.port, runtime_name
-        ),
-    )
+    extra = []
+    if count > 1:
+        private = loopback_socket()
+        extra.append(private)
+        workers.install_primary(app, workers.WorkerPool(count - 1, private.getsockname()[1]), lambda: runtime.url)
+    run_server(app, settings, extra, count > 1, f"Listening on {settings.host}:{settings.port} (runtime: {runtime_name})")
     return 0
 
 

@@ -18,7 +18,6 @@ ML_PREFIX = "MACHINE_LEARNING_"
 
 #: immich-ml variables we accept but that do nothing here, with the reason.
 NO_OP_VARIABLES: dict[str, str] = {
-    "MACHINE_LEARNING_WORKERS": "one aiohttp process; Triton owns parallelism (instance groups)",
     "MACHINE_LEARNING_WORKER_TIMEOUT": "no gunicorn worker to time out",
     "MACHINE_LEARNING_ANN": "no ARM NN runtime",
     "MACHINE_LEARNING_ANN_FP16_TURBO": "no ARM NN runtime",
@@ -92,6 +91,7 @@ class Settings:
     preload: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     host: str = "[::]"
     port: int = 3003
+    workers: int = 1  # processes behind the port, sharing one Triton (server/workers.py)
     log_level: str = "info"
     # ---- immich-trt's own settings ----
     runtime: str = "auto"  # "auto", "triton" or "onnxruntime"; see resolve_runtime
@@ -176,6 +176,9 @@ class Settings:
         max_pixels = int(env.get("IMMICH_TRT_MAX_IMAGE_PIXELS") or defaults.max_image_pixels)
         if max_pixels <= 0:
             raise ValueError("IMMICH_TRT_MAX_IMAGE_PIXELS must be a positive number of pixels")
+        workers = int(ml("WORKERS") or defaults.workers)
+        if workers < 1:
+            raise ValueError(f"MACHINE_LEARNING_WORKERS must be 1 or more, not {workers}")
         cache = ml("CACHE_FOLDER")
         return cls(
             cache_folder=Path(cache).expanduser() if cache else defaults.cache_folder,
@@ -194,6 +197,7 @@ class Settings:
             preload=preload,
             host=env.get("IMMICH_HOST") or defaults.host,
             port=int(env.get("IMMICH_PORT") or defaults.port),
+            workers=workers,
             log_level=(env.get("IMMICH_LOG_LEVEL") or defaults.log_level).lower(),
             runtime=runtime,
             triton_url=env.get("TRITON_URL") or None,

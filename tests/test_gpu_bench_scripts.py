@@ -19,17 +19,20 @@ parity = load_bench_script("gpu_parity")
 
 @requires_data
 def test_cpu_budget_measures_every_kind(tmp_path: Path, capsys, monkeypatch) -> None:
+    """One process and two (MACHINE_LEARNING_WORKERS=2) in turn, every kind answered."""
     monkeypatch.chdir(tmp_path)
     code = budget.main(["--requests", "clip=6,faces=4,ocr=2", "--warmup", "1", "--concurrency", "2",
-                        "--out", str(tmp_path / "out")])  # fmt: skip
+                        "--workers", "1,2", "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.strip() in capsys.readouterr().out  # the same table on stdout
-    rows = {m[0]: float(m[1]) for m in re.findall(r"\| this \| (\w+) \| ([\d.]+) \|", report)}
-    assert set(rows) == {"clip", "faces", "ocr"} and all(ms > 0 for ms in rows.values())
+    for label in ("this, 1 process", "this, 2 processes"):
+        rows = {m[0]: float(m[1]) for m in re.findall(rf"\| {label} \| (\w+) \| ([\d.]+) \|", report)}
+        assert set(rows) == {"clip", "faces", "ocr"} and all(ms > 0 for ms in rows.values()), label
+        # three faces a request: the recognizer's ensemble ran; no errors; a measured rate
+        assert re.search(rf"\| {label} \| faces \| [\d.]+ \| 3 \| [\d,]+ \| [\d,]+ \| [\d.]+ \| [3-9]\.\d \| 0 \| [\d,]+ \|",
+                         report), label  # fmt: skip
     assert "Machine: " in report and "Versions: python" in report
-    # three faces a request: the recognizer's ensemble ran
-    assert re.search(r"\| this \| faces \| [\d.]+ \| 3 \| [\d,]+ \| [\d,]+ \| [\d.]+ \| [3-9]\.\d \| 0 \|", report)
 
 
 def test_tree_cpu_counts_this_process_and_excludes_tritonserver() -> None:

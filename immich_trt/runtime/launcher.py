@@ -102,7 +102,7 @@ class TritonInstallation:
         return found
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: deliver SIGTERM to the child when the parent dies, so no Triton outlives us."""
     try:
         import ctypes
@@ -258,7 +258,7 @@ class TritonLauncher:
             stderr=asyncio.subprocess.STDOUT,
             env=self._environment(install),
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         self._log_task = asyncio.create_task(self._relay_logs(self.process))
         await self._wait_ready(started)

@@ -43,8 +43,19 @@ async def ping(request: web.Request) -> web.Response:
     return web.Response(text="pong")
 
 
+#: A ``/metrics`` handler in place of this process's own figures (several processes,
+#: :mod:`.workers`); it returns None to keep them.
+METRICS_OVERRIDE = web.AppKey("metrics_override", object)
+
+
 async def metrics_route(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus exposition of :class:`Metrics`."""
+    """``GET /metrics``: the Prometheus exposition of :class:`Metrics` (with several
+    processes, their sum: :mod:`.workers`)."""
+    override = request.app.get(METRICS_OVERRIDE)
+    if override is not None:
+        answer = await override(request)
+        if answer is not None:
+            return answer
     body, content_type = request.app[METRICS].render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
