@@ -65,10 +65,13 @@ def listen_socket(host: str, port: int, reuse_port: bool = False):
 
 
 def loopback_socket(port: int = 0):
-    """A listening socket on ``127.0.0.1:port`` (0: a free port, read back from it)."""
+    """A listening socket on ``127.0.0.1:port`` (0: a free port, read back from it); a
+    port whose last owner's connections linger in TIME_WAIT is taken again (a restarted
+    worker's own port)."""
     import socket
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(1024)
     sock.setblocking(False)
@@ -135,7 +138,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if count > 1:
         private = loopback_socket()
         extra.append(private)
-        workers.install_primary(app, workers.WorkerPool(count - 1, private.getsockname()[1]), lambda: runtime.url)
+        workers.install_primary(app, workers.WorkerPool(count - 1, private.getsockname()[1]))
     run_server(app, settings, extra, count > 1, f"Listening on {settings.host}:{settings.port} (runtime: {runtime_name})")
     return 0
 
@@ -391,6 +394,7 @@ settings (environment variables; every one is listed in README.md, "Settings"):
   MACHINE_LEARNING_CACHE_FOLDER  model cache, Immich's layout (default ~/.cache/immich_ml)
   IMMICH_TRT_RUNTIME             triton (default: launches the bundled Triton) or onnxruntime (in-process)
   TRITON_URL                     use this Triton (host:port) instead of launching one
+  MACHINE_LEARNING_WORKERS       server processes behind the port sharing one Triton (GPU image or TRITON_URL)
   IMMICH_TRT_API_KEY             bearer key for the /v1 sidecar routes (unset: loopback clients only)
   IMMICH_TRT_DATA_DIR            sidecar store (default ~/.local/share/immich_trt)
   OPENSEARCH_URL                 mirror the sidecar store into this OpenSearch (default: no mirror)

@@ -114,6 +114,7 @@ class Settings:
     cpu_narrow_max_mb: float = 64.0  # models up to this size also get a one-thread session (runtime/cpu.py)
     fast: bool = False  # in-process fast mode: int8 CLIP visual / ArcFace, OpenVINO OCR (runtime/fast.py); never on by default
     triton_shm: bool = True  # tensors to/from the local launched Triton through system shared memory (measured: bench/NOTES.md)
+    triton_shm_prefix: str | None = None  # shared memory with a TRITON_URL server on this host too (set for workers)
     infer_timeout_s: float = 120.0  # one inference call; a hung runtime fails the request
     triton_max_rss_mb: int = 2048  # the launched tritonserver process is restarted (requests wait) above this; 0 = never
     max_image_pixels: int = 89_478_485  # width x height above which an image is refused unread (PIL's default bound)
@@ -225,6 +226,7 @@ class Settings:
             malloc_arenas=int(env.get("IMMICH_TRT_MALLOC_ARENAS") or defaults.malloc_arenas),
             fast=_bool(env.get("IMMICH_TRT_FAST") or "false"),
             triton_shm=_bool(env.get("IMMICH_TRT_TRITON_SHM") or ("true" if defaults.triton_shm else "false")),
+            triton_shm_prefix=env.get("IMMICH_TRT_TRITON_SHM_PREFIX") or None,
             max_image_pixels=max_pixels,
             preprocess=preprocess,
             trt_precision=precision,

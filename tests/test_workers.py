@@ -136,13 +136,45 @@ async def test_sidecar_and_page_requests_reach_the_primary_through_any_process(s
     assert passed > 0, "no request went through a worker"
 
 
-async def test_a_worker_that_dies_is_started_again(server: LiveServer) -> None:
+def environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in items if b"=" in item)
+
+
+def registered_regions(triton_url: str) -> list[str]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        return list(client.get_system_shared_memory_status(as_json=True).get("regions", {}))
+    finally:
+        client.close()
+
+
+async def test_a_worker_that_dies_is_started_again_and_its_shared_memory_forgotten(server: LiveServer) -> None:
+    """Workers pass tensors through shared memory like the primary, under prefixes of
+    their own; SIGKILL one: its regions are unregistered from Triton and unlinked, and a
+    new process takes its place (and its port) under a new prefix."""
     workers = await wait_for_workers(server, WORKERS - 1)
     pid, role = next(iter(workers.items()))
+    env = environ(pid)
+    prefix, triton_url = env["IMMICH_TRT_TRITON_SHM_PREFIX"], env["TRITON_URL"]
+    assert prefix.endswith(f"w{role.index}s0_")
+    # the first test sent requests through every worker
+    assert list(Path("/dev/shm").glob(f"{prefix}*")), "the worker used no shared memory"
+    assert any(name.startswith(prefix) for name in registered_regions(triton_url))
     os.kill(pid, signal.SIGKILL)
     again = await wait_for_workers(server, WORKERS - 1)
     assert pid not in again and role in again.values()
     assert f"Worker {role.index} (pid {pid}) exited with code -9" in server.log_path.read_text()
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    assert not [name for name in registered_regions(triton_url) if name.startswith(prefix)]
+    new = next(p for p, r in again.items() if r == role)
+    assert environ(new)["IMMICH_TRT_TRITON_SHM_PREFIX"].endswith(f"w{role.index}s1_")
+    fresh = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=fresh) as session:
+        answers = await asyncio.gather(*(predict(session, server.url, clip_visual_entries(), photo()) for _ in range(12)))
+    assert len(set(answers)) == 1
 
 
 def test_stopping_the_server_stops_its_workers(model_cache: Path, tmp_path: Path, server: LiveServer) -> None:
@@ -214,3 +246,33 @@ def test_merged_metrics_sum_counters_and_histograms_and_keep_shared_gauges() -> 
     assert len(created) == 1 and created[0].value == min(
         sample(m.render()[0].decode(), "immich_trt_predict_seconds_created") for m in (a, b)
     )
+
+
+async def test_a_worker_applies_the_access_rule_itself_and_says_when_the_primary_is_gone(
+    aiohttp_client, model_cache: Path, caplog
+) -> None:
+    """The primary sees passed requests come from loopback, so the worker applies the
+    rule to its own client first: with a key, /v1 without it is refused by the worker;
+    with it (and /ui, open) the request is passed on: a 502 with one log line when the
+    primary does not answer."""
+    from immich_trt.application import create_app
+    from immich_trt.runtime.launcher import free_port
+    from immich_trt.server.workers import install_worker
+
+    settings = offline_settings(model_cache, triton_url=f"127.0.0.1:{free_port()}", runtime="triton", sidecar=False,
+                                api_key="s3cret", model_ttl=0)  # fmt: skip
+    role = WorkerRole(1, free_port(), free_port())  # nobody listens on the primary's port
+    app = create_app(settings)
+    install_worker(app, role, settings)
+    client = await aiohttp_client(app)
+    async with client.get("/v1/status") as r:
+        assert r.status == 401
+    with caplog.at_level("ERROR", logger="immich_trt.server"):
+        async with client.get("/v1/status", headers={"Authorization": "Bearer s3cret"}) as r:
+            assert r.status == 502
+            assert (await r.json())["detail"] == "the primary process did not answer"
+        async with client.get("/ui") as r:
+            assert r.status == 502
+    assert any("could not reach the primary" in r.getMessage() for r in caplog.records)
+    async with client.get("/ping") as r:  # its own routes do not need the primary
+        assert r.status == 200 and await r.text() == "pong"

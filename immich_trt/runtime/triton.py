@@ -354,6 +354,41 @@ class TritonRuntime(Runtime):
         self._client = self._make_client()
         if self.settings.triton_shm and self.launcher is not None:
             self._shm = ShmPool(self.launcher.shm_prefix)
+        elif self.settings.triton_shm and self.settings.triton_shm_prefix:  # a local server another process launched
+            self._shm = ShmPool(self.settings.triton_shm_prefix)
+
+    @property
+    def shm_prefix(self) -> str | None:
+        """The shared-memory prefix of the launched server when this runtime passes tensors
+        through shared memory (regions of other local clients of it start with it too);
+        None otherwise."""
+        return self.launcher.shm_prefix if self.launcher is not None and self._shm is not None else None
+
+    async def forget_shared_memory(self, prefix: str) -> int:
+        """Unregister from the server and unlink every system shared-memory region whose
+        name starts with ``prefix`` (those of a client that died: the server would keep
+        them mapped until it restarts). Returns how many were registered; failures are
+        logged, never raised."""
+        count = 0
+        if self._client is not None:
+            try:
+                if self.protocol == "grpc":  # {"regions": {name: {...}}}
+                    status = await self._client.get_system_shared_memory_status(as_json=True)
+                    names = list(status.get("regions", {}))
+                else:  # [{"name": ..., ...}]
+                    names = [r.get("name", "") for r in await self._client.get_system_shared_memory_status()]
+                for name in names:
+                    if name.startswith(prefix):
+                        await self._client.unregister_system_shared_memory(name)
+                        count += 1
+            except Exception as exc:  # noqa: BLE001 (the server may be restarting: it forgets them anyway)
+                log.warning("Could not unregister the shared memory of %s* (%s: %s)", prefix, type(exc).__name__, exc)
+        for path in Path("/dev/shm").glob(f"{prefix}*"):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        return count
 
     def _make_client(self):
         """A ``tritonclient`` asyncio client for :attr:`url` (scheme stripped): gRPC, or HTTP with

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -44,8 +45,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..config import Settings
 from ..runtime.launcher import die_with_parent, free_port
-from ..web import METRICS, HTTPError
-from ..web.access import access_error
+from ..web import METRICS, STATE, HTTPError
+from ..web.access import DATA_PREFIX, PAGE_PREFIX, make_access_middleware
 from .app import METRICS_OVERRIDE
 
 log = logging.getLogger("immich_trt.server")
@@ -127,7 +128,12 @@ def shared_settings(settings: Settings) -> Settings:
 
 class WorkerPool:
     """The primary's workers: started once Triton is up, restarted when they exit,
-    stopped (SIGTERM, then SIGKILL after ``stop_timeout_s``) at shutdown."""
+    stopped (SIGTERM, then SIGKILL after ``stop_timeout_s``) at shutdown.
+
+    With the launched Triton and shared memory on, each worker passes its tensors through
+    system shared memory too, under the launcher's prefix plus its own (so a Triton
+    restart's clean-up finds them); the regions of a worker that died are unregistered
+    and unlinked before it starts again (``runtime.forget_shared_memory``)."""
 
     def __init__(self, count: int, primary_port: int, stop_timeout_s: float = 15.0) -> None:
         """``count`` workers (the processes besides the primary); ``primary_port`` is the
@@ -138,13 +144,22 @@ class WorkerPool:
         self.roles = [WorkerRole(i, primary_port, free_port()) for i in range(1, count + 1)]
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
+        self.runtime = None  # the primary's runtime, from start()
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
-    def environment(self, role: WorkerRole, triton_url: str) -> dict[str, str]:
-        """A worker's environment: the primary's, with its role, the primary's Triton, no
-        sidecar and no idle unload."""
+    def shm_prefix(self, role: WorkerRole, start: int) -> str | None:
+        """The shared-memory prefix of ``role``'s ``start``-th process, None without it."""
+        prefix = getattr(self.runtime, "shm_prefix", None)
+        return f"{prefix}w{role.index}s{start}_" if prefix else None
+
+    def environment(self, role: WorkerRole, triton_url: str, shm_prefix: str | None = None) -> dict[str, str]:
+        """A worker's environment: the primary's, with its role, the primary's Triton (and
+        its shared-memory prefix), no sidecar and no idle unload."""
         env = dict(os.environ)
+        env.pop("IMMICH_TRT_TRITON_SHM_PREFIX", None)
+        if shm_prefix:
+            env["IMMICH_TRT_TRITON_SHM_PREFIX"] = shm_prefix
         env.update({
             WORKER_ENV: role.env_value(),
             "TRITON_URL": triton_url,
@@ -155,26 +170,32 @@ class WorkerPool:
         })  # fmt: skip
         return env
 
-    async def start(self, triton_url: str) -> None:
-        """Start every worker (returns once they are spawned, not when they listen)."""
+    async def start(self, runtime) -> None:
+        """Start every worker on ``runtime``'s Triton (its ``url``; returns once they are
+        spawned, not when they listen)."""
         self._stopping = False
+        self.runtime = runtime
+        triton_url = runtime.url
         for role in self.roles:
             self._tasks.append(asyncio.create_task(self._supervise(role, triton_url)))
         log.info("Serving with %d processes (MACHINE_LEARNING_WORKERS): this one and %d workers on Triton %s",
                  self.count + 1, self.count, triton_url)
 
-    async def _spawn(self, role: WorkerRole, triton_url: str) -> asyncio.subprocess.Process:
+    async def _spawn(self, role: WorkerRole, triton_url: str, shm_prefix: str | None) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "immich_trt", "serve",
-            env=self.environment(role, triton_url),
+            env=self.environment(role, triton_url, shm_prefix),
             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )  # fmt: skip
 
     async def _supervise(self, role: WorkerRole, triton_url: str) -> None:
         delay = 0.5
-        while not self._stopping:
+        for start in itertools.count():
+            if self._stopping:
+                return
+            shm_prefix = self.shm_prefix(role, start)
             try:
-                process = await self._spawn(role, triton_url)
+                process = await self._spawn(role, triton_url, shm_prefix)
             except OSError as exc:
                 log.error("Worker %d could not start: %s; retrying in %.0f s", role.index, exc, delay)
                 await asyncio.sleep(delay)
@@ -190,6 +211,8 @@ class WorkerPool:
                 delay = 0.5  # it ran a while: a new failure, not a crash loop
             log.error("Worker %d (pid %d) exited with code %s; starting it again in %.1f s", role.index,
                       process.pid, code, delay)
+            if shm_prefix:
+                await self.runtime.forget_shared_memory(shm_prefix)
             await asyncio.sleep(delay)
             delay = min(RESTART_BACKOFF_MAX_S, delay * 2)
 
@@ -278,12 +301,7 @@ def install_worker(app: web.Application, role: WorkerRole, settings: Settings) -
 
     async def forward(request: web.Request) -> web.StreamResponse:
         """Pass ``request`` to the primary and its answer back, unchanged but for the
-        connection's own headers; the access rule is applied first, as the primary
-        would to this client (it sees loopback)."""
-        if settings.api_key is None:
-            refusal = access_error(request, None, data=True)
-            if refusal is not None:
-                raise refusal
+        connection's own headers."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = await request.read()
         try:
@@ -295,8 +313,8 @@ def install_worker(app: web.Application, role: WorkerRole, settings: Settings) -
                 out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
                 return web.Response(status=answer.status, body=payload, headers=out_headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.error("Worker %d could not reach the primary process on port %d (%s: %s); it restarts workers "
-                      "that lose it", role.index, role.primary_port, type(exc).__name__, exc)
+            log.error("Worker %d could not reach the primary process on 127.0.0.1:%d (%s: %s); the primary is "
+                      "stopping or gone: see its log", role.index, role.primary_port, type(exc).__name__, exc)
             raise HTTPError(502, "the primary process did not answer", "primary_unreachable") from exc
 
     async def metrics(request: web.Request) -> web.Response | None:
@@ -306,6 +324,10 @@ def install_worker(app: web.Application, role: WorkerRole, settings: Settings) -
             return None
         return await forward(request)
 
+    # the primary sees every passed request come from loopback: its access rule is
+    # applied here, to the real client, with the same middlewares
+    app.middlewares.append(make_access_middleware(settings.api_key, DATA_PREFIX))
+    app.middlewares.append(make_access_middleware(settings.api_key, PAGE_PREFIX, data=False))
     app.cleanup_ctx.append(session_context)
     app[METRICS_OVERRIDE] = metrics
     app.router.add_route("*", "/{tail:.*}", forward)
@@ -359,15 +381,15 @@ async def wait_for_workers(pid: int, count: int, timeout_s: float = 90.0) -> dic
 # ----------------------------------------------------------------- the primary's app
 
 
-def install_primary(app: web.Application, pool: WorkerPool, triton_url) -> None:
-    """Start ``pool`` once the runtime is up (``triton_url()`` then gives its address) and
-    stop it first at shutdown; ``/metrics`` becomes the sum over all processes."""
+def install_primary(app: web.Application, pool: WorkerPool) -> None:
+    """Start ``pool`` on the application's runtime (Triton) once it is up, and stop it
+    first at shutdown; ``/metrics`` becomes the sum over all processes."""
     session_key = web.AppKey("primary_session", aiohttp.ClientSession)
 
     async def lifespan(app: web.Application):
         async with aiohttp.ClientSession() as session:
             app[session_key] = session
-            await pool.start(triton_url())
+            await pool.start(app[STATE].runtime)
             yield
             await pool.stop()
 

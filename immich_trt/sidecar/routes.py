@@ -28,6 +28,7 @@ from ..models.registry import INSIGHTFACE_MODELS, MCLIP_MODELS, OPENCLIP_MODELS,
 from ..models.transforms import ImageTooLarge, UndecodableImage
 from ..runtime.select import choose_runtime
 from ..web import STATE, HTTPError, json_response, read_form
+from ..web.access import DATA_PREFIX
 from . import duplicates, persons, search, thumbnails
 from .duplicates import imohash_of
 from .errors import BadRequest, NotFound, SidecarError
@@ -39,7 +40,7 @@ log = logging.getLogger("immich_trt.sidecar")
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
 MIRROR = web.AppKey("mirror", object)  # the OpenSearch Mirror, when configured
-PREFIX = "/v1"
+PREFIX = DATA_PREFIX
 MAX_INT = 2**63 - 1
 
 

@@ -12,10 +12,10 @@ from aiohttp import web
 
 from .. import __version__
 from ..web import STATE
-from ..web.access import make_access_middleware
+from ..web.access import PAGE_PREFIX, make_access_middleware
 from .security import headers_hook
 
-PREFIX = "/ui"
+PREFIX = PAGE_PREFIX
 STATIC_PREFIX = PREFIX + "/static"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 

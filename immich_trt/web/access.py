@@ -18,6 +18,11 @@ from aiohttp import web
 from ..loopback import is_loopback
 from .http import HTTPError
 
+#: Where the sidecar's data routes live (the rule's data routes).
+DATA_PREFIX = "/v1"
+#: Where the web page lives (the rule's page routes).
+PAGE_PREFIX = "/ui"
+
 
 def bearer_token(header: str) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header (the scheme is
