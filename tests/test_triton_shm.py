@@ -169,3 +169,38 @@ async def test_regions_survive_a_killed_triton_and_are_removed_on_stop(settings,
     from tritonclient.utils import shared_memory
 
     assert not [k for k in shared_memory.mapped_shared_memory_regions() if k.startswith("/" + prefix)]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_another_local_client_uses_a_prefix_of_its_own_and_can_be_forgotten(triton, specs, protocol) -> None:
+    """A second process's runtime (a worker: TRITON_URL plus IMMICH_TRT_TRITON_SHM_PREFIX)
+    passes its tensors through regions of its own prefix, with the same answers;
+    ``forget_shared_memory`` (over either protocol) unregisters and unlinks them."""
+    import dataclasses
+
+    prefix = f"{triton.shm_prefix}w9s0_"
+    url = triton.launcher.grpc_url if protocol == "grpc" else triton.launcher.http_url
+    other = TritonRuntime(dataclasses.replace(triton.settings, triton_url=url, triton_protocol=protocol,
+                                              triton_shm_prefix=prefix))  # fmt: skip
+    await other.start()
+    try:
+        assert other._shm is not None and other.shm_prefix is None  # it launched nothing
+        await other.load(specs["det"])
+        x = np.random.default_rng(5).uniform(0, 1, (1, 3, 64, 96)).astype(np.float32)
+        ours, theirs = await triton.infer(specs["det"].name, {"x": x}), await other.infer(specs["det"].name, {"x": x})
+        for name in ours:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+        assert _regions(prefix)
+        forgetter = TritonRuntime(dataclasses.replace(triton.settings, triton_url=url, triton_protocol=protocol))
+        await forgetter.start()
+        try:
+            assert await forgetter.forget_shared_memory(prefix) >= 1
+            assert await forgetter.forget_shared_memory(prefix) == 0
+        finally:
+            await forgetter.stop()
+        assert not _regions(prefix)
+        status = await triton._client.get_system_shared_memory_status(as_json=True)
+        assert not [name for name in status.get("regions", {}) if name.startswith(prefix)]
+        assert [name for name in status.get("regions", {}) if name.startswith(f"{triton.shm_prefix}client_")]
+    finally:
+        await other.stop()

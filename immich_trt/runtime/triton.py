@@ -95,9 +95,29 @@ class ShmRegion:
         return view.copy()  # the region goes back to the pool
 
 
+async def registered_regions(client) -> list[str]:
+    """The names of the system shared-memory regions ``client``'s server has registered,
+    from any client (gRPC or HTTP asyncio ``tritonclient``). Raises what the client raises."""
+    if "grpc" in type(client).__module__:  # {"regions": {name: {...}}}
+        status = await client.get_system_shared_memory_status(as_json=True)
+        return list(status.get("regions", {}))
+    return [r.get("name", "") for r in await client.get_system_shared_memory_status()]  # [{"name": ...}]
+
+
+async def unregister_prefixed(client, prefix: str) -> int:
+    """Unregister from ``client``'s server every system shared-memory region whose name
+    starts with ``prefix`` (other clients of the same server keep theirs); returns how
+    many. Raises what the client raises."""
+    names = [name for name in await registered_regions(client) if name.startswith(prefix)]
+    for name in names:
+        await client.unregister_system_shared_memory(name)
+    return len(names)
+
+
 class ShmPool:
     """Per-call system shared-memory regions for one Triton server (see the module
-    docstring). Used from the event loop only."""
+    docstring). Used from the event loop only. It unregisters only regions of its own
+    ``prefix``: other processes (workers) may share the server."""
 
     def __init__(self, prefix: str) -> None:
         """An empty pool; region names start with ``prefix`` (the launcher's shared-memory
@@ -208,7 +228,7 @@ class ShmPool:
         self._stale.clear()
         if client is not None:
             try:  # a call between the restart and now may have registered one
-                await client.unregister_system_shared_memory()
+                await unregister_prefixed(client, self.prefix + "client_")
             except Exception:
                 log.debug("unregistering shared memory after a restart failed", exc_info=True)
         free, self._free = self._free, []
@@ -221,7 +241,7 @@ class ShmPool:
         self.generation += 1
         if client is not None and self._free:
             try:
-                await asyncio.wait_for(client.unregister_system_shared_memory(), 5)
+                await asyncio.wait_for(unregister_prefixed(client, self.prefix + "client_"), 5)
             except Exception:
                 log.debug("unregistering shared memory on stop failed", exc_info=True)
         free, self._free = self._free, []
@@ -372,15 +392,7 @@ class TritonRuntime(Runtime):
         count = 0
         if self._client is not None:
             try:
-                if self.protocol == "grpc":  # {"regions": {name: {...}}}
-                    status = await self._client.get_system_shared_memory_status(as_json=True)
-                    names = list(status.get("regions", {}))
-                else:  # [{"name": ..., ...}]
-                    names = [r.get("name", "") for r in await self._client.get_system_shared_memory_status()]
-                for name in names:
-                    if name.startswith(prefix):
-                        await self._client.unregister_system_shared_memory(name)
-                        count += 1
+                count = await unregister_prefixed(self._client, prefix)
             except Exception as exc:  # noqa: BLE001 (the server may be restarting: it forgets them anyway)
                 log.warning("Could not unregister the shared memory of %s* (%s: %s)", prefix, type(exc).__name__, exc)
         for path in Path("/dev/shm").glob(f"{prefix}*"):
