@@ -28,6 +28,11 @@ requests per second one core can feed. The same for Triton's own process (its gR
 front end, scheduler and backend plumbing, stand-in IPC included: an upper bound of
 what Triton's core costs on a GPU host, where TensorRT and DALI run in that process).
 
+``--workers 1,2`` measures the server with each ``MACHINE_LEARNING_WORKERS`` in turn
+(the processes behind the port sharing the one Triton; all of them counted, Triton's
+subtree apart); the table then has a row per kind and process count, and the
+end-to-end requests/s each delivered.
+
 ``--baseline PATH`` repeats the run with a server importing ``immich_trt`` from another
 checkout (``PYTHONPATH=PATH``, e.g. the previous release) on the same repository, for
 a before/after table. ``--py-spy DIR`` records collapsed stacks of the server during
