@@ -80,7 +80,6 @@ def test_every_documented_no_op_variable_is_accepted() -> None:
     env = {name: "1" for name in NO_OP_VARIABLES if name != "MACHINE_LEARNING_DEVICE_IDS"}
     assert Settings.from_env(env) == Settings.from_env({})
     assert set(NO_OP_VARIABLES) >= {
-        "MACHINE_LEARNING_WORKERS",
         "MACHINE_LEARNING_WORKER_TIMEOUT",
         "MACHINE_LEARNING_ANN",
         "MACHINE_LEARNING_RKNN",

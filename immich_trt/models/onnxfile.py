@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..runtime.derived import is_up_to_date, record_source
-from .base import ModelLoadError
+from .errors import ModelLoadError
 
 __all__ = ["is_up_to_date", "load_onnx", "marked_test_pack", "metadata", "save_onnx_atomic"]
 

@@ -144,13 +144,11 @@ class _Cuda:
         self.check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
 
-def run_engine(plan: bytes, inputs: Mapping[str, np.ndarray], trt_module: Any = None) -> dict[str, np.ndarray]:
+def run_engine(plan: bytes, inputs: Mapping[str, np.ndarray], trt: Any) -> dict[str, np.ndarray]:
     """Run a serialized engine once on ``inputs`` (host arrays, by name) with its first
-    profile; returns every output, by name. Raises :class:`VerificationUnavailable`
-    without TensorRT's runtime, CUDA or a GPU."""
-    from .tensorrt import import_tensorrt
-
-    trt = trt_module if trt_module is not None else import_tensorrt()
+    profile, in ``trt`` (the ``tensorrt`` module that built it); returns every output, by
+    name. Raises :class:`VerificationUnavailable` without CUDA or a GPU, or when the
+    engine cannot be deserialized or run here."""
     cuda = _Cuda()
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     engine = runtime.deserialize_cuda_engine(plan)
@@ -187,13 +185,13 @@ def run_engine(plan: bytes, inputs: Mapping[str, np.ndarray], trt_module: Any = 
     return outputs
 
 
-def verify_engine(layout: Any, plan: bytes, trt_module: Any = None) -> tuple[bool | None, str]:
-    """Run ``plan`` and ONNX Runtime on :func:`reference_inputs` of ``layout`` and compare
+def verify_engine(layout: Any, plan: bytes, trt: Any) -> tuple[bool | None, str]:
+    """Run ``plan`` (in ``trt``, the ``tensorrt`` module that built it) and ONNX Runtime on :func:`reference_inputs` of ``layout`` and compare
     (:func:`agreement`). Returns ``(True or False, what was measured)``, or ``(None,
     why)`` when the engine cannot be run here."""
     inputs = reference_inputs(layout)
     try:
-        engine = run_engine(plan, inputs, trt_module)
+        engine = run_engine(plan, inputs, trt)
     except VerificationUnavailable as exc:
         return None, str(exc)
     names = [name for name, _, _ in layout.outputs]
