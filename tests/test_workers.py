@@ -128,6 +128,12 @@ async def test_sidecar_and_page_requests_reach_the_primary_through_any_process(s
                 assert "default-src 'none'" in r.headers["Content-Security-Policy"]
             async with session.get(f"{server.url}/v1/assets/does-not-exist") as r:
                 assert r.status == 404
+            async with session.post(f"{server.url}/v1/search/ocr", json={"query": "sign", "limit": 3}) as r:
+                assert r.status == 200 and await r.json() == {"total": 0, "items": []}  # the body arrived
+            async with session.post(f"{server.url}/v1/search/ocr", json={"query": ""}) as r:
+                assert r.status == 400  # the primary's own refusal, passed back
+            async with session.get(f"{server.url}/v1/faces/unassigned?limit=0") as r:
+                assert r.status == 400 and "limit" in (await r.text())  # the query string arrived
         passed = 0
         for role in workers.values():
             async with session.get(f"http://127.0.0.1:{role.own_port}/metrics") as r:

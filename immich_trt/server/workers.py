@@ -301,16 +301,17 @@ def install_worker(app: web.Application, role: WorkerRole, settings: Settings) -
 
     async def forward(request: web.Request) -> web.StreamResponse:
         """Pass ``request`` to the primary and its answer back, unchanged but for the
-        connection's own headers."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        connection's own headers (repeated headers kept; no time limit of its own: the
+        primary's routes have theirs)."""
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         body = await request.read()
         try:
             async with app[session_key].request(
                 request.method, primary + request.raw_path, headers=headers, data=body or None,
-                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=settings.infer_timeout_s),
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             ) as answer:
                 payload = await answer.read()
-                out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+                out_headers = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP]
                 return web.Response(status=answer.status, body=payload, headers=out_headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.error("Worker %d could not reach the primary process on 127.0.0.1:%d (%s: %s); the primary is "
