@@ -52,7 +52,6 @@ import io
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -60,7 +59,7 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +70,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from immich_trt.contract import ocr_entries  # noqa: E402
+from immich_trt.tools.bench import environment as bench_environment  # noqa: E402
 from immich_trt.tools.bench import make_preview  # noqa: E402
 
 LABELS = HERE / "ocr_labels.json"
@@ -329,8 +329,8 @@ class Score:
     assigned: int = 0
 
     def add(self, other: Score) -> None:
-        for name in ("gt_chars", "errors", "gt_lines", "recalled", "predicted", "assigned"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
     def cer(self) -> float:
@@ -513,25 +513,9 @@ def markdown(results: dict[str, dict[str, Score]], speed: dict[str, dict[str, fl
 
 
 def environment() -> dict[str, str]:
-    import numpy
-    import onnxruntime
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-        "niceness": str(os.nice(0)),
-    }
+    """The bench's machine and versions (:func:`immich_trt.tools.bench.environment`), plus
+    numpy's version and this process's niceness."""
+    return bench_environment() | {"numpy": np.__version__, "niceness": str(os.nice(0))}
 
 
 def main(argv: list[str] | None = None) -> int:

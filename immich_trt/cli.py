@@ -13,10 +13,10 @@ from pathlib import Path
 
 from . import __version__
 from .config import NO_OP_VARIABLES, Settings
+from .runtime import make_runtime
 from .runtime.select import choose_runtime
 from .tools.bench import add_arguments as add_bench_arguments
 from .tools.quantize import DEFAULT_MAX_IMAGES
-from .web.state import STATE
 
 #: IMMICH_LOG_LEVEL values (Immich's names) to Python logging levels.
 LOG_LEVELS = {
@@ -110,7 +110,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     log = logging.getLogger("immich_trt")
     try:
         role = workers.WorkerRole.from_env()
-        count, why = (1, None) if role is not None else workers.process_count(settings, choose_runtime(settings).name)
+        choice = choose_runtime(settings)  # once: the process count and the runtime follow from it
+        count, why = (1, None) if role is not None else workers.process_count(settings, choice.name)
     except ValueError as exc:
         print(f"immich-trt: {exc}", file=sys.stderr)
         return 2
@@ -119,7 +120,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             handler.setFormatter(logging.Formatter(
                 f"[%(asctime)s] %(levelname)s [worker {role.index}] [%(name)s] %(message)s", "%m/%d/%y %H:%M:%S"
             ))  # fmt: skip
-        app = create_app(settings)
+        app = create_app(settings, make_runtime(settings, choice))
         workers.install_worker(app, role, settings)
         run_server(app, settings, [loopback_socket(role.own_port)], True,
                    f"Worker {role.index} listening on {settings.host}:{settings.port}")
@@ -131,15 +132,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log.info("%s", why)
     if count > 1:
         settings = workers.shared_settings(settings)
-    app = create_app(settings)
-    runtime = app[STATE].runtime
-    runtime_name = (runtime.choice or choose_runtime(settings)).name
+    app = create_app(settings, make_runtime(settings, choice))
     extra = []
     if count > 1:
         private = loopback_socket()
         extra.append(private)
         workers.install_primary(app, workers.WorkerPool(count - 1, private.getsockname()[1]))
-    run_server(app, settings, extra, count > 1, f"Listening on {settings.host}:{settings.port} (runtime: {runtime_name})")
+    run_server(app, settings, extra, count > 1, f"Listening on {settings.host}:{settings.port} (runtime: {choice.name})")
     return 0
 
 

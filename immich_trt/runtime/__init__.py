@@ -10,7 +10,7 @@ from .allocator import limit_malloc_arenas
 from .base import Runtime
 from .cpu import CpuPlan, usable_cores
 from .ensemble import with_ensembles
-from .select import choose_runtime
+from .select import RuntimeChoice, choose_runtime
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,11 @@ def cpu_plan(settings: Settings) -> CpuPlan | None:
     return CpuPlan(cores, min(wide, cores), int(settings.cpu_narrow_max_mb * 2**20), settings.ort_spinning)
 
 
-def make_runtime(settings: Settings) -> Runtime:
-    """The runtime :func:`.select.choose_runtime` picks (logged with its reason), wrapped
-    in the GPU target's ensemble client with ``IMMICH_TRT_PREPROCESS=gpu`` (:mod:`.ensemble`)."""
-    choice = choose_runtime(settings)
+def make_runtime(settings: Settings, choice: RuntimeChoice | None = None) -> Runtime:
+    """The runtime :func:`.select.choose_runtime` picks (or ``choice``, when the caller
+    has chosen already; logged with its reason), wrapped in the GPU target's ensemble
+    client with ``IMMICH_TRT_PREPROCESS=gpu`` (:mod:`.ensemble`)."""
+    choice = choice if choice is not None else choose_runtime(settings)
     inter, intra = settings.ort_threads
     if choice.name == "onnxruntime":
         from .onnxruntime import OnnxRuntime, default_sessions

@@ -138,12 +138,9 @@ class WorkerPool:
     def __init__(self, count: int, primary_port: int, stop_timeout_s: float = 15.0) -> None:
         """``count`` workers (the processes besides the primary); ``primary_port`` is the
         primary's loopback port for the requests workers pass on."""
-        self.count = count
-        self.primary_port = primary_port
         self.stop_timeout_s = stop_timeout_s
         self.roles = [WorkerRole(i, primary_port, free_port()) for i in range(1, count + 1)]
         self.processes: dict[int, asyncio.subprocess.Process] = {}
-        self.restarts = 0
         self.runtime = None  # the primary's runtime, from start()
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
@@ -179,7 +176,7 @@ class WorkerPool:
         for role in self.roles:
             self._tasks.append(asyncio.create_task(self._supervise(role, triton_url)))
         log.info("Serving with %d processes (MACHINE_LEARNING_WORKERS): this one and %d workers on Triton %s",
-                 self.count + 1, self.count, triton_url)
+                 len(self.roles) + 1, len(self.roles), triton_url)
 
     async def _spawn(self, role: WorkerRole, triton_url: str, shm_prefix: str | None) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -206,7 +203,6 @@ class WorkerPool:
             code = await process.wait()
             if self._stopping:
                 return
-            self.restarts += 1
             if asyncio.get_running_loop().time() - started > 60:
                 delay = 0.5  # it ran a while: a new failure, not a crash loop
             log.error("Worker %d (pid %d) exited with code %s; starting it again in %.1f s", role.index,

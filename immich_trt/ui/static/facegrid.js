@@ -1,5 +1,5 @@
 // A page of selectable face thumbnails (a person's faces, the unassigned faces).
-import { attempt, clone, field, fill, pager, picture, plural, queryInt, setQuery } from "./ui.js";
+import { attempt, clone, field, fill, pager, picture, plural, post, queryInt, setQuery } from "./ui.js";
 
 // grid: <ul>, nav: <nav class="pager">, fetchPage(offset, limit) -> {total, items: [face]},
 // caption(face) -> text, changed(selectedIds) after every selection change or load.
@@ -59,4 +59,20 @@ export function faceGrid({ grid, nav, limit, fetchPage, caption, changed }) {
 
 export function selectionText(ids) {
   return ids.length ? `${plural(ids.length, "face")} selected` : "No face selected";
+}
+
+// Give each face of faceIds to personId (null: unassign it), one call a face; false when
+// one failed (its error shown, the rest not sent).
+export async function assignFaces(faceIds, personId) {
+  for (const faceId of faceIds) {
+    if (!(await attempt(() => post(`/faces/${faceId}/assign`, { personId })))) return false;
+  }
+  return true;
+}
+
+// Make a new person of faceIds, named when name is not blank; the person, or undefined
+// when the call failed (its error shown).
+export function splitFaces(faceIds, name) {
+  const trimmed = name.trim();
+  return attempt(() => post("/persons/split", { faceIds, ...(trimmed ? { name: trimmed } : {}) }));
 }

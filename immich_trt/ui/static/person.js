@@ -1,6 +1,6 @@
 // /ui/people/{id}: one person's faces by page; rename, split selected faces off into a
 // new person, unassign them or move them to another person, delete the person.
-import { faceGrid, selectionText } from "./facegrid.js";
+import { assignFaces, faceGrid, selectionText, splitFaces } from "./facegrid.js";
 import {
   api, ApiError, attempt, confirmDialog, fill, notify, personName, personPicker, picture, plural, post, ready,
 } from "./ui.js";
@@ -73,8 +73,7 @@ rename.addEventListener("submit", async (event) => {
 split.addEventListener("submit", async (event) => {
   event.preventDefault();
   const faceIds = grid.selected();
-  const name = split.elements.name.value.trim();
-  const made = await attempt(() => post("/persons/split", { faceIds, ...(name ? { name } : {}) }));
+  const made = await splitFaces(faceIds, split.elements.name.value);
   if (made) {
     grid.clear();
     split.reset();
@@ -85,9 +84,7 @@ split.addEventListener("submit", async (event) => {
 
 async function assign(personId, done) {
   const faceIds = grid.selected();
-  for (const faceId of faceIds) {
-    if (!(await attempt(() => post(`/faces/${faceId}/assign`, { personId })))) return;
-  }
+  if (!(await assignFaces(faceIds, personId))) return;
   grid.clear();
   notify(done(faceIds.length));
   await load();

@@ -1,7 +1,7 @@
 // /ui/faces/unassigned: faces without a person, by page; assign the selected ones to a
 // person, or make a new person of them.
-import { faceGrid, selectionText } from "./facegrid.js";
-import { api, attempt, fill, notify, personName, personPicker, plural, post, ready } from "./ui.js";
+import { assignFaces, faceGrid, selectionText, splitFaces } from "./facegrid.js";
+import { api, fill, notify, personName, personPicker, plural, ready } from "./ui.js";
 
 const LIMIT = 100;
 const assignForm = document.getElementById("assign");
@@ -38,9 +38,7 @@ assignForm.addEventListener("submit", async (event) => {
     return;
   }
   const faceIds = grid.selected();
-  for (const faceId of faceIds) {
-    if (!(await attempt(() => post(`/faces/${faceId}/assign`, { personId })))) return;
-  }
+  if (!(await assignFaces(faceIds, personId))) return;
   grid.clear();
   assignForm.reset();
   notify(`${plural(faceIds.length, "face")} assigned to person #${personId}.`);
@@ -50,8 +48,7 @@ assignForm.addEventListener("submit", async (event) => {
 split.addEventListener("submit", async (event) => {
   event.preventDefault();
   const faceIds = grid.selected();
-  const name = split.elements.name.value.trim();
-  const made = await attempt(() => post("/persons/split", { faceIds, ...(name ? { name } : {}) }));
+  const made = await splitFaces(faceIds, split.elements.name.value);
   if (made) {
     grid.clear();
     split.reset();
